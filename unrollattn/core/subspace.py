@@ -1,0 +1,107 @@
+"""Subspace denoising operators (docs/papers.md, family B): MSSA and the CRATE ISTA step.
+
+Tokens are rows: ``x`` is [B, N, d]. A weight ``subspace_weight`` of shape [K*p, d] stacks the
+transposed bases U_1^T, ..., U_K^T, so ``x @ subspace_weight.T`` gives U_k^T z for every head k.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NONLINEARITIES = ("softmax", "relu", "thresholded_softmax")
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, N, H*p] -> [B, H, N, p]."""
+    b, n, c = x.shape
+    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, p] -> [B, N, H*p]."""
+    b, h, n, p = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * p)
+
+
+def combine_masks(attn_mask: torch.Tensor | None, is_causal: bool, n_query: int, n_key: int,
+                  device, dtype) -> torch.Tensor | None:
+    """One additive float mask from an optional bool/float mask and a causal flag (bool True = attend)."""
+    if attn_mask is None and not is_causal:
+        return None
+    bias = torch.zeros(n_query, n_key, device=device, dtype=dtype)
+    if is_causal:
+        causal = torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(n_key - n_query)
+        bias = bias.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            bias = bias.masked_fill(~attn_mask, float("-inf"))
+        else:
+            bias = bias + attn_mask.to(dtype)
+    return bias
+
+
+def attention_weights(scores: torch.Tensor, nonlinearity: str = "softmax", threshold: float | None = None) -> torch.Tensor:
+    """phi(scores) over the key axis; masked entries of ``scores`` are -inf."""
+    if nonlinearity == "softmax":
+        return scores.softmax(dim=-1)
+    if nonlinearity == "thresholded_softmax":  # phi = h(softmax), h(x) = tau * 1{x > tau} (SNR theorem, B.4)
+        if threshold is None:
+            raise ValueError("nonlinearity='thresholded_softmax' needs threshold=tau in (1/2, 1]")
+        probs = scores.softmax(dim=-1)
+        return threshold * (probs > threshold).to(probs.dtype)
+    if nonlinearity == "relu":  # ReLU(scores) averaged over the keys a query may see
+        visible = torch.isfinite(scores)
+        weights = torch.where(visible, scores, torch.zeros_like(scores)).relu()
+        return weights / visible.sum(dim=-1, keepdim=True).clamp_min(1).to(scores.dtype)
+    raise ValueError(f"unknown nonlinearity {nonlinearity!r}; expected one of {NONLINEARITIES}")
+
+
+def subspace_self_attention(
+    x: torch.Tensor,
+    subspace_weight: torch.Tensor,
+    num_heads: int,
+    *,
+    subspace_bias: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    nonlinearity: str = "softmax",
+    threshold: float | None = None,
+) -> torch.Tensor:
+    """Per head SA(U_k^T z, U_k^T z, U_k^T z) with tied query = key = value; returns heads concatenated [B, N, K*p]."""
+    heads = split_heads(F.linear(x, subspace_weight, subspace_bias), num_heads)  # U_k^T Z (B.2)
+    if nonlinearity == "softmax":
+        if attn_mask is not None and is_causal:
+            attn_mask, is_causal = combine_masks(attn_mask, True, x.shape[1], x.shape[1], x.device, heads.dtype), False
+        out = F.scaled_dot_product_attention(heads, heads, heads, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             is_causal=is_causal, scale=scale)
+        return merge_heads(out)
+    scale = heads.shape[-1] ** -0.5 if scale is None else scale
+    scores = heads @ heads.transpose(-2, -1) * scale
+    bias = combine_masks(attn_mask, is_causal, x.shape[1], x.shape[1], x.device, scores.dtype)
+    if bias is not None:
+        scores = scores + bias
+    weights = attention_weights(scores, nonlinearity, threshold)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return merge_heads(weights @ heads)
+
+
+def mssa(
+    x: torch.Tensor,
+    subspace_weight: torch.Tensor,
+    num_heads: int,
+    out_weight: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+    **attention_options,
+) -> torch.Tensor:
+    """MSSA(Z) = U_out [SA(U_1^T Z); ...; SA(U_K^T Z)] + b (B.3); ``out_weight=None`` ties U_out = [U_1, ..., U_K] (B.2)."""
+    heads = subspace_self_attention(x, subspace_weight, num_heads, **attention_options)
+    return F.linear(heads, subspace_weight.t() if out_weight is None else out_weight, out_bias)
+
+
+def ista_step(z: torch.Tensor, dictionary: torch.Tensor, step_size: float = 0.1, lambd: float = 0.1) -> torch.Tensor:
+    """One proximal step ReLU(z - eta D^T (D z - z) - eta lambda) on tokens in rows (B.5)."""
+    residual = F.linear(z, dictionary) - z  # (D z - z) for each token
+    return F.relu(z - step_size * F.linear(residual, dictionary.t()) - step_size * lambd)

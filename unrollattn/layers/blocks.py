@@ -1,0 +1,116 @@
+"""Blocks: ``transformer`` (pre-norm attention + MLP), ``aot`` (attention + skip only) and ``crate``
+(MSSA + ISTA). Each takes any registered attention by name or class and honours timm's ``block_fn``
+contract, so ``VisionTransformer(block_fn=Cls)`` builds with it.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, LayerScale, Mlp
+
+from ..core.subspace import ista_step
+from ..registry import get_attention, register_block
+from .base import Configurable
+
+
+class ISTA(nn.Module):
+    """One unrolled ISTA step with a learned d x d dictionary D (docs/papers.md B.5)."""
+
+    def __init__(self, dim: int, step_size: float = 0.1, lambd: float = 0.1, device=None, dtype=None):
+        super().__init__()
+        if step_size <= 0 or lambd < 0:
+            raise ValueError(f"ISTA expects step_size > 0 and lambd >= 0, got step_size={step_size}, lambd={lambd}")
+        self.step_size, self.lambd = float(step_size), float(lambd)
+        self.weight = nn.Parameter(torch.empty(dim, dim, device=device, dtype=dtype))  # D
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear, which CRATE's reference uses
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ista_step(x, self.weight, self.step_size, self.lambd)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[0]}, step_size={self.step_size}, lambd={self.lambd}"
+
+
+class BlockBase(Configurable):
+    """Shared constructor for blocks; accepts exactly what timm's ``block_fn`` is called with."""
+
+    default_attention = "mhsa"
+    option_names: tuple[str, ...] = ("attn_options",)
+
+    def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: float = 4.0, *, qkv_bias: bool = False,
+                 proj_bias: bool = True, proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 init_values: float | None = None, norm_layer=None, act_layer=None, mlp_layer=None,
+                 attn_layer=None, device=None, dtype=None, **options):
+        super().__init__()
+        options = {**self.bound_options, **options}
+        own = {k: options.pop(k) for k in list(options) if k in self.option_names}
+        self._drop_passthrough(type(self).__name__, options, set(self.option_names))
+        self.options = own
+        self.dim = dim
+        dd = {"device": device, "dtype": dtype}
+        self.dd = dd
+        self.norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        attn_cls = get_attention(attn_layer or self.default_attention)
+        self.attn = attn_cls(dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop,
+                             proj_drop=proj_drop, **dd, **own.get("attn_options", {}))
+        self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.mlp_ratio, self.proj_drop, self.drop_path, self.init_values = mlp_ratio, proj_drop, drop_path, init_values
+        self.act_layer, self.mlp_layer = act_layer or nn.GELU, mlp_layer or Mlp
+
+
+@register_block("transformer", summary="x + attn(LN(x)); x + MLP(LN(x))")
+class TransformerBlock(BlockBase):
+    """The baseline pre-norm block, with any attention variant."""
+
+    def __init__(self, dim, num_heads=8, mlp_ratio=4.0, **kwargs):
+        super().__init__(dim, num_heads, mlp_ratio, **kwargs)
+        self.norm1 = self.norm_layer(dim, **self.dd)
+        self.norm2 = self.norm_layer(dim, **self.dd)
+        self.mlp = self.mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=self.act_layer,
+                                  drop=self.proj_drop, **self.dd)
+        self.ls2 = LayerScale(dim, init_values=self.init_values, **self.dd) if self.init_values else nn.Identity()
+        self.drop_path2 = DropPath(self.drop_path) if self.drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+@register_block("aot", summary="x + attn(LN(x)), no MLP (LN optional: use_norm)")
+class AoTBlock(BlockBase):
+    """Attention-only layer Z + MSSA(LN(Z)) (docs/papers.md B.3); ``use_norm=False`` drops the LN (vision)."""
+
+    default_attention = "mssa"
+    option_names = ("attn_options", "use_norm")
+
+    def __init__(self, dim, num_heads=8, mlp_ratio=4.0, **kwargs):
+        super().__init__(dim, num_heads, mlp_ratio, **kwargs)
+        self.norm1 = self.norm_layer(dim, **self.dd) if self.options.get("use_norm", True) else nn.Identity()
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+
+
+@register_block("crate", summary="x + MSSA(LN(x)), then ISTA(LN(.)) with no residual")
+class CrateBlock(BlockBase):
+    """CRATE layer: Z^{l+1/2} = Z + MSSA(LN(Z)); Z^{l+1} = ISTA(LN(Z^{l+1/2})) (B.5)."""
+
+    default_attention = "mssa"
+    option_names = ("attn_options", "ista_step_size", "ista_lambda")
+
+    def __init__(self, dim, num_heads=8, mlp_ratio=4.0, **kwargs):
+        super().__init__(dim, num_heads, mlp_ratio, **kwargs)
+        self.norm1 = self.norm_layer(dim, **self.dd)
+        self.norm2 = self.norm_layer(dim, **self.dd)
+        self.ista = ISTA(dim, self.options.get("ista_step_size", 0.1), self.options.get("ista_lambda", 0.1), **self.dd)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return self.ista(self.norm2(x))

@@ -1,0 +1,120 @@
+"""The one registry of unrollattn: attention variants, blocks and models by name.
+
+Every family registers here; timm and HF names are generated from these entries, never kept in a
+second table.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Any, Callable, Iterator
+
+
+class UnknownNameError(KeyError, ValueError):
+    """Raised for a name that is not registered; the message lists the closest registered names."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class Registry:
+    """A name -> object table with helpful errors for near-miss names."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Any] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+
+    def register(self, name: str | None = None, obj: Any = None, *, overwrite: bool = False, **meta):
+        """Register ``obj`` under ``name``; without ``obj`` it returns a decorator."""
+
+        def add(target):
+            key = name or getattr(target, "__name__", None)
+            if not key:
+                raise ValueError(f"{self.kind} registry needs a name for {target!r}")
+            if key in self._entries and self._entries[key] is not target and not overwrite:
+                raise ValueError(f"{self.kind} {key!r} is already registered")
+            self._entries[key] = target
+            self._meta[key] = dict(meta)
+            return target
+
+        return add(obj) if obj is not None else add
+
+    def get(self, name: str) -> Any:
+        if not isinstance(name, str):
+            raise TypeError(f"{self.kind} name must be a string, got {type(name).__name__}")
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self._entries), n=5, cutoff=0.4)
+            hint = f"closest: {', '.join(close)}" if close else f"registered: {', '.join(sorted(self._entries)) or '(none)'}"
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; {hint}") from None
+
+    def meta(self, name: str) -> dict[str, Any]:
+        self.get(name)
+        return self._meta[name]
+
+    def names(self, pattern: str | None = None) -> list[str]:
+        names = sorted(self._entries)
+        if pattern:
+            names = [n for n in names if fnmatch.fnmatchcase(n, pattern if any(c in pattern for c in "*?[") else f"*{pattern}*")]
+        return names
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+ATTENTIONS = Registry("attention")
+BLOCKS = Registry("block")
+MODELS = Registry("model")
+
+
+def register_attention(name: str, **meta) -> Callable:
+    return ATTENTIONS.register(name, **meta)
+
+
+def register_block(name: str, **meta) -> Callable:
+    return BLOCKS.register(name, **meta)
+
+
+def register_model(name: str | None = None, *, family: str, task: str, **meta) -> Callable:
+    """Register a model builder ``fn(**overrides) -> nn.Module`` under ``name`` (default: its __name__)."""
+    return MODELS.register(name, family=family, task=task, **meta)
+
+
+def get_attention(name_or_cls) -> type:
+    """Attention layer class by registered name (a class passes through unchanged)."""
+    return name_or_cls if isinstance(name_or_cls, type) else ATTENTIONS.get(name_or_cls)
+
+
+def get_block(name_or_cls) -> type:
+    return name_or_cls if isinstance(name_or_cls, type) else BLOCKS.get(name_or_cls)
+
+
+def list_attentions(pattern: str | None = None) -> list[str]:
+    return ATTENTIONS.names(pattern)
+
+
+def list_blocks(pattern: str | None = None) -> list[str]:
+    return BLOCKS.names(pattern)
+
+
+def list_models(pattern: str | None = None, *, family: str | None = None, task: str | None = None) -> list[str]:
+    """Registered model names, filtered by a glob/substring ``pattern``, family and task."""
+    names = MODELS.names(pattern)
+    if family is not None:
+        names = [n for n in names if MODELS.meta(n).get("family") == family]
+    if task is not None:
+        names = [n for n in names if MODELS.meta(n).get("task") == task]
+    return names
+
+
+def build_model(name: str, **overrides):
+    """Build a registered model with keyword overrides (e.g. ``num_classes=10, img_size=28``)."""
+    return MODELS.get(name)(**overrides)

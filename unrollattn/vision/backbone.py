@@ -1,0 +1,82 @@
+"""One builder for every unrolled ViT-style backbone: timm's stock ``VisionTransformer`` with an
+unrollattn ``block_fn`` / ``attn_layer`` (so features_only, forward_intermediates, pos-embed resampling
+and reset_classifier come from timm), and CRATE's normalised patch embedding.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import PatchEmbed
+from timm.models import build_model_with_cfg
+from timm.models.vision_transformer import VisionTransformer
+
+from ..registry import get_attention, get_block
+
+
+class NormalizedPatchEmbed(PatchEmbed):
+    """CRATE's patch embedding: LayerNorm over each flattened patch, linear map, LayerNorm (``norm_layer``)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, *, device=None, dtype=None, **kwargs):
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                         device=device, dtype=dtype, **kwargs)
+        self.patch_norm = nn.LayerNorm(in_chans * self.patch_size[0] * self.patch_size[1], device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.proj.in_channels:
+            raise ValueError(f"expected images [B, {self.proj.in_channels}, H, W], got {list(x.shape)}")
+        b, _, h, w = x.shape
+        ph, pw = self.patch_size
+        if self.img_size is not None and self.strict_img_size and (h, w) != tuple(self.img_size):
+            raise ValueError(f"expected {self.img_size[0]}x{self.img_size[1]} images, got {h}x{w} "
+                             "(pass img_size= or dynamic_img_size=True)")
+        if self.dynamic_img_pad:
+            x = F.pad(x, (0, (pw - w % pw) % pw, 0, (ph - h % ph) % ph))
+        elif h % ph or w % pw:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch size {ph}x{pw}")
+        gh, gw = x.shape[-2] // ph, x.shape[-1] // pw
+        patches = F.unfold(x, kernel_size=self.patch_size, stride=self.patch_size).transpose(1, 2)  # [B, L, C*ph*pw]
+        tokens = F.linear(self.patch_norm(patches), self.proj.weight.flatten(1), self.proj.bias)
+        if not self.flatten:
+            tokens = tokens.view(b, gh, gw, -1)
+            if self.output_fmt.value == "NCHW":
+                tokens = tokens.permute(0, 3, 1, 2)
+        return self.norm(tokens)
+
+
+def model_cfg(**kwargs) -> dict:
+    """timm pretrained-cfg for an untrained unrollattn architecture (no remote weights implied)."""
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
+        "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
+        "license": "mit", **kwargs,
+    }
+
+
+def create_unrolled_vit(variant: str, pretrained: bool = False, *, block="aot", attention="mssa",
+                        block_options: dict | None = None, attn_options: dict | None = None,
+                        **kwargs) -> VisionTransformer:
+    """Build ``variant`` as a timm VisionTransformer whose blocks are ``block`` with ``attention``.
+
+    ``attention`` / ``block`` are registry names (or classes); ``attn_options`` / ``block_options`` bind
+    their options. All other keywords go to ``VisionTransformer`` (img_size, patch_size, in_chans,
+    num_classes, embed_dim, depth, num_heads, global_pool, drop_path_rate, ...).
+    """
+    if "block_fn" in kwargs or "attn_layer" in kwargs:
+        raise ValueError("pass block= and attention= (registry names or classes), not block_fn=/attn_layer=")
+    block_cls = get_block(block).with_options(**(block_options or {}))
+    attn_cls = get_attention(attention).with_options(**(attn_options or {}))
+    out_indices = kwargs.pop("out_indices", 3)
+    kwargs.setdefault("embed_layer", NormalizedPatchEmbed)
+    kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-5))
+    if kwargs["embed_layer"] is NormalizedPatchEmbed:
+        kwargs.setdefault("embed_norm_layer", kwargs["norm_layer"])
+    return build_model_with_cfg(
+        VisionTransformer, variant, pretrained,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        block_fn=block_cls, attn_layer=attn_cls, **kwargs,
+    )
