@@ -20,10 +20,12 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create_aot(attention: str, size: str, pretrained: bool = False, **kwargs):
-    args = dict(patch_size=16, proj_bias=True, block="aot", attention=attention,
-                block_options={"use_norm": False}, **AOT_ATTENTIONS[attention], **AOT_SIZES[size])
-    return create_unrolled_vit(f"aot_{attention}_{size}_patch16_224", pretrained, **dict(args, **kwargs))
+def _create_aot(family_attention: str, size: str, pretrained: bool = False, **kwargs):
+    args = dict(patch_size=16, proj_bias=True, block="aot", attention=family_attention,
+                block_options={"use_norm": False}, **AOT_ATTENTIONS[family_attention], **AOT_SIZES[size])
+    if "block_options" in kwargs:
+        kwargs["block_options"] = {**args["block_options"], **kwargs["block_options"]}
+    return create_unrolled_vit(f"aot_{family_attention}_{size}_patch16_224", pretrained, **dict(args, **kwargs))
 
 
 def _entry(attention: str, size: str):

@@ -1,0 +1,1 @@
+"""Interpretability diagnostics: per-layer SNR / coding rate, attention maps."""
