@@ -7,6 +7,8 @@ Every class follows one contract, so it can be handed to ``timm.create_model(...
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from ..registry import register_attention
 from .base import Configurable
 
 
-class AttentionLayer(Configurable):
+class AttentionLayer(Configurable, metaclass=ABCMeta):
     """Common constructor: width, heads, dropout, device/dtype; timm's extra keywords are ignored."""
 
     option_names: tuple[str, ...] = ()
@@ -38,14 +40,26 @@ class AttentionLayer(Configurable):
         self.factory = {"device": device, "dtype": dtype}
         self.proj_drop = nn.Dropout(proj_drop)
         self.options = own
+        self.grid: tuple[int, int] | None = None
+        self.num_prefix_tokens = 0
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def set_geometry(self, grid: tuple[int, int] | None = None, num_prefix_tokens: int = 0) -> None:
+        """Token layout for variants that need it: a (H, W) patch grid after ``num_prefix_tokens`` (cls, registers)."""
+        if grid is not None and (len(grid) != 2 or min(grid) < 1):
+            raise ValueError(f"grid: expected (H, W) with positive sizes, got {grid!r}")
+        self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, *,
+                grid: tuple[int, int] | None = None) -> torch.Tensor:
         check_tokens(x, self.dim)
         check_mask(attn_mask, x.shape[0], self.num_heads, x.shape[1], x.shape[1])
-        return self.proj_drop(self.attend(x, attn_mask, is_causal))
+        return self.proj_drop(self.attend(x, attn_mask, is_causal, grid or self.grid))
 
-    def attend(self, x, attn_mask, is_causal):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def attend(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+               grid: tuple[int, int] | None) -> torch.Tensor:
+        """Mix tokens; ``grid`` is the (H, W) patch layout when known (None for sequences)."""
 
     def extra_repr(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
@@ -61,7 +75,7 @@ class MultiHeadSelfAttention(AttentionLayer):
         self.qkv = nn.Linear(self.dim, 3 * self.inner_dim, bias=self.qkv_bias, **self.factory)
         self.proj = nn.Linear(self.inner_dim, self.dim, bias=self.proj_bias, **self.factory)
 
-    def attend(self, x, attn_mask, is_causal):
+    def attend(self, x, attn_mask, is_causal, grid=None):
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if attn_mask is not None and is_causal:
@@ -97,7 +111,7 @@ class MultiHeadSubspaceSelfAttention(AttentionLayer):
         self.subspace = nn.Linear(self.dim, self.inner_dim, bias=self.qkv_bias, **self.factory)  # U^T
         self.proj = None if self.tied_output else nn.Linear(self.inner_dim, self.dim, bias=self.proj_bias, **self.factory)
 
-    def attend(self, x, attn_mask, is_causal):
+    def attend(self, x, attn_mask, is_causal, grid=None):
         heads = subspace_self_attention(
             x, self.subspace.weight, self.num_heads, subspace_bias=self.subspace.bias, attn_mask=attn_mask,
             is_causal=is_causal, scale=self.scale, dropout_p=self.attn_drop_p if self.training else 0.0,

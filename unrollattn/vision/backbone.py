@@ -75,8 +75,19 @@ def create_unrolled_vit(variant: str, pretrained: bool = False, *, block="aot", 
     kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-5))
     if kwargs["embed_layer"] is NormalizedPatchEmbed:
         kwargs.setdefault("embed_norm_layer", kwargs["norm_layer"])
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         VisionTransformer, variant, pretrained,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         block_fn=block_cls, attn_layer=attn_cls, **kwargs,
     )
+    vit = getattr(model, "model", model)  # features_only wraps the ViT
+    set_token_geometry(model, tuple(vit.patch_embed.grid_size), vit.num_prefix_tokens)
+    return model
+
+
+def set_token_geometry(model: nn.Module, grid: tuple[int, int], num_prefix_tokens: int) -> nn.Module:
+    """Tell every geometry-aware layer of ``model`` the patch grid and the number of prefix tokens."""
+    for module in model.modules():
+        if hasattr(module, "set_geometry"):
+            module.set_geometry(grid=grid, num_prefix_tokens=num_prefix_tokens)
+    return model
