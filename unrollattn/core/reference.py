@@ -89,3 +89,41 @@ def ista_reference(z, dictionary, step_size=0.1, lambd=0.1):
         update = step_size * (dictionary.t() @ col - dictionary.t() @ (dictionary @ col)) - step_size * lambd
         flat_out[t] = torch.clamp(col + update, min=0.0)[:, 0]
     return out
+
+
+# --- kernel regression (family C) ---
+
+def kernel_attention_reference(q, k, v, kernel="dot", *, range_bandwidth=None, metric=None, positions=None,
+                               spatial_bandwidth=None, spatial_kernel="gaussian", is_causal=False):
+    """Nadaraya-Watson out_i = sum_j K_ij v_j / sum_j K_ij with K_ij written out term by term (C.9).
+
+    q, k, v: [H, N, d]; bandwidths are floats or [H]; positions [N, P] (NaN rows take no spatial term).
+    """
+    heads, n, d = q.shape
+    out = torch.zeros_like(v)
+    per_head = lambda value, h: float(value[h]) if isinstance(value, torch.Tensor) and value.ndim else float(value)  # noqa: E731
+    for h in range(heads):
+        h_y = per_head(range_bandwidth, h) if range_bandwidth is not None else (4 * d) ** 0.25
+        for i in range(n):
+            weights = []
+            for j in range(n):
+                if is_causal and j > i:
+                    weights.append(torch.zeros((), dtype=q.dtype))
+                    continue
+                if kernel == "dot":
+                    log_k = torch.dot(q[h, i], k[h, j]) * (d ** -0.5 if range_bandwidth is None else 2 / h_y ** 2)
+                else:
+                    diff = q[h, i] - k[h, j]
+                    if kernel == "mahalanobis":
+                        log_k = -(diff * metric[h] * diff).sum() / h_y ** 2
+                    else:
+                        log_k = -diff.square().sum() / h_y ** 2
+                weight = torch.exp(log_k)
+                if positions is not None and not (torch.isnan(positions[i]).any() or torch.isnan(positions[j]).any()):
+                    dist = torch.linalg.vector_norm(positions[i] - positions[j])
+                    h_p = per_head(spatial_bandwidth, h)
+                    weight = weight * (torch.exp(-dist ** 2 / h_p ** 2) if spatial_kernel == "gaussian" else torch.exp(-dist / h_p))
+                weights.append(weight)
+            w = torch.stack(weights)
+            out[h, i] = (w[:, None] * v[h]).sum(0) / w.sum()
+    return out

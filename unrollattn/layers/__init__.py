@@ -2,6 +2,7 @@
 from ..registry import get_attention, get_block
 from .attention import AttentionLayer, MultiHeadSelfAttention, MultiHeadSubspaceSelfAttention
 from .blocks import ISTA, AoTBlock, BlockBase, CrateBlock, TransformerBlock
+from .kernel_attention import BilateralAttention, GaussianAttention, KernelAttention, MahalanobisAttention, TwicingAttention
 
 
 def build_attention(name, dim: int, num_heads: int = 8, **options):
@@ -15,6 +16,7 @@ def build_block(name, dim: int, num_heads: int = 8, *, attention=None, **options
 
 
 __all__ = [
-    "AoTBlock", "AttentionLayer", "BlockBase", "CrateBlock", "ISTA", "MultiHeadSelfAttention",
+    "AoTBlock", "AttentionLayer", "BilateralAttention", "BlockBase", "GaussianAttention", "KernelAttention",
+    "MahalanobisAttention", "TwicingAttention", "CrateBlock", "ISTA", "MultiHeadSelfAttention",
     "MultiHeadSubspaceSelfAttention", "TransformerBlock", "build_attention", "build_block",
 ]

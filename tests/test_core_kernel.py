@@ -1,0 +1,113 @@
+"""Kernel-regression attention: the identities of docs/papers.md C.10 and parity with the reference."""
+import math
+
+import pytest
+import torch
+
+from unrollattn.core.kernel import (
+    boosting, default_range_bandwidth, kernel_attention, spatial_log_kernel, token_positions, twicing,
+)
+from unrollattn.core.reference import kernel_attention_reference
+from unrollattn.layers import build_attention
+
+N, D = 7, 16
+
+
+def _normalize(k):
+    return k / k.sum(-1, keepdim=True)
+
+
+def test_softmax_with_additive_pe_is_bilateral_times_cross_factor_times_key_mass():
+    """C.10 (1) and (2): softmax((Y+P)(Y+P)^T/sqrt d) = normalize[K_BF(p,p,y,y) K_BF(p,y,y,p) D_j]."""
+    y, p = torch.randn(N, D, dtype=torch.float64), torch.randn(N, D, dtype=torch.float64)
+    x = y + p
+    softmax = torch.softmax(x @ x.T / math.sqrt(D), dim=-1)
+    h2 = 2 * math.sqrt(D)
+    assert math.isclose(math.sqrt(h2), default_range_bandwidth(D))  # h = (4d)^{1/4}
+    sq = lambda a, b: torch.cdist(a, b).square()  # noqa: E731
+    bilateral = torch.exp(-sq(p, p) / h2) * torch.exp(-sq(y, y) / h2)
+    cross = torch.exp(-sq(p, y) / h2) * torch.exp(-sq(y, p) / h2)  # K_BF(p_i, y_j, y_i, p_j)
+    key_mass = torch.exp((y.square().sum(-1) + p.square().sum(-1)) / math.sqrt(D))
+    torch.testing.assert_close(_normalize(bilateral * cross * key_mass[None]), softmax, rtol=0, atol=1e-14)
+    joint = torch.exp(-sq(x, x) / h2) * torch.exp(x.square().sum(-1) / h2)[None]
+    torch.testing.assert_close(_normalize(joint), softmax, rtol=0, atol=1e-14)
+
+
+def test_alibi_is_a_laplacian_bilateral_filter():
+    """C.10 (3): softmax(q.k/sqrt d - m|i-j|) = normalize[exp(q.k/sqrt d) exp(-m|i-j|)], spatial h_p = 1/m."""
+    q, k, v = (torch.randn(1, 2, N, D, dtype=torch.float64) for _ in range(3))
+    slopes = torch.tensor([0.5, 0.125], dtype=torch.float64)
+    idx = torch.arange(N, dtype=torch.float64)
+    alibi = q @ k.transpose(-1, -2) / math.sqrt(D) - slopes[:, None, None] * (idx[:, None] - idx[None]).abs()
+    expected = torch.softmax(alibi, -1) @ v
+    bias = spatial_log_kernel(token_positions(N, dtype=torch.float64), token_positions(N, dtype=torch.float64),
+                              1 / slopes, "laplacian")
+    torch.testing.assert_close(kernel_attention(q, k, v, "dot", spatial_bias=bias), expected)
+
+
+def test_twicing_identity():
+    """C.10 (4): AV + A(V - AV) = (2A - A^2) V; k-step boosting = [I - (I - A)^{k+1}] V."""
+    a = torch.softmax(torch.randn(N, N, dtype=torch.float64), -1)
+    v = torch.randn(N, D, dtype=torch.float64)
+    smooth = lambda values: a @ values  # noqa: E731
+    torch.testing.assert_close(twicing(smooth, v), (2 * a - a @ a) @ v)
+    eye = torch.eye(N, dtype=torch.float64)
+    for steps in (0, 1, 3):
+        torch.testing.assert_close(boosting(smooth, v, steps), (eye - torch.linalg.matrix_power(eye - a, steps + 1)) @ v)
+
+
+@pytest.mark.parametrize("kernel", ["dot", "gaussian", "mahalanobis", "bilateral"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_kernel_attention_matches_reference(kernel, is_causal):
+    heads = 2
+    q, k, v = (torch.randn(1, heads, N, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    h_y = torch.tensor([1.5, 3.0], dtype=torch.float64)
+    metric = torch.rand(heads, D, dtype=torch.float64) + 0.5
+    pos = token_positions(N, (2, 3), 1, dtype=torch.float64) if kernel == "bilateral" else None
+    h_p = torch.tensor([1.0, 4.0], dtype=torch.float64)
+    bias = spatial_log_kernel(pos, pos, h_p) if pos is not None else None
+    fast = kernel_attention(q, k, v, kernel, range_bandwidth=h_y, metric=metric if kernel == "mahalanobis" else None,
+                            spatial_bias=bias, is_causal=is_causal)
+    slow = kernel_attention_reference(q[0], k[0], v[0], kernel, range_bandwidth=h_y, metric=metric, positions=pos,
+                                      spatial_bandwidth=h_p, is_causal=is_causal)[None]
+    torch.testing.assert_close(fast, slow)
+    g_fast = torch.autograd.grad(fast.square().sum(), (q, k, v))
+    g_slow = torch.autograd.grad(slow.square().sum(), (q, k, v))
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b)
+
+
+def test_gaussian_default_bandwidth_is_softmax_without_key_mass():
+    """With h^2 = 2 sqrt(d) the Gaussian kernel equals dot-product softmax once ||k_j|| is constant."""
+    q, k, v = (torch.randn(1, 1, N, D, dtype=torch.float64) for _ in range(3))
+    k = k / k.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(kernel_attention(q, k, v, "gaussian"), kernel_attention(q, k, v, "dot"))
+
+
+def test_bad_kernel_inputs():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="kernel"):
+        kernel_attention(q, q, q, "cosine")
+    with pytest.raises(ValueError, match="positive"):
+        kernel_attention(q, q, q, "gaussian", range_bandwidth=torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="metric"):
+        kernel_attention(q, q, q, "mahalanobis")
+    with pytest.raises(ValueError, match="grid 3x3"):
+        token_positions(8, (3, 3), 0)
+    with pytest.raises(ValueError, match="positions"):
+        spatial_log_kernel(torch.zeros(4, 2), torch.zeros(4, 1), torch.ones(2))
+    with pytest.raises(ValueError, match="positive"):
+        build_attention("bilateral", 16, 2, spatial_bandwidth=0.0)
+    with pytest.raises(ValueError, match="spatial_kernel"):
+        build_attention("bilateral", 16, 2, spatial_kernel="box")
+
+
+def test_bilateral_layer_uses_the_patch_grid():
+    layer = build_attention("bilateral", 16, 2)
+    x = torch.randn(2, 1 + 6, 16)
+    layer.set_geometry((2, 3), num_prefix_tokens=1)
+    out_grid = layer(x)
+    with pytest.raises(ValueError, match="grid 2x3"):
+        layer(torch.randn(2, 9, 16))
+    layer.set_geometry(None)
+    assert not torch.allclose(layer(x), out_grid)  # 1-D positions differ from 2-D ones

@@ -1,0 +1,157 @@
+"""Kernel-regression attention (docs/papers.md family C): Nadaraya-Watson smoothing in log space.
+
+out_i = sum_j w_ij v_j,  w_ij = softmax_j(l_ij + m_ij)  (C.9), with the log-kernel l_ij one of
+
+    dot          q_i . k_j / sqrt(d)
+    gaussian     -||q_i - k_j||^2 / h^2  =  (2 q_i . k_j - ||k_j||^2) / h^2 + const_i
+    mahalanobis  gaussian on q, k rescaled by M^{1/2} (diagonal M)
+    bilateral    gaussian range kernel + spatial log-kernel on positions, no token-position cross term
+
+Every kernel runs through ``F.scaled_dot_product_attention`` with per-head query scaling and one
+additive bias (key-norm term + spatial term + mask). Tensors are [B, H, N, d]; bandwidths are [H].
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("dot", "gaussian", "mahalanobis", "bilateral")
+SPATIAL_KERNELS = ("gaussian", "laplacian")
+
+
+def default_range_bandwidth(head_dim: int) -> float:
+    """h_y = (4d)^{1/4}: the bandwidth softmax attention implicitly uses (h^2 = 2 sqrt(d), C.2)."""
+    return (4 * head_dim) ** 0.25
+
+
+def check_bandwidth(bandwidth: torch.Tensor, name: str) -> None:
+    if not torch.compiler.is_compiling() and bool((bandwidth <= 0).any()):
+        raise ValueError(f"{name}: expected positive bandwidths, got {bandwidth.detach().flatten().tolist()}")
+
+
+def token_positions(n: int, grid: tuple[int, int] | None = None, num_prefix_tokens: int = 0, *,
+                    device=None, dtype=torch.float32) -> torch.Tensor:
+    """Positions [N, P]: 2-D patch coordinates (row, col) after ``num_prefix_tokens`` when ``grid`` is given,
+    otherwise 1-D indices. Prefix tokens (cls, registers) get NaN: they take no spatial term."""
+    if grid is None:
+        return torch.arange(n, device=device, dtype=dtype)[:, None]
+    h, w = grid
+    if n != num_prefix_tokens + h * w:
+        raise ValueError(f"positions: {n} tokens do not match grid {h}x{w} plus {num_prefix_tokens} prefix tokens "
+                         f"(expected {num_prefix_tokens + h * w})")
+    rows, cols = torch.meshgrid(torch.arange(h, device=device, dtype=dtype), torch.arange(w, device=device, dtype=dtype),
+                                indexing="ij")
+    coords = torch.stack([rows.flatten(), cols.flatten()], dim=-1)
+    prefix = torch.full((num_prefix_tokens, 2), float("nan"), device=device, dtype=dtype)
+    return torch.cat([prefix, coords])
+
+
+def spatial_log_kernel(positions_q: torch.Tensor, positions_k: torch.Tensor, bandwidth: torch.Tensor,
+                       kind: str = "gaussian") -> torch.Tensor:
+    """[H, Nq, Nk] spatial log-kernel: -||p_i - p_j||^2 / h_p^2 (gaussian) or -||p_i - p_j|| / h_p (laplacian,
+    ALiBi's form on 1-D indices). Pairs involving a NaN (prefix) position get 0."""
+    if kind not in SPATIAL_KERNELS:
+        raise ValueError(f"spatial kernel: expected one of {SPATIAL_KERNELS}, got {kind!r}")
+    if positions_q.ndim != 2 or positions_k.ndim != 2 or positions_q.shape[1] != positions_k.shape[1]:
+        raise ValueError(f"positions: expected [N, P] tensors with equal P, got {list(positions_q.shape)} "
+                         f"and {list(positions_k.shape)}")
+    check_bandwidth(bandwidth, "spatial_bandwidth")
+    sq_dist = (positions_q[:, None, :] - positions_k[None, :, :]).square().sum(-1)
+    sq_dist = torch.nan_to_num(sq_dist, nan=0.0)
+    h = bandwidth.to(sq_dist.dtype)[:, None, None]
+    if kind == "gaussian":
+        return -sq_dist[None] / h.square()
+    return -sq_dist.clamp_min(0).sqrt()[None] / h
+
+
+def mask_to_bias(attn_mask: torch.Tensor | None, is_causal: bool, n_query: int, n_key: int, device, dtype):
+    """Additive bias from a bool (True = attend) or float mask and a causal flag; None when neither is set."""
+    bias = None
+    if is_causal:
+        allowed = torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(n_key - n_query)
+        bias = torch.zeros(n_query, n_key, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        extra = (torch.zeros(attn_mask.shape, device=device, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
+                 if attn_mask.dtype == torch.bool else attn_mask.to(dtype))
+        bias = extra if bias is None else bias + extra
+    return bias
+
+
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "dot", *,
+                     range_bandwidth: torch.Tensor | float | None = None, metric: torch.Tensor | None = None,
+                     spatial_bias: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                     is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """Nadaraya-Watson attention [B, H, N, d] with the log-kernels of C.9 through one SDPA call.
+
+    ``range_bandwidth`` h_y: scalar or [H] (default (4d)^{1/4}); ``metric``: diagonal Mahalanobis
+    weights [H, d] (> 0); ``spatial_bias``: a precomputed spatial log-kernel [H, N, N] (bilateral).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    if q.ndim != 4 or k.shape != q.shape[:2] + k.shape[2:] or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"expected q, k, v of shape [B, H, N, d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    heads, n_q, n_k, d = q.shape[1], q.shape[2], k.shape[2], q.shape[-1]
+    bias = mask_to_bias(attn_mask, is_causal, n_q, n_k, q.device, q.dtype)
+    if kernel == "dot":
+        scale = d ** -0.5 if range_bandwidth is None else None
+        if range_bandwidth is not None:  # dot logits q.k * 2/h^2 (h^2 = 2 sqrt(d) recovers 1/sqrt(d))
+            q = q * _per_head(2.0 / _as_tensor(range_bandwidth, q).square(), heads)
+            scale = 1.0
+        if spatial_bias is not None:
+            bias = spatial_bias if bias is None else bias + spatial_bias
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    if kernel == "mahalanobis":
+        if metric is None:
+            raise ValueError("kernel='mahalanobis' needs metric= (diagonal weights [H, d], positive)")
+        if metric.shape != (heads, d):
+            raise ValueError(f"metric: expected shape [{heads}, {d}], got {list(metric.shape)}")
+        check_bandwidth(metric, "metric")
+        root = metric.sqrt()[None, :, None, :].to(q.dtype)
+        q, k = q * root, k * root
+    elif kernel == "gaussian" and spatial_bias is not None:
+        raise ValueError("spatial_bias is for kernel='bilateral' (or 'dot'); the gaussian kernel is range-only")
+    h = _as_tensor(default_range_bandwidth(d) if range_bandwidth is None else range_bandwidth, q)
+    check_bandwidth(h, "range_bandwidth")
+    inv_h2 = _per_head(1.0 / h.square(), heads)  # [1, H, 1, 1]
+    key_norm = -(k.square().sum(-1) * inv_h2[..., 0])[:, :, None, :]  # -||k_j||^2 / h^2, [B, H, 1, Nk]
+    total = key_norm if bias is None else key_norm + bias
+    if kernel == "bilateral" and spatial_bias is not None:
+        total = total + spatial_bias
+    return F.scaled_dot_product_attention(q * (2 * inv_h2), k, v, attn_mask=total, dropout_p=dropout_p, scale=1.0)
+
+
+def twicing(smooth: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    """Twicing (2A - A^2) V = AV + A(V - AV): smooth, then add back the smoothed method noise (C.4)."""
+    first = smooth(v)
+    return first + smooth(v - first)
+
+
+def boosting(smooth: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, steps: int) -> torch.Tensor:
+    """k-step L2 boosting z_k = z_{k-1} + A(V - z_{k-1}), z_0 = AV, i.e. [I - (I - A)^{k+1}] V (C.4)."""
+    if steps < 0:
+        raise ValueError(f"steps: expected >= 0, got {steps}")
+    z = smooth(v)
+    for _ in range(steps):
+        z = z + smooth(v - z)
+    return z
+
+
+def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
+    return value.to(like.dtype) if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=like.dtype,
+                                                                                        device=like.device)
+
+
+def _per_head(values: torch.Tensor, heads: int) -> torch.Tensor:
+    if values.ndim == 0:
+        return values.reshape(1, 1, 1, 1)
+    if values.shape != (heads,):
+        raise ValueError(f"bandwidth: expected a scalar or shape [{heads}], got {list(values.shape)}")
+    return values.reshape(1, heads, 1, 1)
+
+
+__all__ = [
+    "KERNELS", "SPATIAL_KERNELS", "boosting", "default_range_bandwidth", "kernel_attention", "mask_to_bias",
+    "spatial_log_kernel", "token_positions", "twicing",
+]

@@ -1,0 +1,104 @@
+"""Kernel-regression attention layers (docs/papers.md family C): ``gaussian``, ``mahalanobis``,
+``bilateral`` (range x spatial kernel, decoupled per-head bandwidths, no token-position cross term) and
+``twicing`` ((2A - A^2) V smoother). Same contract as every attention layer; positions come from the
+patch grid (``set_geometry`` / ``grid=``) or are 1-D token indices.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..core.kernel import (
+    KERNELS, SPATIAL_KERNELS, boosting, default_range_bandwidth, kernel_attention, spatial_log_kernel,
+    token_positions,
+)
+from ..core.subspace import merge_heads
+from ..registry import register_attention
+from .attention import AttentionLayer
+
+SMOOTHERS = ("single", "twicing", "boost")
+
+
+class KernelAttention(AttentionLayer):
+    """Nadaraya-Watson attention over learned queries/keys/values with an explicit kernel.
+
+    Options: ``kernel`` in {dot, gaussian, mahalanobis, bilateral}; ``range_bandwidth`` h_y (default
+    (4d)^{1/4}, per head); ``spatial_bandwidth`` h_p (float, or None for per-head values spaced
+    geometrically from 1 to 16 grid steps); ``spatial_kernel`` in {gaussian, laplacian};
+    ``learn_bandwidth`` (default True); ``smoother`` in {single, twicing, boost} with ``boost_steps``.
+    """
+
+    option_names = ("kernel", "range_bandwidth", "spatial_bandwidth", "spatial_kernel", "learn_bandwidth",
+                    "smoother", "boost_steps")
+
+    def __init__(self, dim, num_heads=8, **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
+        o = self.options
+        self.kernel = o.get("kernel", "dot")
+        self.spatial_kernel = o.get("spatial_kernel", "gaussian")
+        self.smoother = o.get("smoother", "single")
+        self.boost_steps = int(o.get("boost_steps", 1))
+        for name, value, allowed in (("kernel", self.kernel, KERNELS), ("spatial_kernel", self.spatial_kernel, SPATIAL_KERNELS),
+                                     ("smoother", self.smoother, SMOOTHERS)):
+            if value not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+        learn = bool(o.get("learn_bandwidth", True))
+        h_y = o.get("range_bandwidth") or default_range_bandwidth(self.head_dim)
+        self.log_range_bandwidth = self._log_param(torch.full((num_heads,), float(h_y)), learn, "range_bandwidth")
+        if self.kernel == "bilateral":
+            h_p = o.get("spatial_bandwidth")
+            init = torch.logspace(0, math.log10(16), num_heads) if h_p is None else torch.full((num_heads,), float(h_p))
+            self.log_spatial_bandwidth = self._log_param(init, learn, "spatial_bandwidth")
+        if self.kernel == "mahalanobis":  # diagonal metric M = exp(log_metric), initialised to I
+            self.log_metric = nn.Parameter(torch.zeros(num_heads, self.head_dim, **self.factory))
+        self.qkv = nn.Linear(self.dim, 3 * self.inner_dim, bias=self.qkv_bias, **self.factory)
+        self.proj = nn.Linear(self.inner_dim, self.dim, bias=self.proj_bias, **self.factory)
+
+    def _log_param(self, init: torch.Tensor, learn: bool, name: str) -> nn.Parameter:
+        if not bool((init > 0).all()):
+            raise ValueError(f"{name}: expected a positive bandwidth, got {init.tolist()}")
+        return nn.Parameter(init.log().to(**{k: v for k, v in self.factory.items() if v is not None}), requires_grad=learn)
+
+    def init_weights(self) -> None:
+        """Keep bandwidths and metric as constructed when timm re-initialises the model."""
+
+    def spatial_bias(self, n: int, grid, device, dtype) -> torch.Tensor | None:
+        if self.kernel != "bilateral":
+            return None
+        pos = token_positions(n, grid, self.num_prefix_tokens if grid is not None else 0, device=device, dtype=dtype)
+        return spatial_log_kernel(pos, pos, self.log_spatial_bandwidth.exp().to(dtype), self.spatial_kernel)
+
+    def attend(self, x, attn_mask, is_causal, grid=None):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        options = dict(range_bandwidth=self.log_range_bandwidth.exp(), spatial_bias=self.spatial_bias(n, grid, x.device, x.dtype),
+                       metric=self.log_metric.exp() if self.kernel == "mahalanobis" else None, attn_mask=attn_mask,
+                       is_causal=is_causal, dropout_p=self.attn_drop_p if self.training else 0.0)
+        smooth = lambda values: kernel_attention(q, k, values, self.kernel, **options)  # noqa: E731
+        if self.smoother == "single":
+            out = smooth(v)
+        else:
+            out = boosting(smooth, v, 1 if self.smoother == "twicing" else self.boost_steps)  # twicing = 1 boosting step
+        return self.proj(merge_heads(out))
+
+
+@register_attention("gaussian", summary="RBF kernel exp(-||q_i - k_j||^2 / h^2), learned per-head bandwidth")
+class GaussianAttention(KernelAttention):
+    bound_options = {"kernel": "gaussian"}
+
+
+@register_attention("mahalanobis", summary="RBF kernel with a learned diagonal metric per head")
+class MahalanobisAttention(KernelAttention):
+    bound_options = {"kernel": "mahalanobis"}
+
+
+@register_attention("bilateral", summary="range kernel on q/k x spatial kernel on positions, decoupled bandwidths")
+class BilateralAttention(KernelAttention):
+    bound_options = {"kernel": "bilateral"}
+
+
+@register_attention("twicing", summary="softmax attention smoother applied as twicing: (2A - A^2) V")
+class TwicingAttention(KernelAttention):
+    bound_options = {"kernel": "dot", "smoother": "twicing"}
