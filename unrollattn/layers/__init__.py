@@ -1,7 +1,7 @@
 """Attention layers and blocks under one constructor/forward contract; importing registers them."""
 from ..registry import get_attention, get_block
 from .attention import AttentionLayer, MultiHeadSelfAttention, MultiHeadSubspaceSelfAttention
-from .blocks import ISTA, AoTBlock, BlockBase, CrateBlock, TransformerBlock
+from .blocks import ISTA, AoTBlock, BlockBase, BoostBlock, CrateBlock, LayerZeroInput, TransformerBlock, attach_layer_zero_input
 from .kernel_attention import BilateralAttention, GaussianAttention, KernelAttention, MahalanobisAttention, TwicingAttention
 
 
@@ -16,7 +16,8 @@ def build_block(name, dim: int, num_heads: int = 8, *, attention=None, **options
 
 
 __all__ = [
-    "AoTBlock", "AttentionLayer", "BilateralAttention", "BlockBase", "GaussianAttention", "KernelAttention",
+    "AoTBlock", "AttentionLayer", "BilateralAttention", "BlockBase", "BoostBlock", "LayerZeroInput",
+    "attach_layer_zero_input", "GaussianAttention", "KernelAttention",
     "MahalanobisAttention", "TwicingAttention", "CrateBlock", "ISTA", "MultiHeadSelfAttention",
     "MultiHeadSubspaceSelfAttention", "TransformerBlock", "build_attention", "build_block",
 ]

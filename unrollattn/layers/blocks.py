@@ -114,3 +114,81 @@ class CrateBlock(BlockBase):
     def forward(self, x, attn_mask=None, is_causal=False):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         return self.ista(self.norm2(x))
+
+
+class LayerZeroInput:
+    """Holds the input of the first block so ``boost`` blocks with rule='anchor' (B3) can pull toward it."""
+
+    def __init__(self):
+        self.value: torch.Tensor | None = None
+
+    def set(self, x: torch.Tensor | None) -> None:
+        self.value = x
+
+
+def attach_layer_zero_input(blocks: nn.Module) -> LayerZeroInput | None:
+    """Share one ``LayerZeroInput`` among the anchor-rule blocks in ``blocks``; a forward pre-hook on ``blocks``
+    (an ``nn.Sequential``, as in timm's ViT) records its input. Models that loop over a ModuleList call
+    ``anchor.set(x)`` themselves. Returns None when no block needs it."""
+    users = [m for m in blocks.modules() if isinstance(m, BoostBlock) and m.rule == "anchor"]
+    if not users:
+        return None
+    anchor = LayerZeroInput()
+    for block in users:
+        block.layer_zero = anchor
+    blocks.register_forward_pre_hook(lambda module, args: anchor.set(args[0]))
+    blocks.register_forward_hook(lambda module, args, output: anchor.set(None))  # don't keep activations alive
+    return anchor
+
+
+@register_block("boost", summary="attention with a boosting residual (B1 sos / B2 twicing / B3 anchor) + MLP")
+class BoostBlock(BlockBase):
+    """Residual read as a boosting step (docs/papers.md C.6). The rules are the paper's *candidates* [R]:
+
+    - ``sos`` (B1):     x + SA(LN(x + rho u)),  u = SA(LN(x))   [= F(x + rho u) - rho u with F(s) = s + SA(LN(s))]
+    - ``twicing`` (B2): x + SA(LN x) + lambda SA(LN x - SA(LN x))
+    - ``anchor`` (B3):  x + SA(LN x) + lambda (x_0 - x), x_0 the input of the first block (NeuTRENO-like)
+    - ``none``:         x + SA(LN x), the plain residual
+
+    ``strength`` is rho or lambda; ``mlp`` (default True) adds the usual MLP sub-layer.
+    """
+
+    option_names = ("attn_options", "rule", "strength", "mlp")
+    RULES = {"none": 0.0, "sos": 0.5, "twicing": 1.0, "anchor": 0.6}  # default strengths
+
+    def __init__(self, dim, num_heads=8, mlp_ratio=4.0, **kwargs):
+        super().__init__(dim, num_heads, mlp_ratio, **kwargs)
+        self.rule = self.options.get("rule", "twicing")
+        if self.rule not in self.RULES:
+            raise ValueError(f"rule: expected one of {tuple(self.RULES)}, got {self.rule!r}")
+        self.strength = float(self.options.get("strength", self.RULES[self.rule]))
+        self.norm1 = self.norm_layer(dim, **self.dd)
+        self.layer_zero: LayerZeroInput | None = None
+        if self.options.get("mlp", True):
+            self.norm2 = self.norm_layer(dim, **self.dd)
+            self.mlp = self.mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=self.act_layer,
+                                      drop=self.proj_drop, **self.dd)
+            self.ls2 = LayerScale(dim, init_values=self.init_values, **self.dd) if self.init_values else nn.Identity()
+            self.drop_path2 = DropPath(self.drop_path) if self.drop_path > 0.0 else nn.Identity()
+        else:
+            self.mlp = None
+
+    def boosted_attention(self, x, attn_mask, is_causal):
+        attend = lambda t: self.attn(t, attn_mask=attn_mask, is_causal=is_causal)  # noqa: E731
+        u = attend(self.norm1(x))
+        if self.rule == "sos":
+            return attend(self.norm1(x + self.strength * u))
+        if self.rule == "twicing":
+            return u + self.strength * attend(self.norm1(x) - u)
+        if self.rule == "anchor":
+            if self.layer_zero is None or self.layer_zero.value is None:
+                raise ValueError("rule='anchor' needs the first block's input: call "
+                                 "unrollattn.layers.attach_layer_zero_input(model.blocks) after building the model")
+            return u + self.strength * (self.layer_zero.value - x)
+        return u
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = x + self.drop_path1(self.ls1(self.boosted_attention(x, attn_mask, is_causal)))
+        if self.mlp is None:
+            return x
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -6,10 +6,11 @@ CRATE's width/heads/depth per size so the families compare at equal width and de
 """
 from __future__ import annotations
 
-from timm.models import generate_default_cfgs, register_model
+from functools import partial
 
-from ..registry import register_model as register_unrollattn
-from .backbone import create_unrolled_vit, model_cfg
+from timm.models import generate_default_cfgs
+
+from .backbone import create_unrolled_vit, model_cfg, register_vision_model
 from .crate import CRATE_SIZES
 
 AOT_SIZES = {size: CRATE_SIZES[size] for size in ("tiny", "small", "base")}
@@ -28,20 +29,8 @@ def _create_aot(family_attention: str, size: str, pretrained: bool = False, **kw
     return create_unrolled_vit(f"aot_{family_attention}_{size}_patch16_224", pretrained, **dict(args, **kwargs))
 
 
-def _entry(attention: str, size: str):
-    name = f"aot_{attention}_{size}_patch16_224"
-
-    def entrypoint(pretrained: bool = False, **kwargs):
-        return _create_aot(attention, size, pretrained, **kwargs)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"AoT-{attention.upper()}-V {size}: attention-only layers with {attention}, patch 16, 224 px."
-    globals()[name] = entrypoint
-    register_unrollattn(name, family="aot", task="classification")(entrypoint)
-    return register_model(entrypoint)
-
-
 for _attn in AOT_ATTENTIONS:
     for _size in AOT_SIZES:
-        _entry(_attn, _size)
+        register_vision_model(
+            f"aot_{_attn}_{_size}_patch16_224", __name__, partial(_create_aot, _attn, _size), family="aot",
+            doc=f"AoT-{_attn.upper()}-V {_size}: attention-only layers with {_attn}, patch 16, 224 px.")

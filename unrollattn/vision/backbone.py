@@ -11,10 +11,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
-from timm.models import build_model_with_cfg
+import sys
+
+from timm.models import build_model_with_cfg, register_model as timm_register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from ..layers.blocks import attach_layer_zero_input
 from ..registry import get_attention, get_block
+from ..registry import register_model as register_unrollattn_model
 
 
 class NormalizedPatchEmbed(PatchEmbed):
@@ -82,6 +86,7 @@ def create_unrolled_vit(variant: str, pretrained: bool = False, *, block="aot", 
     )
     vit = getattr(model, "model", model)  # features_only wraps the ViT
     set_token_geometry(model, tuple(vit.patch_embed.grid_size), vit.num_prefix_tokens)
+    attach_layer_zero_input(vit.blocks)
     return model
 
 
@@ -91,3 +96,19 @@ def set_token_geometry(model: nn.Module, grid: tuple[int, int], num_prefix_token
         if hasattr(module, "set_geometry"):
             module.set_geometry(grid=grid, num_prefix_tokens=num_prefix_tokens)
     return model
+
+
+def register_vision_model(name: str, module: str, create, *, family: str, doc: str):
+    """Register ``create(pretrained, **kwargs)`` under ``name`` with timm and with the unrollattn registry.
+
+    The entrypoint lives in ``module`` (whose ``default_cfgs`` timm reads at registration).
+    """
+    def entrypoint(pretrained: bool = False, **kwargs):
+        return create(pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = module
+    entrypoint.__doc__ = doc
+    setattr(sys.modules[module], name, entrypoint)
+    register_unrollattn_model(name, family=family, task="classification")(entrypoint)
+    return timm_register_model(entrypoint)

@@ -1,10 +1,11 @@
 """CRATE backbones (docs/papers.md B.5-B.6): MSSA + ISTA blocks, registered with timm and unrollattn."""
 from __future__ import annotations
 
-from timm.models import generate_default_cfgs, register_model
+from functools import partial
 
-from ..registry import register_model as register_unrollattn
-from .backbone import create_unrolled_vit, model_cfg
+from timm.models import generate_default_cfgs
+
+from .backbone import create_unrolled_vit, model_cfg, register_vision_model
 
 # dim, heads, depth as published; head dim = dim / heads (CRATE-S: 576 / 12 = 48).
 CRATE_SIZES = {
@@ -26,19 +27,7 @@ def _create_crate(size: str, pretrained: bool = False, **kwargs):
     return create_unrolled_vit(f"crate_{size}_patch16_224", pretrained, **dict(args, **kwargs))
 
 
-def _entry(size: str):
-    name = f"crate_{size}_patch16_224"
-
-    def entrypoint(pretrained: bool = False, **kwargs):
-        return _create_crate(size, pretrained, **kwargs)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"CRATE-{size[0].upper()}/16 at 224 px ({PUBLISHED_PARAMS[size] / 1e6:.2f}M published parameters)."
-    globals()[name] = entrypoint
-    register_unrollattn(name, family="crate", task="classification")(entrypoint)
-    return register_model(entrypoint)
-
-
 for _size in CRATE_SIZES:
-    _entry(_size)
+    register_vision_model(
+        f"crate_{_size}_patch16_224", __name__, partial(_create_crate, _size), family="crate",
+        doc=f"CRATE-{_size[0].upper()}/16 at 224 px ({PUBLISHED_PARAMS[_size] / 1e6:.2f}M published parameters).")

@@ -1,0 +1,38 @@
+"""ViTs with kernel-regression attention (docs/papers.md family C): timm's ViT layout (patch embedding,
+pre-norm attention + MLP blocks, LayerNorm eps 1e-6, qkv bias) with the softmax attention replaced by
+``gaussian``, ``mahalanobis``, ``bilateral`` (2-D patch positions) or ``twicing``. ``block="boost"`` with
+``block_options={"rule": "sos" | "twicing" | "anchor", "strength": ...}`` adds a boosting residual.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models import generate_default_cfgs
+
+from .backbone import create_unrolled_vit, model_cfg, register_vision_model
+
+VIT_SIZES = {  # timm's vit_{tiny,small,base}_patch16_224
+    "tiny": dict(embed_dim=192, num_heads=3, depth=12),
+    "small": dict(embed_dim=384, num_heads=6, depth=12),
+    "base": dict(embed_dim=768, num_heads=12, depth=12),
+}
+KERNEL_ATTENTIONS = ("gaussian", "mahalanobis", "bilateral", "twicing")
+
+default_cfgs = generate_default_cfgs({
+    f"vit_{attn}_{size}_patch16_224.untrained": model_cfg() for attn in KERNEL_ATTENTIONS for size in VIT_SIZES
+})
+
+
+def _create_kernel_vit(attention: str, size: str, pretrained: bool = False, **kwargs):
+    args = dict(patch_size=16, qkv_bias=True, block="transformer", attention=attention, embed_layer=PatchEmbed,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6), **VIT_SIZES[size])
+    return create_unrolled_vit(f"vit_{attention}_{size}_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+for _attn in KERNEL_ATTENTIONS:
+    for _size in VIT_SIZES:
+        register_vision_model(
+            f"vit_{_attn}_{_size}_patch16_224", __name__, partial(_create_kernel_vit, _attn, _size), family="kernel",
+            doc=f"ViT-{_size} with {_attn} kernel attention (timm's ViT otherwise), patch 16, 224 px.")
