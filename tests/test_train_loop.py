@@ -1,0 +1,286 @@
+"""The shared training loop: exact resume, gradient accumulation, run directory, schedule, ablation tables."""
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from unrollattn.train import (
+    LoopConfig, OptimConfig, RunDir, RunDirError, build_optimizer, compare, epoch_batch_indices, fit, latest_checkpoint, lr_factor,
+    micro_batch_size, param_groups, plot_comparison, plot_curves, read_metrics,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    return x[:1500], y[:1500], x[1500:], y[1500:]
+
+
+class DigitsTask:
+    """2-layer MLP on scikit-learn digits, with dropout so that the RNG matters."""
+
+    def __init__(self, data, loop, *, dropout=0.3, crash_at_step=None, nan_at_step=None):
+        self.x, self.y, self.vx, self.vy = data
+        self.loop, self.dropout = loop, dropout
+        self.crash_at_step, self.nan_at_step = crash_at_step, nan_at_step
+
+    def build_model(self):
+        return nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Dropout(self.dropout), nn.Linear(48, 10))
+
+    def batch(self, step, micro, state):
+        if step == self.crash_at_step:
+            raise KeyboardInterrupt("simulated interruption")
+        idx = epoch_batch_indices(len(self.x), self.loop.batch_size, step, micro, self.loop.grad_accum,
+                                  state.rank, state.world_size, self.loop.seed)
+        return {"x": self.x[idx], "y": self.y[idx], "step": step}
+
+    def loss(self, model, batch):
+        logits = model(batch["x"])
+        loss = F.cross_entropy(logits, batch["y"])
+        if batch["step"] == self.nan_at_step:
+            loss = loss * float("nan")
+        return loss, {"acc": (logits.argmax(-1) == batch["y"]).float().mean().item()}
+
+    def evaluate(self, model, state):
+        logits = model(self.vx.to(state.device))
+        y = self.vy.to(state.device)
+        return {"val_loss": F.cross_entropy(logits, y).item(), "top1": 100.0 * (logits.argmax(-1) == y).float().mean().item()}
+
+    def items_per_batch(self, batch):
+        return int(batch["x"].shape[0])
+
+
+def _loop(tmp_path, name, **kw):
+    base = dict(max_steps=20, batch_size=32, grad_accum=2, eval_every=10, log_every=1, ckpt_every=5, device="cpu",
+                out_dir=str(tmp_path), run_name=name, progress=False)
+    base.update(kw)
+    return LoopConfig(**base)
+
+
+OPTIM = OptimConfig(lr=3e-3, warmup_steps=3, schedule="cosine", grad_clip=0.5)
+
+
+def _train_losses(run_dir):
+    return [(r["step"], r["train_loss"]) for r in read_metrics(run_dir) if "train_loss" in r]
+
+
+def test_exact_resume_after_interruption(tmp_path, digits):
+    straight = fit(DigitsTask(digits, _loop(tmp_path, "straight")), _loop(tmp_path, "straight"), OPTIM)
+    assert straight["steps"] == 20 and straight["start_step"] == 0
+
+    loop = _loop(tmp_path, "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        fit(DigitsTask(digits, loop, crash_at_step=12), loop, OPTIM)  # dies during step 13; last checkpoint: 10
+    logged = [s for s, _ in _train_losses(tmp_path / "interrupted")]
+    assert logged[-1] == 12  # steps 11 and 12 were logged before the crash
+    assert latest_checkpoint(tmp_path / "interrupted").name == "step_00000010"
+
+    resumed_loop = _loop(tmp_path, "interrupted", resume=True)
+    resumed = fit(DigitsTask(digits, resumed_loop), resumed_loop, OPTIM)
+    assert resumed["start_step"] == 10 and resumed["steps"] == 20
+
+    a, b = _train_losses(tmp_path / "straight"), _train_losses(tmp_path / "interrupted")
+    assert [s for s, _ in b] == list(range(1, 21))  # no duplicates from the replayed steps
+    assert a == b  # bit-identical per-step losses
+    evals = [r["step"] for r in read_metrics(tmp_path / "interrupted") if "val_loss" in r]
+    assert evals == [10, 20]
+    assert resumed["val_loss"] == straight["val_loss"] and resumed["top1"] == straight["top1"]
+
+    wa = load_file(str(latest_checkpoint(tmp_path / "straight") / "model.safetensors"))
+    wb = load_file(str(latest_checkpoint(tmp_path / "interrupted") / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # checkpoints are pruned to loop.keep_checkpoints, summary.csv has one row per evaluation
+    assert [p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()] == ["step_00000020"]
+    with open(tmp_path / "interrupted" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [10, 20] and {"train_loss", "val_loss", "top1", "lr"} <= rows[0].keys()
+
+
+def test_dropout_seeding_differs_between_seeds(tmp_path, digits):
+    a = fit(DigitsTask(digits, _loop(tmp_path, "s0", max_steps=3)), _loop(tmp_path, "s0", max_steps=3), OPTIM)
+    b = fit(DigitsTask(digits, _loop(tmp_path, "s1", max_steps=3, seed=1)), _loop(tmp_path, "s1", max_steps=3, seed=1), OPTIM)
+    assert a["train_loss"] != b["train_loss"]
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, digits):
+    one = _loop(tmp_path, "accum1", max_steps=6, grad_accum=1, ckpt_every=0)
+    four = _loop(tmp_path, "accum4", max_steps=6, grad_accum=4, ckpt_every=0)
+    fit(DigitsTask(digits, one, dropout=0.0), one, OPTIM)
+    fit(DigitsTask(digits, four, dropout=0.0), four, OPTIM)
+    la, lb = _train_losses(tmp_path / "accum1"), _train_losses(tmp_path / "accum4")
+    assert [s for s, _ in la] == [s for s, _ in lb] == list(range(1, 7))
+    for (_, x), (_, y) in zip(la, lb):
+        assert math.isclose(x, y, rel_tol=1e-5)
+
+
+def test_run_directory_contents_and_summary(tmp_path, digits):
+    loop = _loop(tmp_path, "contents", max_steps=4, log_every=2, eval_every=0, ckpt_every=0)
+    summary = fit(DigitsTask(digits, loop), loop, OPTIM, config_for_log={"recipe": "digits", "loop": loop})
+    run = tmp_path / "contents"
+    for name in ("config.json", "env.json", "metrics.jsonl", "summary.csv", "curves.png", "result.json"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"] == "digits" and config["loop"]["max_steps"] == 4
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["world_size"] == 1 and "git_hash" in env
+    assert summary["params"] == 64 * 48 + 48 + 48 * 10 + 10
+    assert summary["peak_mem_source"] == "cpu_ru_maxrss_delta" and summary["peak_mem_mb"] >= 0
+    assert summary["train_items_per_s"] > 0 and summary["wall_s"] > 0 and 0 <= summary["top1"] <= 100
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if "train_loss" in r] == [2, 4]
+    assert {"lr", "grad_norm", "acc", "items_per_s", "peak_rss_mb"} <= rows[0].keys()
+    assert json.loads((run / "result.json").read_text())["val_loss"] == summary["val_loss"]
+
+
+def test_fit_refuses_to_overwrite_a_run(tmp_path, digits):
+    loop = _loop(tmp_path, "taken", max_steps=2, ckpt_every=0)
+    fit(DigitsTask(digits, loop), loop, OPTIM)
+    with pytest.raises(RunDirError, match="resume=true"):
+        fit(DigitsTask(digits, loop), loop, OPTIM)
+
+
+def test_rundir_create_log_summary_rewind(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(RunDirError, match="not empty.*resume=true.*run_name"):
+        RunDir.create(tmp_path, "busy", {"a": 1})
+    RunDir.create(tmp_path, "busy", {"a": 1}, resume=True)  # allowed when resuming
+    with pytest.raises(RunDirError, match="plain"):
+        RunDir.create(tmp_path, "../escape", {})
+
+    run = RunDir.create(tmp_path, "fresh", {"a": 1})
+    for step in (1, 2, 3):
+        run.log(step, train_loss=1.0 / step, lr=torch.tensor(0.1))
+    run.summary({"step": 1, "val_loss": 0.5})
+    run.summary({"step": 2, "val_loss": 0.4, "top1": 90.0})  # new column -> header rewritten
+    run.summary({"step": 3, "val_loss": 0.3, "top1": 91.0})
+    with open(run.path("summary.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "val_loss", "top1"] and rows[0]["top1"] == "" and rows[2]["top1"] == "91.0"
+    assert read_metrics(run.dir)[0] == {"step": 1, "train_loss": 1.0, "lr": pytest.approx(0.1)}
+
+    with open(run.path("metrics.jsonl"), "a") as f:
+        f.write('{"step": 4, "train_lo')  # torn last line of a crashed process
+    run.rewind(2)
+    assert [r["step"] for r in read_metrics(run.dir)] == [1, 2]
+    assert [r["step"] for r in run.summary_rows()] == ["1", "2"]
+
+    silent = RunDir.create(tmp_path, "fresh", {"a": 1}, is_main=False)  # non-main ranks write nothing
+    silent.log(9, train_loss=0.0)
+    assert [r["step"] for r in read_metrics(run.dir)] == [1, 2]
+
+
+def test_nan_loss_stops_training_with_a_clear_error(tmp_path, digits):
+    loop = _loop(tmp_path, "nan", max_steps=6, ckpt_every=0)
+    with pytest.raises(FloatingPointError, match="step 3"):
+        fit(DigitsTask(digits, loop, nan_at_step=2), loop, OPTIM)
+
+
+def test_epoch_batch_indices_cover_each_epoch_once_and_shard_disjointly():
+    n, batch, accum, world = 50, 12, 2, 3
+    mb = micro_batch_size(batch, accum, world)
+    assert mb == 2
+    seen = []
+    for step in range(10):  # 120 items = 2.4 epochs
+        for micro in range(accum):
+            for rank in range(world):
+                idx = epoch_batch_indices(n, batch, step, micro, accum, rank, world, seed=5)
+                assert idx.shape == (mb,) and idx.dtype == torch.long
+                seen.extend(idx.tolist())
+    assert sorted(seen[:50]) == list(range(50)) and sorted(seen[50:100]) == list(range(50))
+    assert seen[:50] != seen[50:100]  # a fresh permutation every epoch
+    # the same global batch whether split over ranks or over accumulation steps
+    ddp = torch.cat([epoch_batch_indices(n, 8, 3, 0, 1, r, 2, 0) for r in range(2)])
+    accum_only = torch.cat([epoch_batch_indices(n, 8, 3, m, 2, 0, 1, 0) for m in range(2)])
+    assert torch.equal(ddp, accum_only)
+    assert not torch.equal(epoch_batch_indices(n, 8, 3, 0, 1, 0, 1, 0), epoch_batch_indices(n, 8, 3, 0, 1, 0, 1, 1))
+    with pytest.raises(ValueError, match="divisible"):
+        epoch_batch_indices(n, 10, 0, 0, 1, 0, 3, 0)
+    with pytest.raises(ValueError, match="rank"):
+        epoch_batch_indices(n, 8, 0, 0, 1, 2, 2, 0)
+
+
+def test_lr_schedule_shapes():
+    steps = 11
+    cos = OptimConfig(warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
+    factors = [lr_factor(s, cos, steps) for s in range(steps)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+    assert math.isclose(factors[-1], 0.1) and math.isclose(factors[6], 0.55)  # half-way point of the cosine
+    lin = OptimConfig(warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
+    assert [lr_factor(s, lin, 5) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_factor(7, OptimConfig(schedule="constant"), 10) == 1.0
+
+
+def test_weight_decay_skips_biases_norms_and_named_params():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.norm = nn.LayerNorm(4)
+            self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+
+        def no_weight_decay(self):
+            return {"pos_embed"}
+
+    groups = param_groups(Net(), 0.1)
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.1 and len(decay["params"]) == 1 and decay["params"][0].shape == (4, 4)
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 4
+
+
+def test_compare_and_plots_write_their_files(tmp_path):
+    runs = {}
+    for i, name in enumerate(["softmax", "mssa"]):
+        run = RunDir.create(tmp_path, name, {})
+        for step in range(1, 6):
+            run.log(step, train_loss=2.0 / step + i)
+        run.log(5, val_loss=1.0 + i)
+        runs[name] = {"params": 1000 * (i + 1), "top1": 90.5 - i, "val_loss": 1.0 + i, "run_dir": str(run.dir)}
+    runs["broken|name"] = {"params": 10, "top1": float("nan")}
+    md = compare(runs, ["top1", "params", "val_loss"], tmp_path / "cmp")
+    lines = md.strip().splitlines()
+    assert lines[0] == "| variant | top1 | params | val_loss |"
+    assert "| softmax | 90.5 | 1,000 | 1 |" in lines and "broken\\|name" in md
+    with open(tmp_path / "cmp" / "comparison.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["variant", "top1", "params", "val_loss"] and rows[2] == ["mssa", "89.5", "2000", "2.0"]
+    with pytest.raises(ValueError, match="top5.*available"):
+        compare(runs, ["top5"], tmp_path / "cmp")
+    png = plot_comparison(runs, tmp_path / "cmp", metric="top1")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = plot_curves({k: v["run_dir"] for k, v in runs.items() if "run_dir" in v}, out_png=tmp_path / "c.png")
+    assert curves.stat().st_size > 1000
+
+
+def test_auto_named_run_resumes_the_newest_run_of_its_prefix(tmp_path, digits):
+    loop = LoopConfig(max_steps=2, batch_size=16, eval_every=0, log_every=1, device="cpu", out_dir=str(tmp_path),
+                      progress=False)
+    first = fit(DigitsTask(digits, loop), loop, OPTIM, run_name_prefix="digits-mlp")
+    assert Path(first["run_dir"]).name.startswith("digits-mlp-")
+    again = dataclasses.replace(loop, resume=True)
+    second = fit(DigitsTask(digits, again), again, OPTIM, run_name_prefix="digits-mlp")
+    assert second["run_dir"] == first["run_dir"] and second["start_step"] == 2 == second["steps"]
+    assert second["val_loss"] == first["val_loss"] and second["train_loss"] == first["train_loss"]
+    assert len(_train_losses(Path(first["run_dir"]))) == 2
+
+
+def test_lion_update_rule():
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = build_optimizer(nn.ParameterList([p]), OptimConfig(name="lion", lr=0.1, betas=(0.9, 0.99), weight_decay=0.0))
+    p.grad = torch.tensor([0.5, -0.1, 0.0])
+    opt.step()  # momentum starts at 0: update = -lr * sign(0.1 * g)
+    assert torch.allclose(p.detach(), torch.tensor([0.9, -1.9, 3.0]))
+    assert torch.allclose(opt.state[p]["exp_avg"], 0.01 * torch.tensor([0.5, -0.1, 0.0]))

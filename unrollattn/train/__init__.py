@@ -1,0 +1,35 @@
+"""Shared training pieces used by every recipe: config, distributed, checkpoint, run log, the loop, ablation tables.
+
+A recipe defines a config dataclass (with ``OptimConfig`` / ``LoopConfig`` sections), presets as
+functions in a :class:`unrollattn.registry.Registry`, and a :class:`Task`; :func:`fit` trains it::
+
+    cfg = load_preset(PRESETS, args.preset, args.overrides)
+    summary = fit(MyTask(cfg), cfg.loop, cfg.optim, run_name_prefix=f"mytask-{args.preset}", config_for_log=cfg)
+"""
+from .ablate import compare, format_value, plot_comparison
+from .checkpoint import (
+    CheckpointError, checkpoint_dir_for_step, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
+    save_checkpoint, verify_checkpoint,
+)
+from .config import (
+    ConfigError, LoopConfig, OptimConfig, add_config_arguments, apply_overrides, config_from_dict, config_to_dict,
+    load_preset,
+)
+from .distributed import (
+    DistState, all_reduce_mean, all_reduce_sum, all_reduce_tensor, barrier, broadcast_object, cleanup,
+    init_distributed, resolve_device, unwrap_model, wrap_model,
+)
+from .optim import Lion, build_optimizer, build_scheduler, lr_factor, param_groups
+from .runlog import RunDir, RunDirError, env_info, plot_curves, progress_bar, read_metrics
+from .trainer import Task, count_params, epoch_batch_indices, fit, micro_batch_size, step_seed, to_device
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DistState", "Lion", "LoopConfig", "OptimConfig", "RunDir", "RunDirError", "Task",
+    "add_config_arguments", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "apply_overrides", "barrier",
+    "broadcast_object", "build_optimizer", "build_scheduler", "checkpoint_dir_for_step", "cleanup", "compare",
+    "config_from_dict", "config_to_dict", "count_params", "env_info", "epoch_batch_indices", "fit", "format_value",
+    "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_preset", "lr_factor",
+    "micro_batch_size", "param_groups", "plot_comparison", "plot_curves", "progress_bar", "prune_checkpoints",
+    "read_metrics", "resolve_device", "save_checkpoint", "step_seed", "to_device", "unwrap_model",
+    "verify_checkpoint", "wrap_model",
+]

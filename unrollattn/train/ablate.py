@@ -1,0 +1,151 @@
+"""Comparison tables and plots over finished runs (the training itself is :func:`fit`'s job).
+
+An ablation runs one recipe per variant and hands the per-variant summaries (``fit``'s return
+values, or any dicts) to :func:`compare` and :func:`plot_comparison`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ._io import atomic_write, atomic_write_text, to_jsonable
+from .runlog import METRICS_FILE, read_metrics
+
+__all__ = ["compare", "format_value", "plot_comparison"]
+
+
+def format_value(value: Any) -> str:
+    """Compact text for a table cell: ints with separators, floats to 4 significant digits."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _escape_md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def compare(runs: Mapping[str, Mapping[str, Any]], columns: Sequence[str], out_dir: str | os.PathLike,
+            *, label: str = "variant") -> str:
+    """Write ``comparison.md`` and ``comparison.csv`` (one row per run, the given columns) to ``out_dir``.
+
+    Missing values show as ``-`` in markdown and empty cells in CSV. Returns the markdown table.
+    """
+    if not runs:
+        raise ValueError("compare: expected at least one run (label -> summary dict)")
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    if not columns:
+        raise ValueError("compare: expected at least one column name")
+    for name, summary in runs.items():
+        if not isinstance(summary, Mapping):
+            raise ValueError(f"compare: run {name!r} should map to a summary dict, got {type(summary).__name__}")
+    absent = [c for c in columns if not any(c in s for s in runs.values())]
+    if absent:
+        known = sorted({k for s in runs.values() for k in s})
+        raise ValueError(f"compare: column(s) {', '.join(map(repr, absent))} appear in no run; available: {', '.join(known)}")
+
+    header = [label, *columns]
+    lines = ["| " + " | ".join(_escape_md(h) for h in header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
+    for name, summary in runs.items():
+        cells = [_escape_md(str(name))] + [_escape_md(format_value(summary.get(c))) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    markdown = "\n".join(lines) + "\n"
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for name, summary in runs.items():
+        row = [name]
+        for c in columns:
+            v = to_jsonable(summary.get(c))
+            row.append("" if v is None else v)
+        writer.writerow(row)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "comparison.md", markdown)
+    atomic_write_text(out_dir / "comparison.csv", buf.getvalue())
+    return markdown
+
+
+def _metrics_path(summary: Mapping[str, Any]) -> Path | None:
+    for key in ("metrics", "run_dir"):
+        value = summary.get(key)
+        if value:
+            path = Path(value)
+            path = path / METRICS_FILE if path.is_dir() else path
+            if path.exists():
+                return path
+    return None
+
+
+def plot_comparison(runs: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike, *, metric: str = "top1",
+                    params_key: str = "params", loss_keys: Sequence[str] = ("train_loss", "val_loss"),
+                    title: str | None = None) -> Path:
+    """Write ``comparison.png``: ``metric`` vs parameter count (labelled scatter) and the loss curves
+    read from each run's metrics.jsonl (``summary["run_dir"]`` or ``summary["metrics"]``)."""
+    if not runs:
+        raise ValueError("plot_comparison: expected at least one run (label -> summary dict)")
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    points = [(name, s.get(params_key), s.get(metric)) for name, s in runs.items()]
+    points = [(n, p, m) for n, p, m in points if isinstance(p, (int, float)) and isinstance(m, (int, float))
+              and math.isfinite(p) and math.isfinite(m)]
+    for name, p, m in points:
+        ax_metric.scatter([p], [m], s=30)
+        ax_metric.annotate(str(name), (p, m), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if points:
+        ax_metric.set_xscale("log" if max(p for _, p, _ in points) > 50 * max(1, min(p for _, p, _ in points)) else "linear")
+    else:
+        ax_metric.text(0.5, 0.5, f"no run has both {params_key!r} and {metric!r}", ha="center", va="center",
+                       transform=ax_metric.transAxes)
+    ax_metric.set_xlabel(params_key)
+    ax_metric.set_ylabel(metric)
+    ax_metric.set_title(f"{metric} vs {params_key}")
+    ax_metric.grid(alpha=0.3)
+
+    styles = {key: style for key, style in zip(loss_keys, ("-", "--", ":", "-."))}
+    drawn = False
+    for i, (name, summary) in enumerate(runs.items()):
+        path = _metrics_path(summary)
+        if path is None:
+            continue
+        rows = read_metrics(path)
+        for key in loss_keys:
+            xs = [r["step"] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            ys = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if xs:
+                ax_loss.plot(xs, ys, styles.get(key, "-"), color=f"C{i % 10}", label=f"{name} {key}")
+                drawn = True
+    if drawn:
+        ax_loss.legend(fontsize=7)
+    else:
+        ax_loss.text(0.5, 0.5, "no metrics.jsonl found for these runs", ha="center", va="center", transform=ax_loss.transAxes)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("loss curves")
+    ax_loss.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out_dir) / "comparison.png"
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return out

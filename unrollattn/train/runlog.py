@@ -1,0 +1,359 @@
+"""Run directories and logging: config.json, env.json, metrics.jsonl, summary.csv, loss plots.
+
+Layout of a run directory (written by rank 0 only)::
+
+    <out_dir>/<run_name>/
+        config.json      resolved config (re-loadable with config_from_dict)
+        env.json         versions, git hash, host, device, world size, command line
+        metrics.jsonl    one JSON object per log / eval step: {"step": ..., "train_loss": ..., ...}
+        summary.csv      one row per evaluation (header = union of all columns)
+        checkpoints/step_XXXXXXXX/   see checkpoint.py
+        curves.png       loss curves
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ._io import atomic_write, atomic_write_json, atomic_write_text, to_jsonable
+
+__all__ = ["RunDir", "RunDirError", "env_info", "plot_curves", "progress_bar", "read_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.csv"
+CONFIG_FILE = "config.json"
+ENV_FILE = "env.json"
+
+
+class RunDirError(ValueError):
+    """A run directory cannot be created or reused as asked."""
+
+
+def _git_info() -> dict[str, Any]:
+    repo = Path(__file__).resolve().parents[2]
+    info: dict[str, Any] = {"git_hash": None, "git_dirty": None}
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            info["git_hash"] = out.stdout.strip()
+            status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=5)
+            if status.returncode == 0:
+                info["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return None
+
+
+def env_info(device: Any = None, world_size: int | None = None) -> dict[str, Any]:
+    """Versions, git hash, host and device of this process, for reproducibility records."""
+    import torch
+
+    dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(dev).index or 0
+        device_name = torch.cuda.get_device_name(index)
+    else:
+        device_name = platform.processor() or platform.machine() or "cpu"
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "timm": _version("timm"),
+        "transformers": _version("transformers"),
+        "safetensors": _version("safetensors"),
+        "numpy": _version("numpy"),
+        "unrollattn": _version("unrollattn"),
+        **_git_info(),
+        "hostname": socket.gethostname(),
+        "device": dev,
+        "device_name": device_name,
+        "cuda_device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "world_size": world_size,
+        "torch_threads": torch.get_num_threads(),
+        "command": [sys.executable, *sys.argv],
+        "cwd": os.getcwd(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl file (a run directory is accepted too); a torn last line is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+class RunDir:
+    """One run's output directory; on non-main ranks every write is a no-op."""
+
+    def __init__(self, path: str | os.PathLike, *, is_main: bool = True):
+        self.dir = Path(path)
+        self.is_main = is_main
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.dir)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.dir)
+
+    @classmethod
+    def create(cls, out_dir: str | os.PathLike, run_name: str, config: Any, *, is_main: bool = True,
+               resume: bool = False, device: Any = None, world_size: int | None = None) -> "RunDir":
+        """Create ``out_dir/run_name`` and record ``config.json`` and ``env.json`` in it.
+
+        An existing non-empty directory is only reused with ``resume=True``.
+        """
+        if not run_name or any(sep in run_name for sep in ("/", "\\")) or run_name in (".", ".."):
+            raise RunDirError(f"run_name: expected a plain, non-empty directory name, got {run_name!r}")
+        run = cls(Path(out_dir) / run_name, is_main=is_main)
+        if not is_main:
+            return run
+        if run.dir.exists() and not run.dir.is_dir():
+            raise RunDirError(f"run directory {run.dir} exists and is not a directory")
+        if run.dir.exists() and any(run.dir.iterdir()) and not resume:
+            raise RunDirError(f"run directory {run.dir} already exists and is not empty; pass resume=true to continue "
+                              "that run, or choose a new run_name")
+        run.dir.mkdir(parents=True, exist_ok=True)
+        from .config import config_to_dict
+
+        config_dict = config_to_dict(config) if config is not None else {}
+        atomic_write_json(run.path(CONFIG_FILE), config_dict)
+        atomic_write_json(run.path(ENV_FILE), env_info(device, world_size))
+        return run
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def log(self, step: int, **metrics: Any) -> None:
+        """Append ``{"step": step, **metrics}`` as one line of metrics.jsonl."""
+        if not self.is_main:
+            return
+        row = {"step": int(step), **{k: to_jsonable(v) for k, v in metrics.items()}}
+        line = json.dumps(row, allow_nan=True)
+        with open(self.path(METRICS_FILE), "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path(METRICS_FILE))
+
+    def summary(self, row: Mapping[str, Any]) -> None:
+        """Append a row to summary.csv; new columns rewrite the file with the union header."""
+        if not self.is_main:
+            return
+        row = {str(k): _csv_value(v) for k, v in row.items()}
+        path = self.path(SUMMARY_FILE)
+        rows, header = _read_csv(path)
+        new_cols = [k for k in row if k not in header]
+        if path.exists() and not new_cols:
+            with open(path, "a", encoding="utf-8", newline="") as f:
+                csv.DictWriter(f, fieldnames=header).writerow(row)
+                f.flush()
+            return
+        _write_csv(path, rows + [row], header + new_cols)
+
+    def summary_rows(self) -> list[dict[str, str]]:
+        return _read_csv(self.path(SUMMARY_FILE))[0]
+
+    def rewind(self, step: int) -> None:
+        """Drop metrics.jsonl lines and summary.csv rows logged after ``step`` (used on resume)."""
+        if not self.is_main:
+            return
+        metrics_path = self.path(METRICS_FILE)
+        if metrics_path.exists():
+            kept = [r for r in read_metrics(metrics_path) if isinstance(r.get("step"), (int, float)) and r["step"] <= step]
+            atomic_write_text(metrics_path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
+        summary_path = self.path(SUMMARY_FILE)
+        if summary_path.exists():
+            rows, header = _read_csv(summary_path)
+            if "step" in header:
+                kept_rows = [r for r in rows if _row_step(r) is not None and _row_step(r) <= step]
+                _write_csv(summary_path, kept_rows, header)
+
+    def write_json(self, name: str, obj: Any) -> Path | None:
+        return atomic_write_json(self.path(name), obj) if self.is_main else None
+
+
+def _row_step(row: Mapping[str, str]) -> float | None:
+    try:
+        return float(row.get("step", ""))
+    except ValueError:
+        return None
+
+
+def _csv_value(v: Any) -> Any:
+    v = to_jsonable(v)
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return v
+
+
+def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    if not path.exists():
+        return [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [dict(r) for r in reader]
+        return rows, list(reader.fieldnames or [])
+
+
+def _write_csv(path: Path, rows: Iterable[Mapping[str, Any]], header: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, restval="")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k, "") for k in header})
+    atomic_write_text(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(r["step"])
+            ys.append(v)
+    return xs, ys
+
+
+def plot_curves(metrics_jsonl_paths: Mapping[str, str | os.PathLike] | str | os.PathLike,
+                keys: Iterable[str] = ("train_loss", "val_loss"), out_png: str | os.PathLike | None = None) -> Path:
+    """Plot ``keys`` against step for one or many runs (label -> metrics.jsonl or run dir); one panel per key.
+
+    ``out_png`` defaults to ``curves.png`` next to the first metrics file. Returns the png path.
+    """
+    if not isinstance(metrics_jsonl_paths, Mapping):
+        p = Path(metrics_jsonl_paths)
+        metrics_jsonl_paths = {(p if p.is_dir() else p.parent).name: p}
+    if not metrics_jsonl_paths:
+        raise ValueError("plot_curves: expected at least one label -> metrics.jsonl path")
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    runs = {label: read_metrics(path) for label, path in metrics_jsonl_paths.items()}
+    if out_png is None:
+        first = Path(next(iter(metrics_jsonl_paths.values())))
+        out_png = (first if first.is_dir() else first.parent) / "curves.png"
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        drawn = False
+        for label, rows in runs.items():
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=label)
+                drawn = True
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, f"no {key!r} logged", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return out_png
+
+
+# ----------------------------------------------------------------------------------------------
+# progress
+
+
+class _NullBar:
+    def __init__(self, silent: bool = False):
+        self.silent = silent
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        pass
+
+    def write(self, s: str) -> None:
+        if not self.silent:
+            print(s, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _TqdmBar:
+    def __init__(self, bar):
+        self._bar = bar
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self._bar.set_postfix_str(s, refresh=refresh)
+
+    def write(self, s: str) -> None:
+        self._bar.write(s)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def progress_bar(total: int, *, initial: int = 0, enabled: bool = True, is_main: bool = True, desc: str = "train"):
+    """A tqdm bar on the main rank when ``enabled`` and stderr is a TTY; otherwise a silent stand-in.
+
+    Both have ``update``, ``set_postfix_str``, ``write`` (prints a line; silent off the main rank)
+    and ``close``.
+    """
+    if not is_main:
+        return _NullBar(silent=True)
+    if not (enabled and sys.stderr.isatty()):
+        return _NullBar()
+    from tqdm.auto import tqdm
+
+    return _TqdmBar(tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True))

@@ -1,0 +1,480 @@
+"""The one training loop of unrollattn: a recipe supplies a :class:`Task`, :func:`fit` does the rest.
+
+``fit`` handles torchrun/DDP, seeding, optimizer + schedule, gradient accumulation, bf16 autocast,
+clipping, logging (metrics.jsonl, summary.csv, tqdm), evaluation, atomic checkpoints and exact
+resume. Exact resume needs no data-loader state: ``Task.batch`` is a pure function of (step,
+micro-batch, rank) and the RNG is re-seeded from (seed, step, rank) at the start of every step.
+
+Step numbers: ``Task.batch(step, ...)`` receives the 0-based index of the optimizer step; logs and
+checkpoints count completed steps, so the first update is logged as step 1 and a run of
+``max_steps`` ends with a checkpoint at step ``max_steps``; resuming from the checkpoint of step
+``k`` continues with ``Task.batch(k, ...)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import math
+import random
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import checkpoint_dir_for_step, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .config import LoopConfig, OptimConfig, config_to_dict
+from .distributed import (
+    DistState, all_reduce_sum, all_reduce_tensor, broadcast_object, init_distributed, unwrap_model, wrap_model,
+)
+from .optim import build_optimizer, build_scheduler
+from .runlog import RunDir, plot_curves, progress_bar
+
+__all__ = ["Task", "count_params", "epoch_batch_indices", "fit", "micro_batch_size", "step_seed", "to_device"]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What a recipe implements to be trained by :func:`fit`.
+
+    Optional: ``export(model, run_dir: Path)`` is called on the main rank after the final
+    checkpoint (e.g. to write a ``save_pretrained`` directory).
+    """
+
+    def build_model(self) -> nn.Module:
+        """A fresh model (``fit`` seeds the RNG first, moves it to the device and wraps it)."""
+
+    def batch(self, step: int, micro: int, state: DistState) -> Any:
+        """Micro-batch ``micro`` of 0-based optimizer step ``step`` on this rank: a deterministic function of
+        (step, micro, state.rank) with ``micro_batch_size(batch_size, grad_accum, world_size)`` items.
+        Tensors inside (also in lists/tuples/dicts) are moved to ``state.device`` by ``fit``."""
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        """Scalar training loss and extra metrics to log (the same keys on every rank)."""
+
+    def evaluate(self, model: nn.Module, state: DistState) -> dict[str, float]:
+        """Validation metrics, e.g. ``{"val_loss": ..., "top1": ...}``; called on every rank under
+        ``torch.no_grad()`` and ``model.eval()``; the task all-reduces across ranks itself."""
+
+    def items_per_batch(self, batch: Any) -> int:
+        """Number of images / tokens in ``batch`` (for throughput)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers usable by tasks
+
+
+def micro_batch_size(batch_size: int, grad_accum: int, world_size: int) -> int:
+    """Items per micro-batch on one rank: ``batch_size // (world_size * grad_accum)`` (must divide evenly)."""
+    for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    parts = world_size * grad_accum
+    if batch_size % parts:
+        raise ValueError(f"batch_size={batch_size} must be divisible by world_size * grad_accum = "
+                         f"{world_size} * {grad_accum} = {parts}")
+    return batch_size // parts
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_items: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_items, generator=generator)
+
+
+def epoch_batch_indices(num_items: int, batch_size: int, step: int, micro: int, grad_accum: int, rank: int,
+                        world_size: int, seed: int) -> Tensor:
+    """Dataset indices of micro-batch ``micro`` of step ``step`` on ``rank``.
+
+    The items are a stream of per-epoch random permutations (``torch.randperm`` seeded with
+    ``seed + epoch``); step ``step`` takes the next ``batch_size`` of them, split into
+    ``world_size * grad_accum`` chunks, chunk ``micro * world_size + rank`` going to this call.
+    Every item is visited once per epoch, ranks never overlap, and the result depends on the
+    arguments only, so resuming needs no sampler state. The same global batch is used whether it
+    is split over ranks or over accumulation steps.
+    """
+    mb = micro_batch_size(batch_size, grad_accum, world_size)
+    if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
+        raise ValueError(f"num_items: expected an int >= 1, got {num_items!r}")
+    if step < 0:
+        raise ValueError(f"step: expected an int >= 0, got {step!r}")
+    if not 0 <= micro < grad_accum:
+        raise ValueError(f"micro: expected 0 <= micro < grad_accum={grad_accum}, got {micro!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank!r}")
+    first = step * batch_size + (micro * world_size + rank) * mb
+    positions = torch.arange(first, first + mb, dtype=torch.long)
+    epochs = positions // num_items
+    offsets = positions % num_items
+    out = torch.empty(mb, dtype=torch.long)
+    for epoch in torch.unique(epochs).tolist():
+        mask = epochs == epoch
+        out[mask] = _epoch_permutation(num_items, seed + epoch)[offsets[mask]]
+    return out
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors in a (nested) batch to ``device``; other values pass through."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=device.type == "cuda")
+    if isinstance(batch, Mapping):
+        moved = {k: to_device(v, device) for k, v in batch.items()}
+        if type(batch) is dict:
+            return moved
+        try:
+            return type(batch)(moved)
+        except TypeError:
+            return moved
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    if hasattr(batch, "to") and callable(batch.to) and not isinstance(batch, nn.Module):  # e.g. BatchEncoding
+        return batch.to(device)
+    return batch
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    seen, total = set(), 0
+    for p in unwrap_model(model).parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one (seed, step, rank): a hash, so neighbouring steps get unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (1 << 32))
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# fit
+
+
+_REQUIRED = ("build_model", "batch", "loss", "evaluate")
+
+
+def _check_task(task: Any) -> None:
+    missing = [m for m in _REQUIRED if not callable(getattr(task, m, None))]
+    if missing:
+        raise TypeError(f"{type(task).__name__} is not a Task: missing method(s) {', '.join(missing)} "
+                        f"(a Task needs {', '.join(_REQUIRED)} and items_per_batch)")
+
+
+def _items(task: Any, batch: Any) -> int:
+    if callable(getattr(task, "items_per_batch", None)):
+        return int(task.items_per_batch(batch))
+    first = batch
+    while isinstance(first, (list, tuple, Mapping)) and len(first):
+        first = next(iter(first.values())) if isinstance(first, Mapping) else first[0]
+    return int(first.shape[0]) if isinstance(first, Tensor) and first.ndim else 0
+
+
+def _call_loss(task: Any, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+    out = task.loss(model, batch)
+    loss, metrics = (out if isinstance(out, tuple) and len(out) == 2 else (out, {}))
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(f"{type(task).__name__}.loss must return (scalar tensor, dict of floats), got {type(loss).__name__}"
+                         + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
+    if not loss.requires_grad:
+        raise ValueError(f"{type(task).__name__}.loss returned a tensor without grad (computed under no_grad, or detached?)")
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"{type(task).__name__}.loss must return (loss, dict), got a {type(metrics).__name__} as metrics")
+    return loss.reshape(()), metrics
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _evaluate(task: Any, model: nn.Module, state: DistState, precision: str) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _autocast(precision, state.device):
+            metrics = task.evaluate(model, state)
+    finally:
+        model.train(was_training)
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"{type(task).__name__}.evaluate must return a dict of floats, got {type(metrics).__name__}")
+    return {str(k): float(v) for k, v in metrics.items()}
+
+
+def _peak_memory(device: torch.device, rss_baseline_mb: float) -> tuple[str, float]:
+    if device.type == "cuda":
+        return "peak_mem_mb", torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return "peak_rss_mb", 0.0
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
+    return "peak_rss_mb", max(0.0, rss_mb - rss_baseline_mb)
+
+
+def _print0(state: DistState, message: str) -> None:
+    if state.is_main:
+        print(message, flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _auto_run_name(out_dir: str, prefix: str, resume: bool) -> str:
+    root = Path(out_dir)
+    if resume and root.is_dir():
+        pattern = re.compile(re.escape(prefix) + r"-(\d{8}-\d{6})(?:-(\d+))?")
+        previous = [(m.group(1), int(m.group(2) or 1), p.name) for p in root.iterdir()
+                    if p.is_dir() and (m := pattern.fullmatch(p.name))]
+        if previous:
+            return max(previous)[2]
+    name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = name, 2
+    while (root / candidate).exists():
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
+def _on_main(state: DistState, action) -> Any:
+    """Run ``action()`` on rank 0 only; every rank returns its result or raises if it failed."""
+    result, error = None, None
+    if state.is_main:
+        try:
+            result = action()
+        except Exception as err:  # forwarded to the other ranks so that none waits forever
+            error = err
+    shared = broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"), state)
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise RuntimeError(f"rank 0 failed: {shared[1]}")
+    return shared[0]
+
+
+def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: str = "run",
+        config_for_log: Any = None, ddp_kwargs: dict | None = None) -> dict[str, Any]:
+    """Train ``task`` for ``loop.max_steps`` optimizer steps; return a summary dict.
+
+    The summary has the final evaluation metrics, ``train_loss`` (last logged window),
+    ``params``, ``train_items_per_s`` (after the first few steps, eval excluded), ``peak_mem_mb``
+    (+ ``peak_mem_source``), ``steps``, ``start_step``, ``run_dir``, ``checkpoint`` and ``wall_s``.
+    ``config_for_log`` (the recipe's whole config) goes to config.json; by default ``loop`` and
+    ``optim``. ``run_name_prefix`` names runs when ``loop.run_name`` is empty
+    (``<prefix>-<timestamp>``; with ``loop.resume`` the newest such run is continued).
+    """
+    t_begin = time.perf_counter()
+    _check_task(task)
+    if not isinstance(loop, LoopConfig) or not isinstance(optim, OptimConfig):
+        raise TypeError(f"fit expects (task, LoopConfig, OptimConfig), got ({type(task).__name__}, "
+                        f"{type(loop).__name__}, {type(optim).__name__})")
+    loop, optim = dataclasses.replace(loop), dataclasses.replace(optim)  # re-run their validation
+
+    state = init_distributed(loop.device)
+    device = state.device
+    micro_batch_size(loop.batch_size, loop.grad_accum, state.world_size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_baseline = _peak_memory(torch.device("cpu"), 0.0)[1]
+
+    _seed_all(loop.seed)
+    model = task.build_model()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{type(task).__name__}.build_model must return an nn.Module, got {type(model).__name__}")
+    model.to(device)
+    n_params = count_params(model)
+    optimizer = build_optimizer(model, optim)
+    scheduler = build_scheduler(optimizer, optim, loop.max_steps)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+
+    if config_for_log is None:
+        config_for_log = {"loop": config_to_dict(loop), "optim": config_to_dict(optim)}
+
+    def open_run() -> str:
+        name = loop.run_name or _auto_run_name(loop.out_dir, run_name_prefix, loop.resume)
+        RunDir.create(loop.out_dir, name, config_for_log, resume=loop.resume, device=device,
+                      world_size=state.world_size)
+        return name
+
+    run_name = _on_main(state, open_run)
+    run = RunDir(Path(loop.out_dir) / run_name, is_main=state.is_main)
+
+    start = 0
+    if loop.resume:
+        ckpt = latest_checkpoint(run.dir)
+        if ckpt is not None:
+            info = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, map_location=device)
+            start = info["step"]
+            _print0(state, f"resuming {run.dir} from {ckpt.name} (step {start})")
+        else:
+            _print0(state, f"no checkpoint in {run.dir}; starting from step 0")
+        run.rewind(start)
+    bar = progress_bar(loop.max_steps, initial=min(start, loop.max_steps), enabled=loop.progress,
+                       is_main=state.is_main, desc=run_name)
+
+    compiled = torch.compile(model) if loop.compile else model
+    train_model = wrap_model(compiled, state, **(ddp_kwargs or {}))
+    is_ddp = train_model is not compiled
+
+    n_run = max(0, loop.max_steps - start)
+    warm = min(3, n_run // 2)  # steps excluded from the summary throughput
+    timed_from, timed_items, timed_excluded = (time.perf_counter() if warm == 0 else None), 0, 0.0
+    window = {"loss": torch.zeros((), device=device, dtype=torch.float64),
+              "grad_norm": torch.zeros((), device=device, dtype=torch.float64),
+              "items": 0, "steps": 0, "metrics": {}}
+    window_t0 = time.perf_counter()
+    train_loss, last_eval, ckpt_path = math.nan, {}, None
+    done = start
+    autocast = functools.partial(_autocast, loop.precision, device)
+
+    try:
+        for step in range(start, loop.max_steps):
+            _seed_all(step_seed(loop.seed, step, state.rank))
+            train_model.train()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=device, dtype=torch.float64)
+            step_items = 0
+            for micro in range(loop.grad_accum):
+                batch = to_device(task.batch(step, micro, state), device)
+                last_micro = micro == loop.grad_accum - 1
+                with (train_model.no_sync() if is_ddp and not last_micro else contextlib.nullcontext()):
+                    with autocast():
+                        loss, metrics = _call_loss(task, train_model, batch)
+                    (loss / loop.grad_accum).backward()
+                step_loss += loss.detach().to(torch.float64)
+                for key, value in metrics.items():
+                    window["metrics"][key] = window["metrics"].get(key, 0.0) + float(value) / loop.grad_accum
+                step_items += _items(task, batch)
+            if optim.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim.grad_clip)
+                window["grad_norm"] += grad_norm.detach().to(torch.float64)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            done = step + 1
+            window["loss"] += step_loss / loop.grad_accum
+            window["items"] += step_items
+            window["steps"] += 1
+            if timed_from is not None:
+                timed_items += step_items
+            elif done - start == warm:
+                _sync(device)
+                timed_from = time.perf_counter()
+            bar.update(1)
+
+            if done % loop.log_every == 0 or done == loop.max_steps:
+                _sync(device)
+                keys = sorted(window["metrics"])
+                packed = torch.cat([
+                    torch.stack([window["loss"], window["grad_norm"]]).cpu(),
+                    torch.tensor([window["items"], window["steps"], *(window["metrics"][k] for k in keys)],
+                                 dtype=torch.float64),
+                ])
+                totals = all_reduce_tensor(packed, state, "sum").tolist()
+                ranks_steps = totals[3]
+                train_loss = totals[0] / ranks_steps
+                elapsed = max(time.perf_counter() - window_t0, 1e-9)
+                mem = _peak_memory(device, rss_baseline)
+                row = {"train_loss": train_loss, "lr": lr}
+                if optim.grad_clip > 0:
+                    row["grad_norm"] = totals[1] / ranks_steps
+                row.update({k: totals[4 + i] / ranks_steps for i, k in enumerate(keys)})
+                row.update({"items_per_s": totals[2] / elapsed, mem[0]: round(mem[1], 1),
+                            "elapsed_s": round(time.perf_counter() - t_begin, 3)})
+                run.log(done, **row)
+                message = f"step {done}/{loop.max_steps} | loss {train_loss:.4f} | lr {lr:.3g} | {row['items_per_s']:.1f} items/s"
+                bar.set_postfix_str(f"loss {train_loss:.4f}")
+                bar.write(message)
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"training loss is {train_loss} at step {done}; lower optim.lr, "
+                                             "raise optim.warmup_steps or check the data (metrics in "
+                                             f"{run.path('metrics.jsonl')})")
+                window = {"loss": torch.zeros_like(window["loss"]), "grad_norm": torch.zeros_like(window["grad_norm"]),
+                          "items": 0, "steps": 0, "metrics": {}}
+
+            t_pause = time.perf_counter()
+            if (loop.eval_every and done % loop.eval_every == 0) or done == loop.max_steps:
+                last_eval = _evaluate(task, compiled, state, loop.precision)
+                run.log(done, **last_eval)
+                run.summary({"step": done, "train_loss": train_loss, **last_eval, "lr": lr})
+                bar.write(f"eval step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+            if (loop.ckpt_every and done % loop.ckpt_every == 0) or done == loop.max_steps:
+                target = checkpoint_dir_for_step(run.dir, done)
+
+                def save(target=target, done=done):
+                    save_checkpoint(target, model=model, optimizer=optimizer, scheduler=scheduler, step=done,
+                                    extra={"run_name": run_name, "world_size": state.world_size})
+                    prune_checkpoints(run.dir, loop.keep_checkpoints)
+
+                _on_main(state, save)
+                ckpt_path = target
+            paused = time.perf_counter() - t_pause
+            if timed_from is not None:
+                timed_excluded += paused
+            if done % loop.log_every == 0:
+                window_t0 = time.perf_counter()
+            else:
+                window_t0 += paused
+    finally:
+        bar.close()
+
+    if n_run == 0:  # nothing left to train: report the checkpoint's metrics
+        last_eval = _evaluate(task, compiled, state, loop.precision)
+        previous = _on_main(state, lambda: next((r["train_loss"] for r in reversed(run.metrics()) if "train_loss" in r), None))
+        train_loss = math.nan if previous is None else previous
+        ckpt_path = latest_checkpoint(run.dir)
+
+    _sync(device)
+    mem = _peak_memory(device, rss_baseline)
+    timed_time = (time.perf_counter() - timed_from - timed_excluded) if timed_from is not None else 0.0
+    total_timed_items = all_reduce_sum(float(timed_items), state)
+    summary = {
+        "run_dir": str(run.dir),
+        "steps": done,
+        "start_step": start,
+        "params": n_params,
+        "train_loss": train_loss,
+        **last_eval,
+        "train_items_per_s": total_timed_items / timed_time if timed_time > 0 and total_timed_items > 0 else math.nan,
+        "peak_mem_mb": round(mem[1], 1),
+        "peak_mem_source": "cuda_max_memory_allocated" if mem[0] == "peak_mem_mb" else "cpu_ru_maxrss_delta",
+        "world_size": state.world_size,
+        "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
+        "wall_s": round(time.perf_counter() - t_begin, 3),
+    }
+
+    def finish() -> None:
+        try:
+            plot_curves({run_name: run.path("metrics.jsonl")}, out_png=run.path("curves.png"))
+        except Exception as err:  # a plotting problem must not lose a finished run
+            warnings.warn(f"could not plot loss curves: {err}", RuntimeWarning, stacklevel=2)
+        if callable(getattr(task, "export", None)):
+            task.export(model, run.dir)
+        run.write_json("result.json", summary)
+
+    _on_main(state, finish)
+    return summary
