@@ -2,7 +2,7 @@
 
 Importing the package registers every attention variant, block and model (also as timm names).
 """
-from . import layers, vision  # noqa: F401  (registration side effects)
+from . import language, layers, vision  # noqa: F401  (registration side effects)
 from .core.validation import set_finite_checks
 from .registry import (
     ATTENTIONS, BLOCKS, MODELS, UnknownNameError, build_model, get_attention, get_block, list_attentions,

@@ -1,0 +1,136 @@
+"""HF configuration of the unrollattn causal language model (docs/integration.md 2.1).
+
+One config describes every language variant of the paper: AoT-MSSA (``block="aot", attention="mssa"``),
+AoT-MHSA (``block="aot", attention="mhsa"``), causal CRATE (``block="crate", attention="mssa"``) and an
+in-house softmax baseline on the same scaffolding (``block="transformer", attention="mhsa"``).
+"""
+from __future__ import annotations
+
+import math
+
+from transformers import PreTrainedConfig
+
+from .. import layers as _layers  # noqa: F401  (registers the attention variants and blocks)
+from ..registry import ATTENTIONS, BLOCKS, list_attentions, list_blocks
+
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOS_TOKEN_ID = 50256  # "<|endoftext|>" of the GPT-2 BPE
+
+
+class UnrollAttnConfig(PreTrainedConfig):
+    """Configuration of :class:`UnrollAttnForCausalLM`.
+
+    Args:
+        attention: registered attention name (``unrollattn.list_attentions()``), e.g. ``"mssa"`` or ``"mhsa"``.
+        attn_options: keyword options of that attention (e.g. ``{"nonlinearity": "relu"}`` for MSSA).
+        block: registered block name: ``"aot"`` (x + attn(LN(x)), no MLP), ``"crate"`` (MSSA + ISTA) or
+            ``"transformer"`` (pre-norm attention + MLP).
+        block_options: keyword options of that block (e.g. ``{"ista_step_size": 0.1, "ista_lambda": 0.1}``).
+        n_layer, n_embd, n_head: depth, width and number of heads (subspaces K for MSSA).
+        head_dim: per-head width p; ``None`` means ``n_embd // n_head`` (resolved here, so it is an int after init).
+        vocab_size: number of token ids the tokenizer produces (GPT-2 BPE: 50257). Larger ids raise ``ValueError``.
+        pad_vocab_size_multiple: round the embedding table up to a multiple of this (nanoGPT pads 50257 to
+            50304 with 64); logits are returned for the first ``vocab_size`` rows only.
+        n_positions: context length (learned position embeddings).
+        use_layer_norm: LayerNorm before each AoT attention and a final LayerNorm (AoT language uses LN, B.3);
+            ``False`` needs a block with a ``use_norm`` option (``aot``).
+        mlp_ratio: MLP hidden width / n_embd for the ``transformer`` block.
+        dropout: embedding, attention and residual dropout.
+        bias: biases in the linear maps and LayerNorms.
+        tie_word_embeddings: tie the LM head to the token embedding (declared: 5.x configs lack the field).
+    """
+
+    model_type = "unrollattn"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "max_position_embeddings": "n_positions",
+        "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+    }
+
+    def __init__(
+        self,
+        attention: str = "mssa",
+        attn_options: dict | None = None,
+        block: str = "aot",
+        block_options: dict | None = None,
+        n_layer: int = 12,
+        n_embd: int = 768,
+        n_head: int = 12,
+        head_dim: int | None = None,
+        vocab_size: int = GPT2_VOCAB_SIZE,
+        pad_vocab_size_multiple: int = 1,
+        n_positions: int = 1024,
+        use_layer_norm: bool = True,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        bias: bool = True,
+        tie_word_embeddings: bool = True,
+        layer_norm_epsilon: float = 1e-5,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.attention = attention
+        self.attn_options = dict(attn_options or {})
+        self.block = block
+        self.block_options = dict(block_options or {})
+        self.n_layer = int(n_layer)
+        self.n_embd = int(n_embd)
+        self.n_head = int(n_head)
+        self.vocab_size = int(vocab_size)
+        self.pad_vocab_size_multiple = int(pad_vocab_size_multiple)
+        self.n_positions = int(n_positions)
+        self.use_layer_norm = bool(use_layer_norm)
+        self.mlp_ratio = float(mlp_ratio)
+        self.dropout = float(dropout)
+        self.bias = bool(bias)
+        self.tie_word_embeddings = bool(tie_word_embeddings)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.initializer_range = float(initializer_range)
+        self.use_cache = bool(use_cache)
+        self._validate(head_dim)
+        self.head_dim = int(head_dim) if head_dim is not None else self.n_embd // self.n_head
+        # GPT-2's <|endoftext|> when the vocabulary is GPT-2's; otherwise no special ids unless given.
+        default_eos = GPT2_EOS_TOKEN_ID if self.vocab_size == GPT2_VOCAB_SIZE else None
+        self.bos_token_id = default_eos if bos_token_id is None else bos_token_id
+        self.eos_token_id = default_eos if eos_token_id is None else eos_token_id
+        self.pad_token_id = pad_token_id
+        super().__init__(**kwargs)
+
+    def _validate(self, head_dim: int | None) -> None:
+        if not isinstance(self.attention, str) or self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r} is not a registered attention; "
+                             f"registered: {', '.join(list_attentions())}")
+        if not isinstance(self.block, str) or self.block not in BLOCKS:
+            raise ValueError(f"block={self.block!r} is not a registered block; registered: {', '.join(list_blocks())}")
+        for name in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "pad_vocab_size_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_dim)")
+        if head_dim is not None and int(head_dim) < 1:
+            raise ValueError(f"head_dim must be a positive integer or None, got {head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if not self.use_layer_norm and "use_norm" not in getattr(BLOCKS.get(self.block), "option_names", ()):
+            raise ValueError(f"use_layer_norm=False needs a block with a 'use_norm' option (e.g. 'aot'); "
+                             f"block={self.block!r} always normalises")
+        for name in ("attn_options", "block_options"):
+            if "head_dim" in getattr(self, name) or "attn_options" in getattr(self, name):
+                raise ValueError(f"{name} must not set head_dim/attn_options; use the config fields")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding table: ``vocab_size`` rounded up to ``pad_vocab_size_multiple``."""
+        m = self.pad_vocab_size_multiple
+        return int(math.ceil(self.vocab_size / m) * m)
+
+
+__all__ = ["UnrollAttnConfig", "GPT2_VOCAB_SIZE", "GPT2_EOS_TOKEN_ID"]
