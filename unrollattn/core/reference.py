@@ -127,3 +127,172 @@ def kernel_attention_reference(q, k, v, kernel="dot", *, range_bandwidth=None, m
             w = torch.stack(weights)
             out[h, i] = (w[:, None] * v[h]).sum(0) / w.sum()
     return out
+
+
+# --- graph smoothness (family A) ---
+# Dense-matrix versions of core/graph.py and core/solvers.py, built entry by entry (small n only).
+
+def neighbourhood_reference(kind: str, shape, include_self: bool = False) -> torch.Tensor:
+    """Dense bool [n, n] 'j is a neighbour of i' straight from the coordinate definitions of each kind."""
+    if kind in ("4", "8") or kind.startswith("window"):
+        h, w = shape
+        radius = 1 if kind in ("4", "8") else int(kind[len("window"):]) // 2
+        allowed = torch.zeros(h * w, h * w, dtype=torch.bool)
+        for i in range(h * w):
+            for j in range(h * w):
+                dr, dc = abs(i // w - j // w), abs(i % w - j % w)
+                if i == j:
+                    allowed[i, j] = include_self
+                elif kind == "4":
+                    allowed[i, j] = dr + dc == 1
+                else:
+                    allowed[i, j] = max(dr, dc) <= radius
+        return allowed
+    n = shape[0] if isinstance(shape, (tuple, list)) else int(shape)
+    width = int(kind.lstrip("bandcusl"))
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                allowed[i, j] = include_self
+            elif kind.startswith("band"):
+                allowed[i, j] = abs(i - j) <= width
+            else:
+                allowed[i, j] = 0 < i - j <= width
+    return allowed
+
+
+def graph_weights_reference(features, allowed, metric_matrix=None, normalization="none", similarity="mahalanobis"):
+    """Dense W [B, G, n, n] from features [B, G, n, K]: w_ij = exp(-(f_i - f_j)^T M (f_i - f_j)) or
+    exp(f_i^T M f_j) on allowed pairs, then row (w_ij / d_i) or symmetric (w_ij / sqrt(d_i d_j)) normalisation (A.4).
+    ``metric_matrix``: M [G, K, K] (None: identity)."""
+    b, g, n, k = features.shape
+    out = torch.zeros(b, g, n, n, dtype=features.dtype)
+    for bi in range(b):
+        for gi in range(g):
+            m = torch.eye(k, dtype=features.dtype) if metric_matrix is None else metric_matrix[gi]
+            f = features[bi, gi]
+            w = torch.zeros(n, n, dtype=features.dtype)
+            for i in range(n):
+                for j in range(n):
+                    if allowed[i, j]:
+                        if similarity == "mahalanobis":
+                            diff = f[i] - f[j]
+                            w[i, j] = torch.exp(-(diff @ m @ diff))
+                        else:
+                            w[i, j] = torch.exp(f[i] @ m @ f[j])
+            deg = w.sum(1)
+            normed = w.clone()
+            for i in range(n):
+                for j in range(n):
+                    if normalization == "row" and deg[i] > 0:
+                        normed[i, j] = w[i, j] / deg[i]
+                    elif normalization == "symmetric" and w[i, j] != 0:
+                        normed[i, j] = w[i, j] / torch.sqrt(deg[i] * deg[j])
+            out[bi, gi] = normed
+    return out
+
+
+def dense_adjacency(weights, index, n):
+    """W [B, G, n, n] with W[i, index[i, c]] += weights[..., i, c]."""
+    b, g = weights.shape[:2]
+    out = torch.zeros(b, g, n, n, dtype=weights.dtype)
+    for i in range(n):
+        for c in range(index.shape[1]):
+            out[:, :, i, int(index[i, c])] = out[:, :, i, int(index[i, c])] + weights[:, :, i, c]
+    return out
+
+
+def dense_laplacian(weights, index, n):
+    """L = D - W with D = diag(W 1) (A.1)."""
+    w = dense_adjacency(weights, index, n)
+    return torch.diag_embed(w.sum(-1)) - w
+
+
+def dense_incidence(weights, index, n):
+    """C_w [B, G, n*m, n]: row (i, c) has +w at i and -w at index[i, c] (zero row for a self edge)."""
+    b, g = weights.shape[:2]
+    m = index.shape[1]
+    out = torch.zeros(b, g, n * m, n, dtype=weights.dtype)
+    for i in range(n):
+        for c in range(m):
+            j = int(index[i, c])
+            if j != i:
+                out[:, :, i * m + c, i] = weights[:, :, i, c]
+                out[:, :, i * m + c, j] = -weights[:, :, i, c]
+    return out
+
+
+def cg_reference(a, b, x0=None, iters=None, alphas=None, betas=None):
+    """Textbook CG on a dense [n, n] matrix and a vector b [n]; ``alphas``/``betas`` replace the formulas."""
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - a @ x
+    p = r.clone()
+    iters = b.shape[0] if iters is None else iters
+    for k in range(iters):
+        if alphas is None:
+            if float(r @ r) == 0.0:
+                break
+            alpha = (r @ r) / (p @ (a @ p))
+        else:
+            alpha = alphas[k]
+        r_new = r - alpha * (a @ p)
+        x = x + alpha * p
+        if k + 1 < iters:
+            beta = (r_new @ r_new) / (r @ r) if betas is None else betas[k]
+            p = r_new + beta * p
+        r = r_new
+    return x
+
+
+def glr_interpolate_reference(observed, y, laplacian):
+    """x_o = y_o, x_u = -L_uu^{-1} L_uo y_o by an explicit reordering and a direct solve (A.2); vectors [n]."""
+    obs = [i for i in range(y.shape[0]) if observed[i]]
+    uno = [i for i in range(y.shape[0]) if not observed[i]]
+    x = y.clone()
+    if uno:
+        l_uu = laplacian[uno][:, uno]
+        l_uo = laplacian[uno][:, obs]
+        x[uno] = torch.linalg.solve(l_uu, -(l_uo @ y[obs]))
+    return x
+
+
+def gtv_admm_reference(observed, y, incidence, iters, rho):
+    """ADMM of A.3 with dense C_w [E, n] and an exact x-step; z = mu = 0 at the start. Returns (x, z, mu)."""
+    obs = [i for i in range(y.shape[0]) if observed[i]]
+    uno = [i for i in range(y.shape[0]) if not observed[i]]
+    ctc = incidence.t() @ incidence
+    x = torch.where(observed, y, torch.zeros_like(y))
+    z = torch.zeros(incidence.shape[0], dtype=y.dtype)
+    mu = torch.zeros_like(z)
+    for _ in range(iters):
+        rhs = incidence.t() @ (z - mu / rho)
+        x = x.clone()
+        x[uno] = torch.linalg.solve(ctc[uno][:, uno], rhs[uno] - ctc[uno][:, obs] @ y[obs])
+        cx = incidence @ x
+        v = cx + mu / rho
+        z = torch.sign(v) * torch.clamp(v.abs() - 1 / rho, min=0)
+        mu = mu + rho * (cx - z)
+    return x, z, mu
+
+
+def gtv_denoise_reference(v, incidence, lam, rho, iters, cg_iters=None, alphas=None, betas=None, heads_only=None):
+    """Scaled ADMM for min 1/2 |x - v|^2 + lam |C_w x|_1 with the z-step first (as core.solvers.gtv_admm_denoise):
+    x-step (I + rho C^T C) x = v + rho C^T (z - u) (rho a float or a list, one per iteration) solved exactly, or by ``cg_reference`` with ``cg_iters`` steps.
+    ``heads_only`` [E, n] replaces C^T by (heads_only)^T (the directed variant). ``alphas``/``betas``: [iters][cg_iters]."""
+    ct = incidence.t() if heads_only is None else heads_only.t()
+    x = v.clone()
+    u = torch.zeros(incidence.shape[0], dtype=v.dtype)
+    for t in range(iters):
+        r = rho[t] if isinstance(rho, (list, tuple)) else rho  # one rho per iteration, or shared
+        a = torch.eye(v.shape[0], dtype=v.dtype) + r * ct @ incidence
+        w = incidence @ x + u
+        z = torch.sign(w) * torch.clamp(w.abs() - lam / r, min=0)
+        rhs = v + r * ct @ (z - u)
+        if cg_iters is None:
+            x = torch.linalg.solve(a, rhs)
+        else:
+            x = cg_reference(a, rhs, x, cg_iters, None if alphas is None else alphas[t],
+                             None if betas is None else betas[t])
+        u = u + incidence @ x - z
+    return x

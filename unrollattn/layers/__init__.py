@@ -3,6 +3,7 @@ from ..registry import get_attention, get_block
 from .attention import AttentionLayer, MultiHeadSelfAttention, MultiHeadSubspaceSelfAttention
 from .blocks import ISTA, AoTBlock, BlockBase, BoostBlock, CrateBlock, LayerZeroInput, TransformerBlock, attach_layer_zero_input
 from .kernel_attention import BilateralAttention, GaussianAttention, KernelAttention, MahalanobisAttention, TwicingAttention
+from . import graph_attention  # noqa: F401  (registers glr, gtv)
 
 
 def build_attention(name, dim: int, num_heads: int = 8, **options):

@@ -1,0 +1,452 @@
+"""Sparse neighbourhood graphs for graph-smoothness priors (docs/papers.md, family A).
+
+Everything here costs O(N·k) for N nodes with k neighbours each; no dense N×N matrix is ever built
+(the dense versions live in ``core/reference.py`` for parity tests only).
+
+Layout conventions
+------------------
+* A graph signal is ``x [B, G, N, C]``: batch, graphs (= heads), nodes, channels. The C channels are
+  independent signals on the same graph (e.g. colour planes, or a head's value dimensions).
+* A neighbourhood is a fixed list of offsets. For N nodes it gives ``index [N, k]`` (the neighbour of
+  node i in column c is ``index[i, c]``) and ``valid [N, k]`` (False where the offset leaves the grid
+  or the causal support). Invalid columns point at the node itself, so gathers never go out of range.
+* Edge weights are ``w [B, G, N, k]`` aligned with ``index`` and are exactly 0 where ``valid`` is False.
+  Row i of the adjacency is W[i, index[i, c]] = w[..., i, c]; mat-vecs gather along the node axis.
+
+Kinds of neighbourhood
+----------------------
+2-D grids (H, W), node i = r·W + c (raster order):
+    "4"         4-connected: (±1, 0), (0, ±1)
+    "8"         8-connected: the 3×3 window without the centre
+    "window{k}" k×k window (k odd ≥ 3) without the centre, e.g. "window5" has 24 neighbours
+1-D sequences (N,):
+    "band{w}"   j with 0 < |i − j| ≤ w
+    "causal{w}" j with 0 < i − j ≤ w (only the past); ``include_self=True`` adds j = i
+
+Symmetry: on the symmetric kinds ("4", "8", "window", "band") j ∈ N(i) ⇔ i ∈ N(j), so weights built from
+a symmetric similarity (Mahalanobis distance, dot product) give w_ij == w_ji edge by edge, under
+normalisation "none" or "symmetric". Row normalisation (softmax over the neighbourhood) is NOT
+symmetric, and causal neighbourhoods are directed by construction.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+NORMALIZATIONS = ("none", "row", "symmetric")
+SIMILARITIES = ("mahalanobis", "dot")
+GRID_KINDS = ("4", "8", "window{k}")
+SEQUENCE_KINDS = ("band{w}", "causal{w}")
+
+_WINDOW = re.compile(r"window(\d+)")
+_BAND = re.compile(r"(band|causal)(\d+)")
+
+
+# --------------------------------------------------------------------------------------------- offsets
+def is_grid_kind(kind: str) -> bool:
+    """True for the 2-D kinds "4", "8", "window{k}"."""
+    return isinstance(kind, str) and (kind in ("4", "8") or _WINDOW.fullmatch(kind) is not None)
+
+
+def is_sequence_kind(kind: str) -> bool:
+    """True for the 1-D kinds "band{w}", "causal{w}"."""
+    return isinstance(kind, str) and _BAND.fullmatch(kind) is not None
+
+
+def _kind_error(kind) -> ValueError:
+    return ValueError(f"neighbourhood: expected one of '4', '8', 'window<k>' (k odd >= 3) for 2-D grids or "
+                      f"'band<w>', 'causal<w>' (w >= 1) for sequences, got {kind!r}")
+
+
+def grid_offsets(kind: str) -> tuple[tuple[int, int], ...]:
+    """(dr, dc) offsets of a 2-D neighbourhood, in raster order, centre excluded."""
+    if kind == "4":
+        return ((-1, 0), (0, -1), (0, 1), (1, 0))
+    if kind == "8":
+        radius = 1
+    else:
+        m = _WINDOW.fullmatch(kind) if isinstance(kind, str) else None
+        if m is None:
+            raise _kind_error(kind)
+        size = int(m.group(1))
+        if size < 3 or size % 2 == 0:
+            raise ValueError(f"neighbourhood: window size must be odd and >= 3, got {kind!r}")
+        radius = size // 2
+    return tuple((dr, dc) for dr in range(-radius, radius + 1) for dc in range(-radius, radius + 1)
+                 if (dr, dc) != (0, 0))
+
+
+def sequence_offsets(kind: str, include_self: bool = False) -> tuple[int, ...]:
+    """Offsets j − i of a 1-D neighbourhood in increasing order; ``include_self`` adds 0."""
+    m = _BAND.fullmatch(kind) if isinstance(kind, str) else None
+    if m is None:
+        raise _kind_error(kind)
+    width = int(m.group(2))
+    if width < 1:
+        raise ValueError(f"neighbourhood: band width must be >= 1, got {kind!r}")
+    if m.group(1) == "band":
+        offsets = list(range(-width, 0)) + list(range(1, width + 1))
+    else:  # causal: 0 < i - j <= w
+        offsets = list(range(-width, 0))
+    if include_self:
+        offsets.append(0)
+        offsets.sort()
+    return tuple(offsets)
+
+
+def neighbourhood_radius(kind: str) -> int:
+    """Largest |offset| per axis: 1 for "4"/"8", (k−1)/2 for "window{k}", w for "band{w}"/"causal{w}"."""
+    if is_grid_kind(kind):
+        return max(max(abs(dr), abs(dc)) for dr, dc in grid_offsets(kind))
+    return max(abs(o) for o in sequence_offsets(kind))
+
+
+def neighbourhood_size(kind: str, include_self: bool = False) -> int:
+    """Number of neighbour columns k of ``kind``."""
+    if is_grid_kind(kind):
+        return len(grid_offsets(kind)) + int(include_self)
+    return len(sequence_offsets(kind, include_self))
+
+
+def equivalent_band(kind: str) -> str:
+    """The 1-D band with as many neighbours as ``kind`` ("8" / "window3" -> "band4", "4" -> "band2")."""
+    if is_sequence_kind(kind):
+        return "band" + _BAND.fullmatch(kind).group(2)
+    return f"band{max(1, neighbourhood_size(kind) // 2)}"
+
+
+# --------------------------------------------------------------------------------------- neighbourhood
+@dataclass(frozen=True, eq=False)
+class Neighbourhood:
+    """A fixed-offset neighbourhood on an (H, W) grid or a length-N sequence.
+
+    Attributes:
+        kind: the kind string ("4", "8", "window3", "band4", "causal4", ...).
+        shape: (H, W) for grids, (N,) for sequences.
+        offsets: one offset per column: (dr, dc) on grids, (j − i,) on sequences.
+        index: long [N, k]; neighbour of node i in column c (node i itself where invalid).
+        valid: bool [N, k]; False at borders and outside the causal support.
+
+    Build with :func:`build_neighbourhood` (cached per kind, shape and device).
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    offsets: tuple[tuple[int, ...], ...]
+    index: torch.Tensor
+    valid: torch.Tensor
+    include_self: bool = False
+
+    @property
+    def num_nodes(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def size(self) -> int:
+        """Number of neighbour columns k."""
+        return self.index.shape[1]
+
+    @property
+    def is_symmetric(self) -> bool:
+        """j ∈ N(i) ⇔ i ∈ N(j): the offset set is closed under negation."""
+        offs = set(self.offsets)
+        return all(tuple(-v for v in o) in offs for o in offs)
+
+    @functools.cached_property
+    def undirected_columns(self) -> tuple[int, ...]:
+        """Columns listing every undirected edge once (the GTV edge set); self-loops dropped.
+
+        An offset o is kept when −o is not in the set, or when o is "positive" in raster order
+        (dr > 0, or dr == 0 and dc > 0): so symmetric kinds keep their forward half and causal kinds
+        keep all their (past-pointing) columns.
+        """
+        offs = set(self.offsets)
+        keep = []
+        for c, o in enumerate(self.offsets):
+            if all(v == 0 for v in o):
+                continue
+            if tuple(-v for v in o) not in offs or o > tuple(0 for _ in o):
+                keep.append(c)
+        return tuple(keep)
+
+    @functools.cached_property
+    def edge_columns(self) -> torch.Tensor:
+        """``undirected_columns`` as a long tensor on the neighbourhood's device (select weight columns with it)."""
+        return torch.tensor(self.undirected_columns, dtype=torch.long, device=self.index.device)
+
+    def edges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(index_e [N, m], valid_e [N, m], columns [m]) of the undirected edge set (``undirected_columns``).
+
+        The GTV edge weights are ``weights.index_select(-1, columns)`` of the full-neighbourhood weights.
+        """
+        return self._edge_tables
+
+    @functools.cached_property
+    def _edge_tables(self):
+        cols = self.edge_columns
+        return self.index.index_select(1, cols), self.valid.index_select(1, cols), cols
+
+    def to(self, device) -> "Neighbourhood":
+        return build_neighbourhood(self.kind, self.shape, include_self=self.include_self, device=device)
+
+    def __repr__(self) -> str:
+        return f"Neighbourhood(kind={self.kind!r}, shape={self.shape}, k={self.size}, edges={int(self.valid.sum())})"
+
+
+def _grid_tables(offsets, h: int, w: int):
+    r = torch.arange(h).view(h, 1).expand(h, w)
+    c = torch.arange(w).view(1, w).expand(h, w)
+    node = (r * w + c).reshape(-1)
+    index, valid = [], []
+    for dr, dc in offsets:
+        rr, cc = r + dr, c + dc
+        ok = ((rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)).reshape(-1)
+        index.append(torch.where(ok, (rr * w + cc).reshape(-1), node))
+        valid.append(ok)
+    return torch.stack(index, 1), torch.stack(valid, 1)
+
+
+def _sequence_tables(offsets, n: int):
+    node = torch.arange(n)
+    index, valid = [], []
+    for o in offsets:
+        j = node + o
+        ok = (j >= 0) & (j < n)
+        index.append(torch.where(ok, j, node))
+        valid.append(ok)
+    return torch.stack(index, 1), torch.stack(valid, 1)
+
+
+@functools.lru_cache(maxsize=128)
+def _build_cached(kind: str, shape: tuple[int, ...], include_self: bool, device: str) -> Neighbourhood:
+    if is_grid_kind(kind):
+        offsets = grid_offsets(kind)
+        if include_self:
+            offsets = tuple(sorted(offsets + ((0, 0),)))
+        index, valid = _grid_tables(offsets, *shape)
+    else:
+        offsets = tuple((o,) for o in sequence_offsets(kind, include_self))
+        index, valid = _sequence_tables([o[0] for o in offsets], shape[0])
+    return Neighbourhood(kind, shape, offsets, index.to(device), valid.to(device), include_self)
+
+
+def build_neighbourhood(kind: str, shape: int | Sequence[int], *, include_self: bool = False,
+                        device=None) -> Neighbourhood:
+    """The cached :class:`Neighbourhood` of ``kind`` on ``shape`` = (H, W) (grid kinds) or N / (N,) (sequence kinds).
+
+    Raises ValueError for an unknown kind, a shape of the wrong rank, or a grid too small for the
+    neighbourhood (each side must exceed the radius, so that every offset occurs somewhere).
+    """
+    if not (is_grid_kind(kind) or is_sequence_kind(kind)):
+        raise _kind_error(kind)
+    shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
+    if is_grid_kind(kind):
+        grid_offsets(kind)  # validates the window size
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"neighbourhood {kind!r}: expected a grid shape (H, W) with positive sizes, got {shape}")
+        radius = neighbourhood_radius(kind)
+        if min(shape) <= radius:
+            raise ValueError(f"neighbourhood {kind!r}: grid {shape[0]}x{shape[1]} is too small; "
+                             f"expected H, W >= {radius + 1}")
+    else:
+        sequence_offsets(kind)
+        if len(shape) != 1 or shape[0] < 1:
+            raise ValueError(f"neighbourhood {kind!r}: expected a sequence length (N,) >= 1, got {shape}")
+    dev = str(torch.device(device)) if device is not None else "cpu"
+    return _build_cached(kind, shape, bool(include_self), dev)
+
+
+# -------------------------------------------------------------------------------------------- weights
+def _check_graph_tensors(name: str, t: torch.Tensor, index: torch.Tensor, last: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.ndim != 4:
+        got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected shape [B, G, N, {last}], got {got}")
+    if index.ndim != 2 or index.dtype != torch.long:
+        raise ValueError(f"index: expected a long tensor [N, k], got {index.dtype} {list(index.shape)}")
+    if t.shape[2] != index.shape[0]:
+        raise ValueError(f"{name}: expected shape [B, G, N={index.shape[0]}, {last}] to match index [N, k], "
+                         f"got {list(t.shape)}")
+    if name == "weights" and t.shape[3] != index.shape[1]:
+        raise ValueError(f"weights: expected shape [B, G, N, {last}={index.shape[1]}] to match index [N, {last}], "
+                         f"got {list(t.shape)}")
+
+
+def _check_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> None:
+    _check_graph_tensors("weights", weights, index, "k")
+    _check_graph_tensors("x", x, index, "C")
+
+
+def metric_features(features: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
+    """g = M^{1/2}-transformed features so that (f_i − f_j)ᵀ M (f_i − f_j) = ‖g_i − g_j‖² (A.4).
+
+    ``features`` [B, G, N, K]. ``metric``:
+      * None: M = I;
+      * [G, K]: log-diagonal, M = diag(exp(metric[g])) (positivity by exp);
+      * [G, R, K]: factor Q with M = QᵀQ (R = K full, R < K low rank).
+    """
+    if features.ndim != 4:
+        raise ValueError(f"features: expected shape [B, G, N, K], got {list(features.shape)}")
+    if metric is None:
+        return features
+    g, k = features.shape[1], features.shape[-1]
+    if metric.ndim == 2 and metric.shape[-1] == k and metric.shape[0] in (1, g):
+        return features * torch.exp(0.5 * metric)[None, :, None, :]
+    if metric.ndim == 3 and metric.shape[-1] == k and metric.shape[0] in (1, g):
+        return torch.einsum("grk,bgnk->bgnr", metric, features)
+    raise ValueError(f"metric: expected a log-diagonal [G={g}, K={k}] or a factor Q [G={g}, R, K={k}], "
+                     f"got {list(metric.shape)}")
+
+
+def gather_neighbours(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, G, N, C] -> [B, G, N, k, C] with out[..., i, c, :] = x[..., index[i, c], :] (O(N·k·C) memory)."""
+    return x[:, :, index]
+
+
+def edge_logits(features: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, *,
+                metric: torch.Tensor | None = None, similarity: str = "mahalanobis",
+                clip: float | None = None) -> torch.Tensor:
+    """Log-weights per neighbour [B, G, N, k]; −inf where ``valid`` is False.
+
+    similarity "mahalanobis": −d_ij, d_ij = (f_i − f_j)ᵀ M (f_i − f_j)  (A.4), clipped at d ≤ clip;
+    similarity "dot":         f_iᵀ M f_j (the 2025 reference code), clipped to [−clip, clip].
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity: expected one of {SIMILARITIES}, got {similarity!r}")
+    _check_graph_tensors("features", features, index, "K")
+    if valid.shape != index.shape:
+        raise ValueError(f"valid: expected shape {list(index.shape)} like index, got {list(valid.shape)}")
+    g = metric_features(features, metric)
+    nb = gather_neighbours(g, index)  # [B, G, N, k, R]
+    if similarity == "mahalanobis":
+        logits = -(g.unsqueeze(-2) - nb).square().sum(-1)
+        if clip is not None:
+            logits = logits.clamp_min(-float(clip))
+    else:
+        logits = (g.unsqueeze(-2) * nb).sum(-1)
+        if clip is not None:
+            logits = logits.clamp(-float(clip), float(clip))
+    return logits.masked_fill(~valid, float("-inf"))
+
+
+def normalize_edges(logits: torch.Tensor, index: torch.Tensor, normalization: str = "none", *,
+                    eps: float = 1e-12) -> torch.Tensor:
+    """Weights from log-weights [B, G, N, k] (−inf = no edge); exactly 0 on missing edges.
+
+    "none":      w_ij = exp(ℓ_ij)
+    "row":       w̄_ij = w_ij / Σ_{l∈N(i)} w_il = softmax_{j∈N(i)} ℓ_ij            (A.4 [D]; not symmetric)
+    "symmetric": w̄_ij = w_ij / sqrt(d_i d_j), d_i = Σ_{l∈N(i)} w_il                (A.4; symmetric if w is)
+    Isolated nodes (no edge) get an all-zero row; a degree below ``eps`` is clamped to ``eps`` (only
+    reachable on directed graphs, where j ∈ N(i) may have no neighbours of its own), so nothing divides by 0.
+    Computed in the log domain, so tiny weights do not underflow before normalisation.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")
+    if normalization == "none":
+        return torch.exp(logits)
+    m = logits.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()  # isolated rows: any finite shift
+    e = torch.exp(logits - m)  # 0 on missing edges
+    s = e.sum(-1, keepdim=True)
+    if normalization == "row":
+        return e / s.clamp_min(eps)
+    log_deg = (m + torch.log(s.clamp_min(eps))).squeeze(-1)  # log d_i
+    log_deg = log_deg.clamp_min(math.log(eps))  # degree clamp: isolated nodes count as degree eps
+    # ½(log d_i + log d_j) is commutative in floating point, so w̄_ij == w̄_ji bit for bit; exp(−inf) = 0 off-graph
+    return torch.exp(logits - 0.5 * (log_deg.unsqueeze(-1) + log_deg[..., index]))
+
+
+def neighbour_mask(attn_mask: torch.Tensor, index: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Gather a dense attention mask [.., N_total, N_total] (bool or additive float; broadcastable leading dims)
+    onto neighbour layout [.., N, k] for nodes ``offset .. offset+N-1`` (e.g. offset = number of prefix tokens)."""
+    if attn_mask.ndim < 2:
+        raise ValueError(f"attn_mask: expected [..., N, N], got {list(attn_mask.shape)}")
+    n = index.shape[0]
+    rows = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., offset:offset + n, :]
+    rows = rows if rows.shape[-1] == 1 else rows[..., offset:offset + n]
+    if rows.shape[-2:] not in ((n, n), (1, n), (n, 1), (1, 1)):
+        raise ValueError(f"attn_mask: expected the last two sizes to cover {offset + n} tokens, got {list(attn_mask.shape)}")
+    rows = rows.expand(*rows.shape[:-2], n, n)
+    idx = index.expand(*rows.shape[:-2], n, index.shape[1])
+    return torch.gather(rows, -1, idx)
+
+
+def edge_weights(features: torch.Tensor, neighbourhood: Neighbourhood, *, metric: torch.Tensor | None = None,
+                 normalization: str = "none", similarity: str = "mahalanobis", clip: float | None = None,
+                 mask: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
+    """Edge weights [B, G, N, k] aligned with ``neighbourhood.index`` from node features f [B, G, N, K].
+
+    w_ij = exp(−(f_i − f_j)ᵀ M (f_i − f_j)) on j ∈ N(i) (A.4), then ``normalization`` (see
+    :func:`normalize_edges`). ``metric``: None, log-diagonal [G, K], or factor Q [G, R, K] (M = QᵀQ).
+    ``mask`` [.., N, k] in neighbour layout (see :func:`neighbour_mask`): bool (False drops the edge) or
+    additive float added to the log-weight, applied before normalisation. Invalid neighbours get 0.
+    """
+    logits = edge_logits(features, neighbourhood.index, neighbourhood.valid, metric=metric,
+                         similarity=similarity, clip=clip)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask.to(logits.dtype)
+    return normalize_edges(logits, neighbourhood.index, normalization, eps=eps)
+
+
+# ------------------------------------------------------------------------------------------- mat-vecs
+def degree(weights: torch.Tensor) -> torch.Tensor:
+    """d_i = Σ_{j∈N(i)} w_ij, [B, G, N] (row sums of W)."""
+    return weights.sum(-1)
+
+
+def adjacency_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(W x)_i = Σ_c w[i, c] x[index[i, c]] for x [B, G, N, C]: one gather [B, G, N, k, C], O(N·k·C)."""
+    _check_matvec(weights, index, x)
+    return torch.einsum("bgnk,bgnkc->bgnc", weights, gather_neighbours(x, index))
+
+
+def laplacian_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L x = D x − W x, (L x)_i = Σ_{j∈N(i)} w_ij (x_i − x_j)  (A.1); symmetric iff the weights are."""
+    _check_matvec(weights, index, x)
+    return degree(weights).unsqueeze(-1) * x - adjacency_matvec(weights, index, x)
+
+
+def incidence_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """C_w x per edge (i, c): w[i, c] (x_i − x_{index[i, c]}), shape [B, G, N, m, C]  (A.1, ‖x‖_GTV = ‖C_w x‖₁).
+
+    Pass the undirected edge set (``Neighbourhood.edges()`` and the matching weight columns) so each
+    edge is counted once; then C_wᵀ C_w = L_{w²} on the full neighbourhood.
+    """
+    _check_graph_tensors("weights", weights, index, "m")
+    _check_graph_tensors("x", x, index, "C")
+    return weights.unsqueeze(-1) * (x.unsqueeze(-2) - gather_neighbours(x, index))
+
+
+def incidence_t_matvec(weights: torch.Tensor, index: torch.Tensor, e: torch.Tensor, *,
+                       directed: bool = False) -> torch.Tensor:
+    """C_wᵀ e for an edge signal e [B, G, N, m, C]: +w e at the head node i, −w e at the tail index[i, c].
+
+    ``directed=True`` keeps only the head term (each node collects its own edges, nothing is sent back
+    to the tail): this is not the transpose, but it keeps information flowing from neighbours to a node
+    only, which is what a causal (past-only) edge set needs.
+    """
+    _check_graph_tensors("weights", weights, index, "m")
+    if e.ndim != 5 or e.shape[2:4] != index.shape:
+        raise ValueError(f"e: expected an edge signal [B, G, N={index.shape[0]}, m={index.shape[1]}, C], "
+                         f"got {list(e.shape)}")
+    flow = weights.unsqueeze(-1) * e
+    out = flow.sum(-2)
+    if directed:
+        return out
+    return out.index_add(2, index.reshape(-1), flow.flatten(2, 3), alpha=-1)  # −w e at every tail node
+
+
+__all__ = [
+    "GRID_KINDS", "NORMALIZATIONS", "Neighbourhood", "SEQUENCE_KINDS", "SIMILARITIES", "adjacency_matvec",
+    "build_neighbourhood", "degree", "edge_logits", "edge_weights", "equivalent_band", "gather_neighbours",
+    "grid_offsets", "incidence_matvec", "incidence_t_matvec", "is_grid_kind", "is_sequence_kind",
+    "laplacian_matvec", "metric_features", "neighbour_mask", "neighbourhood_radius", "neighbourhood_size",
+    "normalize_edges", "sequence_offsets",
+]

@@ -1,0 +1,252 @@
+"""Unrolled solvers for graph-smoothness priors (docs/papers.md A.2, A.3): CG and ADMM over mat-vec callables.
+
+No solver here sees a matrix: operators are callables ``v -> A v`` (usually a partial of
+``core.graph.laplacian_matvec``), so the cost per step is one sparse mat-vec, O(N·k).
+
+Shapes: signals are ``[..., N, C]`` (typically [B, G, N, C]); the C columns are independent right-hand
+sides sharing the operator, so CG inner products reduce over the node axis only (``dim=-2``) and
+every (batch, graph, channel) column gets its own α_k, β_k. Everything is differentiable.
+
+Step sizes ("exact" vs learned, A.2): ``step_sizes=None`` runs textbook CG. ``step_sizes=(alpha, beta)``
+replaces the formulas by given tensors, alpha [K, ...], beta [K−1, ...] (or [K, ...], the last row
+unused), each row broadcastable to the per-column scalar shape (e.g. [K, G, 1, 1] per graph/head).
+Learned steps need no inner products, so they keep an operator's locality (a causal operator stays
+causal); exact CG's α_k, β_k are global reductions over the nodes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .graph import incidence_matvec, incidence_t_matvec
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+StepSizes = tuple[torch.Tensor, torch.Tensor]
+
+
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, and 0 where den is (numerically) 0 — e.g. rᵀr = 0 after exact convergence."""
+    tiny = torch.finfo(den.dtype).tiny if den.is_floating_point() else 0
+    ok = den.abs() > tiny
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _check_steps(step_sizes, iters: int, name: str = "step_sizes") -> StepSizes | None:
+    if step_sizes is None:
+        return None
+    if not (isinstance(step_sizes, (tuple, list)) and len(step_sizes) == 2):
+        raise ValueError(f"{name}: expected (alpha [K, ...], beta [K-1, ...]) with K = {iters}, got {type(step_sizes).__name__}")
+    alpha, beta = step_sizes
+    if not isinstance(alpha, torch.Tensor) or alpha.ndim < 1 or alpha.shape[0] != iters:
+        raise ValueError(f"{name}: expected alpha of shape [K={iters}, ...], got "
+                         f"{list(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__}")
+    if iters > 1 and (beta is None or not isinstance(beta, torch.Tensor) or beta.ndim < 1
+                      or beta.shape[0] not in (iters - 1, iters)):
+        got = list(beta.shape) if isinstance(beta, torch.Tensor) else type(beta).__name__
+        raise ValueError(f"{name}: expected beta of shape [K-1={iters - 1}, ...] (or [K, ...]), got {got}")
+    return alpha, beta
+
+
+def conjugate_gradient(matvec: MatVec, b: torch.Tensor, x0: torch.Tensor | None = None, iters: int = 10, *,
+                       step_sizes: StepSizes | None = None, dim: int = -2) -> torch.Tensor:
+    """K unrolled CG steps for A x = b (A.2), with A given as ``matvec``.
+
+    Exact:   α_k = r_kᵀr_k / p_kᵀA p_k,  x_{k+1} = x_k + α_k p_k,  r_{k+1} = r_k − α_k A p_k,
+             β_k = r_{k+1}ᵀr_{k+1} / r_kᵀr_k,  p_{k+1} = r_{k+1} + β_k p_k      (0/0 -> 0: converged columns stay put)
+    Learned: the same recursion with α_k = alpha[k], β_k = beta[k] (see module docstring).
+    On an SPD A, exact CG reaches the solution after at most n steps (n = size of the system) up to rounding,
+    and its autograd gradients then equal those of A^{-1}b for symmetric perturbations of A (e.g. w.r.t. the
+    features of a symmetric graph), not for a perturbation of one entry A_ij alone.
+    """
+    if not isinstance(b, torch.Tensor) or b.ndim < 1:
+        raise ValueError(f"b: expected a tensor [..., N, C], got {type(b).__name__}")
+    if iters < 0:
+        raise ValueError(f"iters: expected >= 0, got {iters}")
+    steps = _check_steps(step_sizes, iters)
+    x = torch.zeros_like(b) if x0 is None else x0
+    if x0 is not None and x0.shape != b.shape:
+        raise ValueError(f"x0: expected shape {list(b.shape)} like b, got {list(x0.shape)}")
+    if iters == 0:
+        return x
+    r = b - matvec(x) if x0 is not None else b
+    p = r
+    rr = (r * r).sum(dim, keepdim=True) if steps is None else None
+    for k in range(iters):
+        ap = matvec(p)
+        alpha = _safe_ratio(rr, (p * ap).sum(dim, keepdim=True)) if steps is None else steps[0][k]
+        x = x + alpha * p
+        if k == iters - 1:
+            break
+        r = r - alpha * ap
+        if steps is None:
+            rr_next = (r * r).sum(dim, keepdim=True)
+            beta = _safe_ratio(rr_next, rr)
+            rr = rr_next
+        else:
+            beta = steps[1][k]
+        p = r + beta * p
+    return x
+
+
+def _observed(observed_mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if not isinstance(observed_mask, torch.Tensor):
+        raise ValueError(f"observed_mask: expected a bool tensor [N] or broadcastable to y {list(y.shape)}")
+    mask = observed_mask
+    if mask.ndim == 1:
+        if mask.shape[0] != y.shape[-2]:
+            raise ValueError(f"observed_mask: expected [N={y.shape[-2]}] or a shape broadcastable to y "
+                             f"{list(y.shape)}, got {list(mask.shape)}")
+        mask = mask[:, None]
+    try:
+        if torch.broadcast_shapes(mask.shape, y.shape) != y.shape:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"observed_mask: expected [N] or a shape broadcastable to y {list(y.shape)}, "
+                         f"got {list(observed_mask.shape)}") from None
+    return mask.to(dtype=y.dtype)
+
+
+def glr_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, laplacian_matvec: MatVec, iters: int,
+                    x0: torch.Tensor | None = None, step_sizes: StepSizes | None = None) -> torch.Tensor:
+    """GLR interpolation min_x xᵀLx s.t. Hx = y by K CG steps on L_uu x_u = −L_uo y (A.2).
+
+    ``observed_mask`` (bool [N] or broadcastable to y) marks the observed nodes; ``y`` [..., N, C] holds
+    the observations there (other entries are ignored). No reordering: the system is restricted with
+    masks, A v = P_u L P_u v, b = −P_u L P_o y. Returns the full x with x_o = y exactly; x0 (default 0)
+    initialises the unobserved entries.
+    """
+    o = _observed(observed_mask, y)
+    u = 1 - o
+    y_o = o * y
+    b = -u * laplacian_matvec(y_o)
+    start = None if x0 is None else u * x0
+    x_u = conjugate_gradient(lambda v: u * laplacian_matvec(u * v), b, start, iters, step_sizes=step_sizes)
+    return y_o + u * x_u
+
+
+def soft_threshold(v: torch.Tensor, tau) -> torch.Tensor:
+    """soft_τ(v) = sign(v)·max(|v| − τ, 0) (A.3); τ a float or a broadcastable tensor ≥ 0."""
+    return torch.sign(v) * torch.relu(v.abs() - tau)
+
+
+def _on_edges(value):
+    """A node-shaped parameter ([..., N, C]-broadcastable, e.g. [G, 1, 1]) lifted to edge signals [..., N, m, C]."""
+    return value.unsqueeze(-2) if isinstance(value, torch.Tensor) and value.ndim >= 2 else value
+
+
+def _per_iteration(value, iters: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != iters:
+            raise ValueError(f"{name}: expected one value per ADMM iteration ({iters}), got {len(value)}")
+        return list(value)
+    return [value] * iters
+
+
+def _admm_steps(step_sizes, iters: int, cg_iters: int) -> list:
+    """Shared (alpha, beta) pair, or a list with one pair per ADMM iteration."""
+    if step_sizes is None:
+        return [None] * iters
+    if isinstance(step_sizes, list):
+        if len(step_sizes) != iters:
+            raise ValueError(f"step_sizes: expected one (alpha, beta) pair per ADMM iteration ({iters}), got {len(step_sizes)}")
+        return [_check_steps(s, cg_iters) for s in step_sizes]
+    return [_check_steps(step_sizes, cg_iters)] * iters
+
+
+def gtv_admm_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
+                         iters: int, cg_iters: int, rho, x0: torch.Tensor | None = None, *,
+                         step_sizes=None, return_state: bool = False):
+    """GTV interpolation min_x ‖C_w x‖₁ s.t. Hx = y by ``iters`` unrolled ADMM iterations (A.3).
+
+    ``weights`` [B, G, N, m] / ``index`` [N, m] describe the undirected edge set (each edge once:
+    ``Neighbourhood.edges()``). Per iteration, with z = C_w x split off and dual μ:
+        x-step: (C_wᵀC_w)_uu x_u = [C_wᵀ(z − μ/ρ)]_u − (C_wᵀC_w)_uo y     (``cg_iters`` CG steps, warm start)
+        z-step: z = soft_{1/ρ}(C_w x + μ/ρ)
+        dual:   μ ← μ + ρ (C_w x − z)
+    Starts from z = μ = 0, so the first x-step is GLR interpolation on the squared weights
+    (C_wᵀC_w = L_{w²}). ``rho``: float or tensor broadcastable to the node signal [B, G, N, C] (e.g.
+    [G, 1, 1] per graph; lifted to the edges internally), or a list with one per iteration. ``step_sizes``: an (alpha, beta) tuple for the inner CG shared by all
+    iterations, or a list of such pairs, one per iteration (None: exact CG). x_o = y exactly.
+    Returns x, or (x, z, μ) with ``return_state``.
+    """
+    o = _observed(observed_mask, y)
+    u = 1 - o
+    y_o = o * y
+    rhos = _per_iteration(rho, iters, "rho")
+    steps = _admm_steps(step_sizes, iters, cg_iters)
+
+    def normal(v):  # C_wᵀ C_w v = L_{w²} v
+        return incidence_t_matvec(weights, index, incidence_matvec(weights, index, v))
+
+    x = y_o + (u * x0 if x0 is not None else 0)
+    cx = incidence_matvec(weights, index, x)
+    z = torch.zeros_like(cx)
+    mu = torch.zeros_like(cx)
+    fixed = normal(y_o)  # (C_wᵀC_w) P_o y
+    for t in range(iters):
+        r = _on_edges(rhos[t])
+        b = u * (incidence_t_matvec(weights, index, z - mu / r) - fixed)
+        x_u = conjugate_gradient(lambda v: u * normal(u * v), b, u * x, cg_iters, step_sizes=steps[t])
+        x = y_o + u * x_u
+        cx = incidence_matvec(weights, index, x)
+        z = soft_threshold(cx + mu / r, 1 / r)
+        mu = mu + r * (cx - z)
+    return (x, z, mu) if return_state else x
+
+
+def glr_denoise(v: torch.Tensor, laplacian_matvec: MatVec, mu, iters: int, *, x0: torch.Tensor | None = None,
+                step_sizes: StepSizes | None = None) -> torch.Tensor:
+    """GLR denoising min_x ‖x − v‖² + μ xᵀLx, i.e. (I + μL) x = v, by K CG steps from x0 (default v).
+
+    The graph low-pass filter used inside transformer layers (no interpolation constraint there).
+    ``mu``: float or tensor broadcastable to v (e.g. [G, 1, 1] per graph).
+    """
+    return conjugate_gradient(lambda s: s + mu * laplacian_matvec(s), v, v if x0 is None else x0, iters,
+                              step_sizes=step_sizes)
+
+
+def gtv_admm_denoise(v: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, lam, rho, iters: int,
+                     cg_iters: int, *, x0: torch.Tensor | None = None, step_sizes=None, directed: bool = False,
+                     return_state: bool = False):
+    """GTV denoising min_x ½‖x − v‖² + λ‖C_w x‖₁ by ``iters`` unrolled (scaled-dual) ADMM iterations.
+
+    With x = x0 (default v) and scaled dual u = 0, each iteration does
+        z-step: z = soft_{λ/ρ}(C_w x + u)
+        x-step: (I + ρ C_wᵀC_w) x = v + ρ C_wᵀ(z − u)        (``cg_iters`` CG steps, warm start)
+        dual:   u ← u + C_w x − z
+    (the A.3 splitting with the z-step first, so the first iteration already smooths). ``weights`` /
+    ``index``: undirected edge set. ``lam``, ``rho``: floats or tensors broadcastable to the node
+    signal [B, G, N, C] (e.g. [G, 1, 1] per graph; lifted to the edges internally); ``rho`` may be a
+    list, one per iteration. ``step_sizes``: as in
+    :func:`gtv_admm_interpolate`. ``directed=True`` replaces C_wᵀ by its head part
+    (``incidence_t_matvec(directed=True)``), so a node only reacts to its own edges: on a causal edge
+    set the output at i then depends on nodes ≤ i only (a directed GTV; with learned step sizes).
+    """
+    rhos = _per_iteration(rho, iters, "rho")
+    steps = _admm_steps(step_sizes, iters, cg_iters)
+    if directed and any(s is None for s in steps) and iters > 0 and cg_iters > 0:
+        raise ValueError("step_sizes: directed=True needs learned (alpha, beta): exact CG's inner products "
+                         "mix all nodes and the directed operator is not symmetric")
+
+    def ct(e):
+        return incidence_t_matvec(weights, index, e, directed=directed)
+
+    x = v if x0 is None else x0
+    u = torch.zeros_like(incidence_matvec(weights, index, x))
+    z = u
+    for t in range(iters):
+        r, r_e = rhos[t], _on_edges(rhos[t])
+        cx = incidence_matvec(weights, index, x)
+        z = soft_threshold(cx + u, _on_edges(lam) / r_e)
+        b = v + r * ct(z - u)
+        x = conjugate_gradient(lambda s: s + r * ct(incidence_matvec(weights, index, s)), b, x, cg_iters,
+                               step_sizes=steps[t])
+        u = u + incidence_matvec(weights, index, x) - z
+    return (x, z, u) if return_state else x
+
+
+__all__ = [
+    "conjugate_gradient", "glr_denoise", "glr_interpolate", "gtv_admm_denoise", "gtv_admm_interpolate",
+    "soft_threshold",
+]
