@@ -5,11 +5,11 @@ import os
 import platform
 import statistics
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from unrollattn.diagnostics.memory import peak_memory_mb  # noqa: F401  (re-exported for the benchmarks)
 
 
 def device_name(device: torch.device) -> str:
@@ -35,46 +35,6 @@ def time_call(fn, device: torch.device, warmup: int = 2, repeats: int = 5) -> fl
         synchronize(device)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
-
-
-class _LiveTensorBytes(TorchDispatchMode):
-    """Counts bytes of tensor storages created inside the mode that are still alive; keeps the peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen: set[int] = set()
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self._seen:
-                    self._seen.add(key)
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._release, key, storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
-
-
-def peak_memory_mb(fn, device: torch.device) -> float:
-    """Peak bytes of tensors allocated by ``fn()`` (CUDA: the allocator's peak; CPU: live-storage tracking)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    with _LiveTensorBytes() as tracker:
-        fn()
-    return tracker.peak / 2**20
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

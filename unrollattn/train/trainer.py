@@ -28,6 +28,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ..diagnostics.memory import LiveTensorBytes, tensor_bytes
 from .checkpoint import checkpoint_dir_for_step, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import LoopConfig, OptimConfig, config_to_dict
 from .distributed import (
@@ -223,16 +224,11 @@ def _evaluate(task: Any, model: nn.Module, state: DistState, precision: str) -> 
     return {str(k): float(v) for k, v in metrics.items()}
 
 
-def _peak_memory(device: torch.device, rss_baseline_mb: float) -> tuple[str, float]:
+def _peak_memory(device: torch.device, cpu_peak_mb: float) -> tuple[str, float]:
+    """CUDA: the allocator's peak. Elsewhere: parameters + the tensors alive at once during the first step."""
     if device.type == "cuda":
         return "peak_mem_mb", torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-    except ImportError:  # Windows
-        return "peak_rss_mb", 0.0
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
-    return "peak_rss_mb", max(0.0, rss_mb - rss_baseline_mb)
+    return "peak_mem_mb", cpu_peak_mb
 
 
 def _print0(state: DistState, message: str) -> None:
@@ -299,7 +295,6 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
     micro_batch_size(loop.batch_size, loop.grad_accum, state.world_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss_baseline = _peak_memory(torch.device("cpu"), 0.0)[1]
 
     _seed_all(loop.seed)
     model = task.build_model()
@@ -307,6 +302,7 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
         raise TypeError(f"{type(task).__name__}.build_model must return an nn.Module, got {type(model).__name__}")
     model.to(device)
     n_params = count_params(model)
+    cpu_peak_mb = tensor_bytes(model) / 2**20
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim, loop.max_steps)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
@@ -351,10 +347,14 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
     done = start
     autocast = functools.partial(_autocast, loop.precision, device)
 
+    step_context = contextlib.ExitStack()  # the CPU memory tracker of the first step
     try:
         for step in range(start, loop.max_steps):
             _seed_all(step_seed(loop.seed, step, state.rank))
             train_model.train()
+            tracker = LiveTensorBytes() if device.type != "cuda" and step == start else None
+            if tracker is not None:
+                step_context.enter_context(tracker)
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), device=device, dtype=torch.float64)
             step_items = 0
@@ -375,6 +375,9 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
+            if tracker is not None:
+                step_context.close()
+                cpu_peak_mb += tracker.peak / 2**20
             done = step + 1
             window["loss"] += step_loss / loop.grad_accum
             window["items"] += step_items
@@ -398,7 +401,7 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
                 ranks_steps = totals[3]
                 train_loss = totals[0] / ranks_steps
                 elapsed = max(time.perf_counter() - window_t0, 1e-9)
-                mem = _peak_memory(device, rss_baseline)
+                mem = _peak_memory(device, cpu_peak_mb)
                 row = {"train_loss": train_loss, "lr": lr}
                 if optim.grad_clip > 0:
                     row["grad_norm"] = totals[1] / ranks_steps
@@ -440,6 +443,7 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
             else:
                 window_t0 += paused
     finally:
+        step_context.close()
         bar.close()
 
     if n_run == 0:  # nothing left to train: report the checkpoint's metrics
@@ -449,7 +453,7 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
         ckpt_path = latest_checkpoint(run.dir)
 
     _sync(device)
-    mem = _peak_memory(device, rss_baseline)
+    mem = _peak_memory(device, cpu_peak_mb)
     timed_time = (time.perf_counter() - timed_from - timed_excluded) if timed_from is not None else 0.0
     total_timed_items = all_reduce_sum(float(timed_items), state)
     summary = {
@@ -461,7 +465,7 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
         **last_eval,
         "train_items_per_s": total_timed_items / timed_time if timed_time > 0 and total_timed_items > 0 else math.nan,
         "peak_mem_mb": round(mem[1], 1),
-        "peak_mem_source": "cuda_max_memory_allocated" if mem[0] == "peak_mem_mb" else "cpu_ru_maxrss_delta",
+        "peak_mem_source": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_tensor_bytes_first_step",
         "world_size": state.world_size,
         "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
         "wall_s": round(time.perf_counter() - t_begin, 3),
