@@ -1,0 +1,93 @@
+"""The ``unrollattn`` command: list, train, ablate, diagnose, and its error handling."""
+import csv
+import json
+
+import pytest
+
+from unrollattn import cli
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_list_models_with_parameter_counts(capsys):
+    code, out, _ = run_cli(capsys, "list", "crate_tiny", "--kind", "models")
+    assert code == 0
+    line = next(l for l in out.splitlines() if "crate_tiny_patch16_224" in l)
+    assert "6.09M" in line  # the published CRATE-T size
+    assert cli.model_params("aot_mssa_tiny_patch16_224") > 0
+
+
+def test_list_attentions_and_blocks(capsys):
+    code, out, _ = run_cli(capsys, "list", "--kind", "attentions")
+    assert code == 0 and "mssa" in out and "mhsa" in out and "models:" not in out
+    code, out, _ = run_cli(capsys, "list", "aot")
+    assert code == 0 and "blocks:" in out and "aot_mssa_tiny_patch16_224" in out
+
+
+def test_list_without_match_exits_2(capsys):
+    code, _, err = run_cli(capsys, "list", "zzz_no_such_thing")
+    assert code == 2 and "error: no models or attentions or blocks match 'zzz_no_such_thing'" in err
+
+
+def test_train_runs_the_recipe(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "train", "classify", "--preset", "digits_debug", f"loop.out_dir={tmp_path}",
+                           "loop.run_name=r", "loop.max_steps=4", "loop.eval_every=0", "data.max_test=64")
+    assert code == 0
+    summary = json.loads(out[out.index("{"):])
+    assert summary["steps"] == 4 and (tmp_path / "r" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("train", "clasify", "--preset", "quick"), "unknown recipe 'clasify'; did you mean classify?"),
+    (("train", "classify", "--preset", "quik"), "unknown classify preset 'quik'; closest: quick"),
+    (("train", "classify", "--preset", "digits_debug", "optim.lrr=1"), "did you mean 'optim.lr'"),
+    (("ablate", "classify", "--variants", "vit,crte", "--preset", "digits_debug"),
+     "unknown variant(s) 'crte' for recipe 'classify'; did you mean crate? variants: vit, aot_mssa, aot_mhsa, crate"),
+    (("ablate", "classify", "--variants", "vit", "--preset", "digits_debug", "model.variant=crate"),
+     "ablate sets"),
+    (("diagnose", "snrr"), "unknown diagnostic 'snrr'; did you mean snr?"),
+])
+def test_bad_names_exit_2_with_a_helpful_message(capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_ablate_two_variants_writes_comparison(tmp_path, capsys):
+    out_dir = tmp_path / "abl"
+    code, out, _ = run_cli(capsys, "ablate", "classify", "--variants", "vit,aot_mssa", "--preset", "digits_debug",
+                           "--out", str(out_dir), "loop.max_steps=3", "loop.eval_every=0", "data.max_test=100")
+    assert code == 0
+    for name in ("comparison.md", "comparison.csv", "comparison.png", "summaries.json"):
+        assert (out_dir / name).is_file(), name
+    assert (out_dir / "vit" / "config.json").is_file() and (out_dir / "aot_mssa" / "config.json").is_file()
+    rows = list(csv.DictReader((out_dir / "comparison.csv").open()))
+    assert [r["variant"] for r in rows] == ["vit", "aot_mssa"]
+    assert {"params", "top1 %", "val_loss", "train img/s", "peak mem MB", "wall s"} <= set(rows[0])
+    assert all(0 <= float(r["top1 %"]) <= 100 and int(r["params"]) > 0 for r in rows)
+    assert "| variant | params | top1 % |" in out
+    if json.loads((out_dir / "summaries.json").read_text())["vit"]["peak_mem_source"] == "cpu_ru_maxrss_delta":
+        assert rows[1]["peak mem MB"] == "" and "only the first variant's value" in out  # shared process peak
+    config = json.loads((out_dir / "aot_mssa" / "config.json").read_text())
+    assert config["model"]["variant"] == "aot_mssa" and config["loop"]["max_steps"] == 3
+
+
+def test_ablate_default_out_dir_is_never_reused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ("ablate", "classify", "--variants", "vit", "--preset", "digits_debug", "loop.max_steps=2",
+            "loop.eval_every=0", "data.max_test=32")
+    assert run_cli(capsys, *args)[0] == 0
+    assert run_cli(capsys, *args)[0] == 0
+    assert (tmp_path / "runs" / "ablate-classify-digits_debug" / "comparison.md").is_file()
+    assert (tmp_path / "runs" / "ablate-classify-digits_debug-2" / "comparison.md").is_file()
+
+
+def test_diagnose_delegates_to_the_snr_module(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "diagnose", "snr", "--layers", "2", "--deltas", "0.5", "--out", str(tmp_path))
+    assert code == 0 and (tmp_path / "snr.md").is_file() and "snr.md" in out
+    code, _, err = run_cli(capsys, "diagnose", "snr", "--deltas", "x")
+    assert code == 2 and "error: --deltas: expected comma-separated numbers" in err

@@ -1,0 +1,171 @@
+"""Image-classification data sources: digits, Fashion-MNIST (if installed), image folders, errors."""
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from unrollattn.vision import datasets as ds
+from unrollattn.vision.datasets import ImageClassificationData, load_classification_data
+
+HAVE_FMNIST = ds._fashion_mnist_paths(None) is not None
+
+
+def test_digits_split_is_stratified_seeded_and_uint8():
+    data = load_classification_data("digits", seed=0)
+    assert (data.num_train, data.num_test) == (1438, 359)
+    assert data.train_images.shape[1:] == (1, 8, 8) and data.train_images.dtype == torch.uint8
+    assert int(data.train_images.max()) == 255 and int(data.train_images.min()) == 0
+    assert data.num_classes == 10 and data.in_chans == 1 and data.img_size == (8, 8)
+    counts = torch.bincount(data.test_labels, minlength=10)
+    assert int(counts.min()) >= 35 and int(counts.max()) <= 37  # 20 % of each class of ~180
+    again = load_classification_data("digits", seed=0)
+    assert torch.equal(again.test_images, data.test_images)
+    other = load_classification_data("digits", seed=1)
+    assert not torch.equal(other.test_labels, data.test_labels) or not torch.equal(other.test_images, data.test_images)
+
+
+def test_normalize_uses_training_statistics():
+    data = load_classification_data("digits")
+    x = data.normalize(data.train_images)
+    assert x.dtype == torch.float32
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+
+
+def test_max_train_max_test_and_resize():
+    data = load_classification_data("digits", max_train=100, max_test=20, img_size=16, seed=3)
+    assert data.train_images.shape == (100, 1, 16, 16) and data.test_images.shape == (20, 1, 16, 16)
+    assert data.img_size == (16, 16)
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
+def test_fashion_mnist_full_splits():
+    data = load_classification_data("fashion_mnist")
+    assert data.train_images.shape == (60000, 1, 28, 28) and data.test_images.shape == (10000, 1, 28, 28)
+    assert data.train_images.dtype == torch.uint8
+    for labels, per_class in ((data.train_labels, 6000), (data.test_labels, 1000)):
+        assert int(labels.min()) == 0 and int(labels.max()) == 9
+        assert torch.equal(torch.bincount(labels), torch.full((10,), per_class))
+    assert data.class_names[0] == "T-shirt/top" and len(data.class_names) == 10
+    assert load_classification_data("auto", max_train=10, max_test=10).name == "fashion_mnist"
+
+
+def _write_idx(path, array):
+    ndim_magic = 0x0800 + array.ndim
+    header = ndim_magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_from_root_with_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("t10k", 12)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    data = load_classification_data("fashion_mnist", root=tmp_path)
+    assert data.train_images.shape == (30, 1, 28, 28) and data.test_labels.tolist() == [i % 10 for i in range(12)]
+
+
+def test_missing_fashion_mnist_root_names_files_and_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*apt-get install -y dataset-fashion-mnist"):
+        load_classification_data("fashion_mnist", root=tmp_path)
+
+
+def test_auto_falls_back_to_digits_with_a_warning(tmp_path):
+    with pytest.warns(UserWarning, match="falling back to scikit-learn digits"):
+        data = load_classification_data("auto", root=tmp_path)
+    assert data.name == "digits"
+
+
+def test_corrupt_idx_file_is_a_value_error(tmp_path):
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            (tmp_path / f"{split}-{kind}-ubyte").write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="idx"):
+        load_classification_data("fashion_mnist", root=tmp_path)
+
+
+def _make_png_folder(root, classes=("cat", "dog", "eel"), per_class=5, size=(10, 12), mode="L"):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            shape = size if mode == "L" else (*size, 3)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(root / c / f"{i}.png")
+
+
+def test_folder_source_splits_80_20_per_class(tmp_path):
+    _make_png_folder(tmp_path)
+    data = load_classification_data(f"folder:{tmp_path}", seed=0)
+    assert data.class_names == ("cat", "dog", "eel") and data.num_classes == 3
+    assert (data.num_train, data.num_test) == (12, 3)
+    assert data.train_images.shape[1:] == (1, 10, 12) and data.train_images.dtype == torch.uint8
+    assert sorted(data.test_labels.tolist()) == [0, 1, 2]
+
+
+def test_folder_source_rgb_resize_and_train_test_dirs(tmp_path):
+    _make_png_folder(tmp_path / "train", per_class=3, mode="RGB")
+    _make_png_folder(tmp_path / "test", per_class=2, mode="RGB")
+    data = load_classification_data(f"folder:{tmp_path}", img_size=8)
+    assert data.train_images.shape == (9, 3, 8, 8) and data.test_images.shape == (6, 3, 8, 8)
+    assert data.in_chans == 3
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_classification_data(f"folder:{tmp_path / 'nope'}")
+    with pytest.raises(ValueError, match="at least 2 class sub-folders"):
+        load_classification_data(f"folder:{tmp_path}")
+    from PIL import Image
+
+    for c, size in (("a", (8, 8)), ("b", (9, 9))):
+        (tmp_path / c).mkdir()
+        Image.fromarray(np.zeros(size, np.uint8)).save(tmp_path / c / "x.png")
+    with pytest.raises(ValueError, match="pass img_size="):
+        load_classification_data(f"folder:{tmp_path}")
+
+
+def test_unknown_source_and_bad_arguments():
+    with pytest.raises(ValueError, match="unknown data source 'mnist'.*fashion_mnist.*digits.*folder:"):
+        load_classification_data("mnist")
+    with pytest.raises(ValueError, match="max_train"):
+        load_classification_data("digits", max_train=0)
+    with pytest.raises(ValueError, match="img_size"):
+        load_classification_data("digits", img_size="big")
+
+
+def test_hf_source_offline_fails_fast_with_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConnectionError, match="could not load hub dataset"):
+        load_classification_data("hf:zalando-datasets/fashion_mnist")
+
+
+def test_hf_source_reads_a_local_dataset_and_detects_columns(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"picture": datasets.Image(), "kind": datasets.ClassLabel(names=["a", "b", "c"])})
+    root = tmp_path / "ds"
+    root.mkdir()
+    for split, n in (("train", 12), ("test", 6)):
+        rows = {"picture": [Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)) for _ in range(n)],
+                "kind": [i % 3 for i in range(n)]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / f"{split}.parquet"))
+    data = load_classification_data(f"hf:{root}", max_train=9, img_size=4)
+    assert data.class_names == ("a", "b", "c") and data.in_chans == 3
+    assert data.train_images.shape == (9, 3, 4, 4) and data.test_images.shape == (6, 3, 4, 4)
+    assert data.test_labels.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_dataclass_validates_shapes_and_labels():
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ImageClassificationData(images, torch.tensor([0, 1, 2, 5]), images, torch.zeros(4, dtype=torch.long),
+                                num_classes=3, in_chans=1, img_size=(8, 8), name="toy")
+    with pytest.raises(ValueError, match=r"\[N, 3, 8, 8\]"):
+        ImageClassificationData(images, torch.zeros(4, dtype=torch.long), images, torch.zeros(4, dtype=torch.long),
+                                num_classes=3, in_chans=3, img_size=(8, 8), name="toy")
