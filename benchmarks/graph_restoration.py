@@ -1,0 +1,108 @@
+"""Forward time and peak memory of uGLR / uGTV vs the Swin transformer baseline, against image size.
+
+    python -m benchmarks.graph_restoration                         # CPU: 128, 256, 512 (1024 is slow on 2 cores)
+    python -m benchmarks.graph_restoration --sizes 256,512,1024 --device cuda
+
+One RGB image (batch 1), Bayer RGGB demosaicking (``--task sr2``: ×2 interpolation of an image of half
+the size), no gradient, the registered models at their default sizes (``--quick``: the sizes of the
+``demosaic_quick`` preset). Each row reports the median seconds of ``--repeats`` calls, peak tensor
+memory (CUDA allocator peak, or live-tensor tracking on CPU, :mod:`benchmarks.common`) and the growth
+against the previous size: the graph models cost O(N·k) per mat-vec, so 4× pixels should give ≤ 4.5×
+time and memory ("linear" column). Writes ``benchmarks/results/graph_restoration_<cpu|cuda>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import unrollattn
+import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
+from benchmarks.common import device_name, markdown_table, peak_memory_mb, time_call, write_atomic
+from unrollattn.vision.sampling import build_operator
+
+QUICK = {"uglr": dict(blocks=3, heads=2, iters=4), "ugtv": dict(blocks=3, heads=2, iters=2, cg_iters=2)}
+COLUMNS = ["model", "params", "size", "megapixels", "seconds", "s_per_mp", "peak_mem_mb", "time_ratio", "mem_ratio",
+           "linear"]
+LINEAR_LIMIT = 4.5
+
+
+def build(variant: str, task: str, quick: bool):
+    name = {"uglr": f"uglr_{task}", "ugtv": f"ugtv_{task}", "transformer": f"swin_{task}"}[variant]
+    return unrollattn.build_model(name, **(QUICK.get(variant, {}) if quick else {})), name
+
+
+def measure(model, task: str, size: int, device, repeats: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, size, size, device=device)
+    y = build_operator(task)(x)
+
+    def forward():
+        with torch.no_grad():
+            model(y)
+
+    seconds = time_call(forward, device, warmup=1, repeats=repeats)
+    return {"size": f"{size}x{size}", "megapixels": size * size / 1e6, "seconds": seconds,
+            "s_per_mp": seconds / (size * size / 1e6), "peak_mem_mb": peak_memory_mb(forward, device)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", default=None, help="comma-separated square sizes (default: 128,256,512 on CPU, "
+                                                      "256,512,1024 on CUDA)")
+    parser.add_argument("--variants", default="uglr,ugtv,transformer")
+    parser.add_argument("--task", default="demosaic", choices=["demosaic", "sr2"])
+    parser.add_argument("--quick", action="store_true", help="the demosaic_quick preset's model sizes")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [int(s) for s in (args.sizes or ("256,512,1024" if device.type == "cuda" else "128,256,512")).split(",")]
+    unrollattn.set_finite_checks(False)  # the NaN guard is a host sync; measure the models themselves
+    rows, verdicts = [], []
+    for variant in args.variants.split(","):
+        model, name = build(variant, args.task, args.quick)
+        model = model.to(device).eval()
+        params = sum(p.numel() for p in model.parameters())
+        previous = None
+        for size in sizes:
+            row = {"model": name, "params": params, **measure(model, args.task, size, device, args.repeats)}
+            if previous is not None:
+                scale = row["megapixels"] / previous["megapixels"]
+                row["time_ratio"] = row["seconds"] / previous["seconds"]
+                row["mem_ratio"] = row["peak_mem_mb"] / max(previous["peak_mem_mb"], 1e-9)
+                limit = LINEAR_LIMIT * scale / 4
+                ok = row["time_ratio"] <= limit and row["mem_ratio"] <= limit
+                row["linear"] = "yes" if ok else "NO"
+                verdicts.append((name, size, ok))
+            else:
+                row.update(time_ratio="-", mem_ratio="-", linear="-")
+            previous = row
+            print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in COLUMNS),
+                  flush=True)
+            rows.append(row)
+    title = (f"Restoration forward pass (batch 1, no grad, {args.task}) vs image size, {device_name(device)}, "
+             f"torch {torch.__version__}{', quick-preset model sizes' if args.quick else ', default model sizes'}")
+    table = markdown_table(rows, COLUMNS)
+    command = "python -m benchmarks.graph_restoration " + " ".join(argv if argv is not None else sys.argv[1:])
+    note = (f"time_ratio / mem_ratio: against the previous size (4x the pixels for doubling sizes); linear = both "
+            f"ratios <= {LINEAR_LIMIT} per 4x pixels. CPU peak memory counts live tensor storages created during the "
+            f"call (benchmarks/common.py).")
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    write_atomic(Path(args.out) / f"graph_restoration_{tag}.md",
+                 f"# {title}\n\nCommand: `{command.strip()}`\n\n{table}\n\n{note}\n")
+    print(f"\n{title}\n\n{table}\n\n{note}")
+    failed = [f"{n}@{s}" for n, s, ok in verdicts if not ok and not n.startswith("swin")]
+    if failed:
+        print(f"graph models not linear at: {', '.join(failed)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,506 @@
+"""Recipe "restore": Bayer demosaicking and ×2 interpolation with uGLR / uGTV vs baselines (docs/papers.md A.6).
+
+Single process (CPU or one GPU)::
+
+    python -m recipes.restore --preset demosaic_quick model.variant=uglr
+    unrollattn train restore --preset sr2_quick model.variant=ugtv model.heads=4
+
+DDP (``loop.batch_size`` is the global batch; evaluation photos are sharded over the ranks)::
+
+    torchrun --standalone --nproc_per_node=2 -m recipes.restore --preset demosaic_quick loop.device=cpu
+
+Ablation, one table + plots::
+
+    unrollattn ablate restore --variants uglr,ugtv,transformer,bicubic,malvar --preset demosaic_quick
+
+Variants (``model.variant``): ``uglr``, ``ugtv`` (:mod:`unrollattn.vision.restoration`), ``transformer``
+(timm Swin blocks), ``bilinear``, ``bicubic``, and for demosaicking ``malvar`` / ``menon``
+(colour-demosaicing) — the last four have no parameters and are evaluated without training, through
+the same :meth:`RestoreTask.evaluate` as the trained ones.
+
+Data: :mod:`unrollattn.vision.photos` (fixed split by photo; random ``data.crop`` training crops drawn
+from a generator seeded by (seed, step, micro-batch, rank), so resuming is exact). Training uses clean
+samples. Evaluation on the test photos (centre ``data.eval_crop`` crops): PSNR and SSIM from
+scikit-image (``peak_signal_noise_ratio`` / ``structural_similarity`` with ``data_range=1``,
+``channel_axis``) on outputs clipped to [0, 1], float64, ignoring ``data.border`` pixels at each image
+side, averaged over photos; seconds per megapixel of the forward pass (clean input, batch 1, includes
+the bilinear initialisation); covariate shift: Gaussian noise of σ ∈ ``data.noise_sigmas`` (/255) added
+to the samples y (seeded per photo and σ) -> ``psnr_sigma{σ}`` and ``psnr_drop_sigma{σ}`` = clean PSNR − noisy PSNR.
+
+Every run also writes ``restoration_samples.npz`` (a crop of the figure photo: ground truth, input
+mosaic/grid, output) and refreshes ``restorations_<task>_<preset>.png`` in ``loop.out_dir`` with the
+crops of every run there of the same task and preset (so an ablation directory ends with one figure
+of all methods next to the ground truth).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import unrollattn
+import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
+from unrollattn.registry import Registry
+from unrollattn.train import (
+    DistState, LoopConfig, OptimConfig, RunDir, add_config_arguments, all_reduce_tensor, apply_overrides,
+    broadcast_object, config_from_dict, count_params, fit, init_distributed, latest_checkpoint, load_checkpoint,
+    micro_batch_size, step_seed,
+)
+from unrollattn.vision.photos import PhotoDataset, load_photos
+from unrollattn.vision.sampling import build_operator
+
+__all__ = [
+    "DataConfig", "ModelConfig", "PRESETS", "RestoreConfig", "RestoreTask", "VARIANTS", "VARIANT_KEY",
+    "ablation_columns", "ablation_metric", "evaluate_only", "image_metrics", "load_config", "load_model", "main",
+    "model_name", "plot_restorations", "run",
+]
+
+VARIANTS = ("uglr", "ugtv", "transformer", "bilinear", "bicubic", "malvar", "menon")
+VARIANT_KEY = "model.variant"
+TASKS = ("demosaic", "sr2")
+LEARNED = ("uglr", "ugtv", "transformer")
+_GRAPH_KEYS = ("blocks", "heads", "feature_dim", "width", "neighbourhood", "normalization", "metric", "step_sizes",
+               "init", "skip_init", "colour_difference")
+_SWIN_KEYS = ("embed_dim", "depth", "num_heads", "window_size", "mlp_ratio")
+# summary key -> column header of the ablation table (comparison.md / .csv); the noise columns are per preset σ
+ablation_columns = {"params": "params", "psnr": "PSNR dB", "ssim": "SSIM", "s_per_mp": "s/MP",
+                    "psnr_sigma5": "PSNR σ5", "psnr_sigma10": "PSNR σ10", "psnr_sigma15": "PSNR σ15",
+                    "psnr_sigma25": "PSNR σ25", "psnr_drop_sigma25": "drop σ25", "steps": "steps", "wall_s": "wall s"}
+ablation_metric = "psnr"
+
+
+def model_name(task: str, variant: str) -> str:
+    """Registered model name of ``variant`` for ``task`` ("demosaic" | "sr2")."""
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    names = {"uglr": f"uglr_{task}", "ugtv": f"ugtv_{task}", "transformer": f"swin_{task}",
+             "bilinear": f"bilinear_{task}", "bicubic": f"bicubic_{task}", "malvar": "malvar2004_demosaic",
+             "menon": "menon2007_demosaic"}
+    if variant not in names:
+        raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
+    if variant in ("malvar", "menon") and task != "demosaic":
+        raise ValueError(f"variant {variant!r} is a Bayer demosaicking algorithm; use task=demosaic "
+                         f"(for sr2: uglr, ugtv, transformer, bilinear, bicubic)")
+    return names[variant]
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """``variant`` and its options (None = the model's default). Graph options apply to uglr/ugtv
+    (see :class:`unrollattn.vision.restoration.GraphInterpolationNet`): ``iters`` = uGLR's CG steps per
+    block, ``admm_iters`` = uGTV's ADMM iterations per block, ``cg_iters`` = uGTV's CG steps per ADMM
+    x-step. Swin options (embed_dim, depth, num_heads, window_size, mlp_ratio) apply to transformer."""
+
+    variant: str = "uglr"
+    blocks: int | None = None
+    iters: int | None = None
+    admm_iters: int | None = None
+    cg_iters: int | None = None
+    heads: int | None = None
+    feature_dim: int | None = None
+    width: int | None = None
+    neighbourhood: str | None = None
+    normalization: str | None = None
+    metric: str | None = None
+    step_sizes: str | None = None
+    init: str | None = None
+    skip_init: float | None = None
+    colour_difference: bool | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    window_size: int | None = None
+    mlp_ratio: float | None = None
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
+
+    def options(self) -> dict[str, Any]:
+        keys = _GRAPH_KEYS if self.variant in ("uglr", "ugtv") else _SWIN_KEYS if self.variant == "transformer" else ()
+        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        solver = {"uglr": {"iters": self.iters}, "ugtv": {"iters": self.admm_iters, "cg_iters": self.cg_iters}}
+        out.update({k: v for k, v in solver.get(self.variant, {}).items() if v is not None})
+        return out
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Photos, crops and evaluation (module doc). ``test_names`` empty = the fixed default test photos."""
+
+    crop: int = 64
+    augment: bool = True
+    max_train: int | None = None
+    test_names: tuple[str, ...] = ()
+    eval_crop: int = 256
+    border: int = 4
+    noise_sigmas: tuple[float, ...] = (5.0, 10.0, 15.0, 25.0)
+    noise_seed: int = 1234
+    figure_crop: int = 96
+
+    def __post_init__(self):
+        if self.crop < 8:
+            raise ValueError(f"crop: expected >= 8, got {self.crop}")
+        if self.border < 0 or self.eval_crop < 0:
+            raise ValueError(f"border and eval_crop: expected >= 0, got {self.border}, {self.eval_crop}")
+        if self.eval_crop and self.eval_crop <= 2 * self.border + 7:
+            raise ValueError(f"eval_crop={self.eval_crop} leaves no room for SSIM after a border of {self.border}")
+        if any(s < 0 for s in self.noise_sigmas):
+            raise ValueError(f"noise_sigmas: expected values >= 0 (on the 0..255 scale), got {self.noise_sigmas}")
+
+
+@dataclasses.dataclass
+class RestoreConfig:
+    """The whole run: task ("demosaic" | "sr2"), model, data, loop, optimizer, loss ("l1" | "mse")."""
+
+    preset: str = "custom"
+    task: str = "demosaic"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: str = "l1"
+
+    def __post_init__(self):
+        model_name(self.task, self.model.variant)  # validates task and the variant for it
+        if self.loss not in ("l1", "mse"):
+            raise ValueError(f"loss: expected 'l1' or 'mse', got {self.loss!r}")
+        if self.task == "sr2" and self.data.crop % 2:
+            raise ValueError(f"data.crop: the x2 grid needs an even crop, got {self.data.crop}")
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def image_metrics(output: torch.Tensor, target: torch.Tensor, border: int = 4) -> tuple[float, float]:
+    """(PSNR dB, SSIM) of one image [C, H, W] or [1, C, H, W] in [0, 1] by scikit-image.
+
+    The output is clipped to [0, 1]; ``border`` pixels at each side are ignored; float64;
+    ``data_range=1``; SSIM with skimage's defaults (7×7 uniform window) and ``channel_axis=-1``.
+    """
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    out, ref = output.squeeze(0), target.squeeze(0)
+    if out.shape != ref.shape or out.ndim != 3:
+        raise ValueError(f"image_metrics: expected two images [C, H, W] of one shape, got {list(output.shape)} and "
+                         f"{list(target.shape)}")
+    if border:
+        out, ref = out[:, border:-border, border:-border], ref[:, border:-border, border:-border]
+    a = ref.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
+    b = out.detach().to("cpu", torch.float64).clamp(0, 1).permute(1, 2, 0).numpy()
+    psnr = float(peak_signal_noise_ratio(a, b, data_range=1.0))
+    ssim = float(structural_similarity(a, b, data_range=1.0, channel_axis=-1))
+    return psnr, ssim
+
+
+def _sigma_key(sigma: float) -> str:
+    return f"{sigma:g}".replace(".", "p")
+
+
+# ----------------------------------------------------------------------------------------------- task
+
+
+class RestoreTask:
+    """The :class:`unrollattn.train.Task` of demosaicking / ×2 interpolation (L1 or MSE on random crops)."""
+
+    def __init__(self, cfg: RestoreConfig, photos: PhotoDataset | None = None):
+        self.cfg = cfg
+        d = cfg.data
+        self.photos = photos if photos is not None else load_photos(
+            eval_crop=d.eval_crop, max_train=d.max_train, **({"test_names": d.test_names} if d.test_names else {}))
+        self.operator = build_operator(cfg.task)
+        self.name = model_name(cfg.task, cfg.model.variant)
+
+    def build_model(self) -> nn.Module:
+        return unrollattn.build_model(self.name, **self.cfg.model.options())
+
+    def batch(self, step: int, micro: int, state: DistState) -> dict[str, torch.Tensor]:
+        loop = self.cfg.loop
+        count = micro_batch_size(loop.batch_size, loop.grad_accum, state.world_size)
+        gen = torch.Generator().manual_seed(step_seed(loop.seed, step * loop.grad_accum + micro, state.rank))
+        x = self.photos.crops(count, self.cfg.data.crop, gen, augment=self.cfg.data.augment)
+        return {"x": x, "y": self.operator(x)}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(batch["y"]).float()
+        err = out - batch["x"]
+        loss = err.abs().mean() if self.cfg.loss == "l1" else err.square().mean()
+        mse = float(err.detach().square().mean())
+        return loss, {"train_psnr": -10 * math.log10(max(mse, 1e-12))}
+
+    def items_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["x"].shape[0])
+
+    def evaluate(self, model: nn.Module, state: DistState) -> dict[str, float]:
+        """PSNR / SSIM / s per MP on clean samples and PSNR per noise σ, averaged over the test photos
+        (sharded over ranks and all-reduced)."""
+        d = self.cfg.data
+        sigmas = list(d.noise_sigmas)
+        images = self.photos.test_images()
+        # sums: psnr, ssim, count, seconds, megapixels, then one psnr sum per sigma
+        totals = torch.zeros(5 + len(sigmas), dtype=torch.float64)
+        for i in range(state.rank, len(images), state.world_size):
+            x = images[i].to(state.device)
+            y = self.operator(x)
+            if state.device.type == "cuda":
+                torch.cuda.synchronize(state.device)
+            t0 = time.perf_counter()
+            out = model(y)
+            if state.device.type == "cuda":
+                torch.cuda.synchronize(state.device)
+            totals[3] += time.perf_counter() - t0
+            totals[4] += x.shape[-1] * x.shape[-2] / 1e6
+            psnr, ssim = image_metrics(out.float(), x, d.border)
+            totals[0] += psnr
+            totals[1] += ssim
+            totals[2] += 1
+            for j, sigma in enumerate(sigmas):
+                gen = torch.Generator().manual_seed(d.noise_seed + 1009 * i + int(round(sigma * 100)))
+                noise = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
+                totals[5 + j] += image_metrics(model(y + sigma / 255.0 * noise).float(), x, d.border)[0]
+        totals = all_reduce_tensor(totals.to(state.device), state, "sum").cpu()
+        count = max(float(totals[2]), 1.0)
+        out = {"psnr": float(totals[0]) / count, "ssim": float(totals[1]) / count,
+               "s_per_mp": float(totals[3] / totals[4]) if totals[4] > 0 else math.nan}
+        for j, sigma in enumerate(sigmas):
+            noisy = float(totals[5 + j]) / count
+            out[f"psnr_sigma{_sigma_key(sigma)}"] = noisy
+            out[f"psnr_drop_sigma{_sigma_key(sigma)}"] = out["psnr"] - noisy
+        return out
+
+    def export(self, model: nn.Module, run_dir: Path) -> None:
+        """Write ``restoration_samples.npz`` (figure crop) and refresh the figure of the runs in ``loop.out_dir``."""
+        images = self.photos.test_images()
+        if not images:
+            return
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        x = images[0].to(device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            y = self.operator(x)
+            out = model(y).float().clamp(0, 1)
+        model.train(was_training)
+        c = min(self.cfg.data.figure_crop, x.shape[-1], x.shape[-2])
+        top, left = (x.shape[-2] - c) // 2, (x.shape[-1] - c) // 2
+        crop = lambda t: t[0, :, top:top + c, left:left + c].detach().cpu().permute(1, 2, 0).numpy()  # noqa: E731
+        observed = self.operator.adjoint(y) if self.cfg.task == "demosaic" else \
+            F.interpolate(y, scale_factor=2, mode="nearest")
+        psnr = image_metrics(out, x, self.cfg.data.border)[0]
+        tmp = Path(run_dir) / "restoration_samples.tmp.npz"
+        np.savez(tmp, target=crop(x), output=crop(out), observed=crop(observed.float()), psnr=psnr,
+                 label=self.cfg.model.variant, photo=self.photos.test_names[0], task=self.cfg.task,
+                 preset=self.cfg.preset, params=count_params(model))
+        os.replace(tmp, Path(run_dir) / "restoration_samples.npz")
+        try:
+            plot_restorations(Path(run_dir).parent, task=self.cfg.task, preset=self.cfg.preset)
+        except Exception as err:  # a plotting problem must not lose a finished run
+            print(f"warning: could not plot restorations: {err}", file=sys.stderr)
+
+
+def plot_restorations(out_dir: str | os.PathLike, *, task: str, preset: str) -> Path | None:
+    """``out_dir/restorations_<task>_<preset>.png``: ground truth, input and each run's output crop
+    (every ``out_dir/*/restoration_samples.npz`` of that task and preset), written atomically."""
+    out_dir = Path(out_dir)
+    samples = []
+    for path in sorted(out_dir.glob("*/restoration_samples.npz")):
+        with np.load(path) as z:
+            if str(z["task"]) == task and str(z["preset"]) == preset:
+                samples.append((path.parent.name, {k: z[k] for k in z.files}))
+    if not samples:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    first = samples[0][1]
+    panels = [("ground truth", first["target"]), ("input (" + ("mosaic" if task == "demosaic" else "x2 grid") + ")",
+                                                   first["observed"])]
+    panels += [((f"{run}\n" if run != str(s["label"]) else "") +
+                f"{str(s['label'])}: {float(s['psnr']):.2f} dB, {int(s['params']):,} params", s["output"])
+               for run, s in samples]
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, image) in zip(axes.flat, panels):
+        ax.imshow(np.clip(image, 0, 1), interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+    fig.suptitle(f"{task} / {preset}: centre crop of {str(first['photo'])} (PSNR over this photo's whole test crop)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=1.5)
+    target = out_dir / f"restorations_{task}_{preset}.png"
+    tmp = target.with_name(target.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+PRESETS = Registry("restore preset")
+
+
+def _quick(task: str, preset: str) -> RestoreConfig:
+    return RestoreConfig(
+        preset=preset, task=task,
+        model=ModelConfig(variant="uglr", blocks=3, heads=2, iters=4, admm_iters=2, cg_iters=2, feature_dim=6, width=16),
+        data=DataConfig(crop=48, eval_crop=128, border=4),
+        loop=LoopConfig(max_steps=300, batch_size=4, eval_every=0, log_every=25, ckpt_every=0),
+        optim=OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1,
+                          grad_clip=1.0),
+    )
+
+
+def _full(task: str, preset: str) -> RestoreConfig:
+    return RestoreConfig(
+        preset=preset, task=task,
+        model=ModelConfig(variant="uglr", blocks=4, heads=4, feature_dim=6, width=16),
+        data=DataConfig(crop=64, eval_crop=256, border=4),
+        loop=LoopConfig(max_steps=4000, batch_size=16, eval_every=1000, log_every=50, ckpt_every=500),
+        optim=OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=100, schedule="cosine", min_lr_ratio=0.05,
+                          grad_clip=1.0),
+    )
+
+
+@PRESETS.register("demosaic_quick")
+def demosaic_quick() -> RestoreConfig:
+    """CPU (1-2 threads), minutes per variant: 300 AdamW steps of 4 crops 48x48 (lr 2e-3, 30 warm-up steps,
+    cosine); uGLR/uGTV with 3 blocks, 2 heads (uGLR 4 CG steps, uGTV 2 ADMM x 2 CG steps); Swin 0.3M;
+    evaluation on centre 128x128 crops of the 8 test photos."""
+    return _quick("demosaic", "demosaic_quick")
+
+
+@PRESETS.register("sr2_quick")
+def sr2_quick() -> RestoreConfig:
+    """As demosaic_quick for x2 interpolation."""
+    return _quick("sr2", "sr2_quick")
+
+
+@PRESETS.register("demosaic")
+def demosaic() -> RestoreConfig:
+    """Longer (GPU, or hours on CPU): 4000 steps of 16 crops 64x64, uGLR/uGTV with 4 blocks x 4 heads,
+    evaluation on centre 256x256 crops."""
+    return _full("demosaic", "demosaic")
+
+
+@PRESETS.register("sr2")
+def sr2() -> RestoreConfig:
+    """As demosaic for x2 interpolation."""
+    return _full("sr2", "sr2")
+
+
+@PRESETS.register("tiny")
+def tiny() -> RestoreConfig:
+    """Seconds (tests, smoke runs): 6 steps of 2 crops 24x24 from 2 train photos, 1 block, 2 test photos
+    (astronaut, chelsea) centre-cropped to 32x32, one noise level."""
+    return RestoreConfig(
+        preset="tiny", task="demosaic",
+        model=ModelConfig(variant="uglr", blocks=1, heads=2, iters=2, admm_iters=1, cg_iters=1, feature_dim=4, width=8,
+                          embed_dim=24, depth=2, num_heads=2, window_size=4),
+        data=DataConfig(crop=24, eval_crop=32, border=2, max_train=2, test_names=("astronaut", "chelsea"),
+                        noise_sigmas=(10.0,), figure_crop=24),
+        loop=LoopConfig(max_steps=6, batch_size=2, eval_every=0, log_every=2, ckpt_every=0, progress=False),
+        optim=OptimConfig(lr=1e-2, weight_decay=0.0, warmup_steps=0, schedule="constant", grad_clip=1.0),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+
+
+def load_config(preset: str = "demosaic_quick", overrides: Sequence[str] | None = None, *,
+                resume: bool = False) -> RestoreConfig:
+    """Preset ``preset`` with ``key=value`` overrides applied (``resume`` sets ``loop.resume``)."""
+    cfg = apply_overrides(PRESETS.get(preset)(), list(overrides or []))
+    return apply_overrides(cfg, ["loop.resume=true"]) if resume else cfg
+
+
+def evaluate_only(task: RestoreTask, cfg: RestoreConfig, *, run_name_prefix: str) -> dict[str, Any]:
+    """The no-training path for models without parameters: one run directory (config.json, env.json,
+    metrics.jsonl, summary.csv, result.json, restoration_samples.npz) and ``task.evaluate`` — the same
+    metrics code as after training. Returns a summary with fit's keys."""
+    t0 = time.perf_counter()
+    state = init_distributed(cfg.loop.device)
+    model = task.build_model().to(state.device).eval()
+    params = count_params(model)
+    if params:
+        raise ValueError(f"evaluate_only: {task.name} has {params} parameters; train it with fit")
+    name = cfg.loop.run_name or f"{run_name_prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = broadcast_object(name, state)
+    if state.is_main:
+        RunDir.create(cfg.loop.out_dir, name, cfg, resume=cfg.loop.resume, device=state.device,
+                      world_size=state.world_size)
+    run = RunDir(Path(cfg.loop.out_dir) / name, is_main=state.is_main)
+    with torch.no_grad():
+        metrics = task.evaluate(model, state)
+    run.log(0, **metrics)
+    run.summary({"step": 0, **metrics})
+    summary = {"run_dir": str(run.dir), "steps": 0, "start_step": 0, "params": 0, "train_loss": math.nan, **metrics,
+               "train_items_per_s": math.nan, "world_size": state.world_size, "checkpoint": None}
+    if state.is_main:
+        task.export(model, run.dir)
+        summary["wall_s"] = round(time.perf_counter() - t0, 3)
+        run.write_json("result.json", summary)
+    summary["wall_s"] = round(time.perf_counter() - t0, 3)
+    return summary
+
+
+def run(cfg: RestoreConfig) -> dict[str, Any]:
+    """Train (learned variants, via ``fit``) or only evaluate (no-parameter baselines) ``cfg``; return the summary
+    plus ``variant``, ``model`` and ``data``."""
+    task = RestoreTask(cfg)
+    prefix = f"restore-{cfg.preset}-{cfg.model.variant}"
+    if cfg.model.variant in LEARNED:
+        summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=prefix, config_for_log=cfg)
+    else:
+        summary = evaluate_only(task, cfg, run_name_prefix=prefix)
+    return {"variant": cfg.model.variant, "model": task.name, "task": cfg.task, "data": task.photos.name, **summary}
+
+
+def load_model(run_dir: str | Path) -> tuple[nn.Module, RestoreConfig]:
+    """The model of a finished run directory (trained weights from its latest checkpoint), in eval mode."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: expected a restore run directory")
+    cfg = config_from_dict(RestoreConfig, json.loads(config_path.read_text()))
+    model = unrollattn.build_model(model_name(cfg.task, cfg.model.variant), **cfg.model.options())
+    if cfg.model.variant in LEARNED:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
+        load_checkpoint(ckpt, model=model)
+    return model.eval(), cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``[--preset NAME] [--resume] [key=value ...]``; prints the summary as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m recipes.restore", description=__doc__.split("\n\n")[0],
+                                     epilog=f"presets: {', '.join(PRESETS.names())}")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.preset or "demosaic_quick", args.overrides, resume=args.resume)
+    summary = run(cfg)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    from unrollattn.cli import exit_on_error
+
+    sys.exit(exit_on_error(main))

@@ -1,0 +1,315 @@
+"""uGLR / uGTV: interpretable image interpolation by unrolled graph-smoothness priors (docs/papers.md A.0-A.5).
+
+Registered models (``unrollattn.build_model(name, **options)``, task "restoration"):
+
+    uglr_demosaic   GLR by unrolled CG,   Bayer RGGB mosaic [B, 1, H, W] -> RGB [B, 3, H, W]
+    ugtv_demosaic   GTV by unrolled ADMM, Bayer RGGB mosaic [B, 1, H, W] -> RGB [B, 3, H, W]
+    uglr_sr2        GLR by unrolled CG,   ×2 grid [B, C, h, w] -> [B, C, 2h, 2w]
+    ugtv_sr2        GTV by unrolled ADMM, ×2 grid [B, C, h, w] -> [B, C, 2h, 2w]
+
+Every restoration model (these and the baselines of :mod:`unrollattn.vision.restoration_baselines`)
+is called as ``model(y) -> x_hat`` with the observation of its :attr:`operator`
+(:mod:`unrollattn.vision.sampling`).
+
+Structure of :class:`GraphInterpolationNet` (A.0: "a chain of blocks, each preceded by a graph-learning module"):
+
+1. x⁰ = bilinear interpolation of y by the sampling operator (``init="bilinear"``) or Hᵀy (``init="zeros"``);
+2. per block b = 1..``blocks``:
+   a. f = CNN_b([x^{b-1}, mask]) ∈ R^{G·K} per pixel — a shallow CNN (3×3 convs, ``width`` channels,
+      replicate padding) of the current estimate and the sampling mask, K = ``feature_dim`` per head;
+   b. per head g: w_ij = exp(−(f_i − f_j)ᵀ M_g (f_i − f_j)) on the pixel-grid ``neighbourhood``
+      ("4", "8", "window{k}"), normalised (``normalization``: "symmetric" keeps L SPD for CG, "row",
+      "none"); M_g diagonal (exp of log-params) or full (M = QᵀQ) (A.4);
+   c. the colour planes are graph signals on that one shared graph; the prior is minimised under the
+      interpolation constraint H x = y, warm-started at x^{b-1}. With ``colour_difference`` (default for
+      demosaicking) the signals are (R − ĝ, G, B − ĝ), ĝ the block's input green plane (observed there
+      as y_R − ĝ, y_G, y_B − ĝ), and ĝ is added back after the solve: the classic colour-difference
+      interpolation, exact on the samples like the RGB form (an option; "False" smooths R, G, B directly):
+      * ``prior="glr"`` (uGLR, A.2): min xᵀLx s.t. Hx = y by ``iters`` CG steps on L_uu x_u = −L_uo y;
+      * ``prior="gtv"`` (uGTV, A.3): min ‖C_w x‖₁ s.t. Hx = y by ``iters`` ADMM iterations, each
+        x-step ``cg_iters`` CG steps, learned ρ per iteration and head;
+      CG steps are ``step_sizes="learned"`` (α_k, β_k per step and head, stored as logs) or "exact";
+   d. heads are mixed with learned weights (init 1/G), then the learned skip
+      x^b = p·new + (1 − p)·x^{b−1} (p init ``skip_init`` = 0.95, A.5);
+   e. the observed samples are written back bit-exactly (both mixtures are affine in x with weights
+      summing to ~1, so this only removes rounding: the outputs keep y exactly).
+
+Parameters: the CNNs, metrics, mixing, skips and solver scalars — a few thousand to tens of thousands
+(default uglr_demosaic: about 27k). Cost per block: O(N·k) per mat-vec, never a dense N×N matrix.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn as nn
+
+from ..core.graph import (
+    NORMALIZATIONS, SIMILARITIES, build_neighbourhood, edge_weights, is_grid_kind, laplacian_matvec, neighbourhood_radius,
+)
+from ..core.solvers import glr_interpolate, gtv_admm_interpolate
+from ..registry import register_model
+from .sampling import BAYER_PATTERNS, SamplingOperator, build_operator
+
+__all__ = ["GraphInterpolationNet", "GraphBlock", "RestorationModel", "RESTORATION_TASKS"]
+
+RESTORATION_TASKS = ("demosaic", "sr2")
+PRIORS = ("glr", "gtv")
+STEP_MODES = ("learned", "exact")
+INITS = ("bilinear", "zeros")
+METRICS = ("diagonal", "full")
+
+
+class RestorationModel(nn.Module, ABC):
+    """Base of every restoration model: holds the sampling operator and validates observations.
+
+    ``task`` "demosaic" (Bayer ``pattern``, RGB output) or "sr2" (×2 grid, ``in_chans`` channels).
+    Subclasses implement ``restore(y)``; ``forward(y)`` checks y first (rank, channels, NaN, size >= ``min_size``).
+    """
+
+    min_size = 4  # the bicubic lattice kernels need H, W >= 4
+
+    def __init__(self, task: str = "demosaic", *, in_chans: int = 3, pattern: str = "RGGB"):
+        super().__init__()
+        if task not in RESTORATION_TASKS:
+            raise ValueError(f"task: expected one of {RESTORATION_TASKS}, got {task!r}")
+        if task == "demosaic" and in_chans != 3:
+            raise ValueError(f"in_chans: demosaicking reconstructs RGB, expected 3, got {in_chans}")
+        if in_chans < 1:
+            raise ValueError(f"in_chans: expected >= 1, got {in_chans}")
+        if pattern.upper() not in BAYER_PATTERNS:
+            raise ValueError(f"pattern: expected one of {BAYER_PATTERNS}, got {pattern!r}")
+        self.task = task
+        self.in_chans = in_chans
+        self.pattern = pattern.upper()
+        self.operator: SamplingOperator = build_operator(task, self.pattern)
+
+    @property
+    def chans(self) -> int:
+        """Channels of the reconstructed image."""
+        return 3 if self.task == "demosaic" else self.in_chans
+
+    def check(self, y: torch.Tensor) -> None:
+        self.operator.check_observation(y, chans=self.in_chans, min_size=self.min_size)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        self.check(y)
+        return self.restore(y)
+
+    @abstractmethod
+    def restore(self, y: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of a checked observation ``y``."""
+
+    def extra_repr(self) -> str:
+        return f"task={self.task!r}, operator={self.operator!r}, in_chans={self.in_chans}"
+
+
+def _conv(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1, padding_mode="replicate")
+
+
+def _to_nodes(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, 1, N, C] (one graph signal per channel, raster node order)."""
+    b, c = x.shape[:2]
+    return x.reshape(b, c, -1).transpose(1, 2).unsqueeze(1)
+
+
+def _from_nodes(v: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[B, N, C] -> [B, C, H, W]."""
+    return v.transpose(1, 2).reshape(v.shape[0], v.shape[2], h, w)
+
+
+class GraphBlock(nn.Module):
+    """One graph-learning module + one unrolled GLR-CG or GTV-ADMM solve + head mixing + skip (module doc, step 2)."""
+
+    def __init__(self, chans: int, *, prior: str, iters: int, cg_iters: int, heads: int, feature_dim: int, width: int,
+                 normalization: str, metric: str, similarity: str, clip: float | None, step_sizes: str,
+                 metric_init: float, alpha_init: float, beta_init: float, rho_init: float, skip_init: float | None,
+                 mask_features: bool, colour_difference: bool = False):
+        super().__init__()
+        self.colour_difference = colour_difference
+        self.prior, self.iters, self.cg_iters = prior, iters, cg_iters
+        self.heads, self.feature_dim = heads, feature_dim
+        self.normalization, self.similarity, self.clip = normalization, similarity, clip
+        self.step_mode, self.metric_kind = step_sizes, metric
+        self.mask_features = mask_features
+        cin = chans * (2 if mask_features else 1)
+        self.features = nn.Sequential(_conv(cin, width), nn.ReLU(inplace=True), _conv(width, width),
+                                      nn.ReLU(inplace=True), _conv(width, heads * feature_dim))
+        if metric == "diagonal":  # log diag(M) per head
+            self.metric = nn.Parameter(torch.full((heads, feature_dim), math.log(metric_init)))
+        else:  # Q with M = QᵀQ per head
+            self.metric = nn.Parameter(math.sqrt(metric_init) * torch.eye(feature_dim).repeat(heads, 1, 1))
+        self.mix = nn.Parameter(torch.full((heads,), 1.0 / heads))  # learned head mixing, init 1/G (A.4)
+        self.skip = nn.Parameter(torch.tensor(float(skip_init))) if skip_init is not None else None
+        if prior == "gtv":
+            self.log_rho = nn.Parameter(torch.full((iters, heads), math.log(rho_init)))
+        if step_sizes == "learned":
+            shape = (iters, heads) if prior == "glr" else (iters, cg_iters, heads)
+            inner = iters if prior == "glr" else cg_iters
+            self.log_alpha = nn.Parameter(torch.full(shape, math.log(alpha_init)))
+            beta_shape = (inner - 1, heads) if prior == "glr" else (iters, inner - 1, heads)
+            self.log_beta = nn.Parameter(torch.full(beta_shape, math.log(beta_init))) if inner > 1 else None
+
+    def node_features(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """f [B, G, N, K] from the estimate x [B, C, H, W] (and the sampling mask)."""
+        b, _, h, w = x.shape
+        inp = torch.cat([x, mask.to(x.dtype).expand_as(x)], 1) if self.mask_features else x
+        f = self.features(inp).view(b, self.heads, self.feature_dim, h * w)
+        return f.transpose(2, 3)
+
+    def graph(self, x: torch.Tensor, mask: torch.Tensor, nbhd) -> torch.Tensor:
+        """Edge weights [B, G, N, k] of the learned graph on ``nbhd`` (A.4)."""
+        return edge_weights(self.node_features(x, mask), nbhd, metric=self.metric, normalization=self.normalization,
+                            similarity=self.similarity, clip=self.clip)
+
+    @staticmethod
+    def _per_head(t: torch.Tensor) -> torch.Tensor:
+        return t[..., None, None]  # [..., G] -> [..., G, 1, 1], broadcast over [B, G, N, C]
+
+    def _glr_steps(self):
+        if self.step_mode == "exact":
+            return None
+        beta = self._per_head(self.log_beta.exp()) if self.log_beta is not None else None
+        return self._per_head(self.log_alpha.exp()), beta
+
+    def _gtv_steps(self):
+        if self.step_mode == "exact":
+            return None
+        alpha = self._per_head(self.log_alpha.exp())
+        beta = self._per_head(self.log_beta.exp()) if self.log_beta is not None else [None] * self.iters
+        return [(alpha[t], beta[t]) for t in range(self.iters)]
+
+    def solve(self, weights: torch.Tensor, nbhd, obs: torch.Tensor, y_nodes: torch.Tensor,
+              x_nodes: torch.Tensor) -> torch.Tensor:
+        """Unrolled GLR / GTV interpolation per head: [B, G, N, C] with x_o = y exactly."""
+        g = self.heads
+        y_g = y_nodes.expand(-1, g, -1, -1)
+        x_g = x_nodes.expand(-1, g, -1, -1)
+        if self.prior == "glr":
+            lap = lambda s: laplacian_matvec(weights, nbhd.index, s)  # noqa: E731
+            return glr_interpolate(obs, y_g, lap, self.iters, x0=x_g, step_sizes=self._glr_steps())
+        index_e, _, cols = nbhd.edges()
+        rho = self._per_head(self.log_rho.exp())
+        return gtv_admm_interpolate(obs, y_g, weights.index_select(-1, cols), index_e, self.iters, self.cg_iters,
+                                    [rho[t] for t in range(self.iters)], x0=x_g, step_sizes=self._gtv_steps())
+
+    def forward(self, x: torch.Tensor, full: torch.Tensor, mask: torch.Tensor, nbhd) -> torch.Tensor:
+        """x [B, C, H, W] current estimate, full = Hᵀy, mask bool [1, C|1, H, W] -> next estimate."""
+        _, c, h, w = x.shape
+        weights = self.graph(x, mask, nbhd)
+        obs = _to_nodes(mask.expand(1, c, h, w))  # bool [1, 1, N, C]
+        offset = 0
+        if self.colour_difference:  # signals (R − ĝ, G, B − ĝ) with ĝ the current green: y_R − ĝ observed at R sites
+            g = x[:, 1:2]
+            offset = torch.cat([g, torch.zeros_like(g), g], 1)
+        out = self.solve(weights, nbhd, obs, _to_nodes(full - offset), _to_nodes(x - offset))
+        new = _from_nodes(torch.einsum("g,bgnc->bnc", self.mix, out), h, w) + offset
+        if self.skip is not None:
+            new = self.skip * new + (1 - self.skip) * x
+        return torch.where(mask, full, new)
+
+
+class GraphInterpolationNet(RestorationModel):
+    """uGLR (``prior="glr"``) / uGTV (``prior="gtv"``) for ``task`` "demosaic" or "sr2" (module doc).
+
+    Options: ``blocks`` (4), ``iters`` (CG steps per block for glr, default 5; ADMM iterations per
+    block for gtv, default 3), ``cg_iters`` (CG steps per ADMM x-step, 3), ``heads`` (parallel graphs,
+    4), ``feature_dim`` (K per head, 6), ``width`` (CNN channels, 16), ``neighbourhood`` ("8"),
+    ``normalization`` ("symmetric"), ``metric`` ("diagonal" | "full"), ``similarity`` ("mahalanobis" |
+    "dot"), ``clip`` (None), ``step_sizes`` ("learned" | "exact"), ``init`` ("bilinear" | "zeros"),
+    ``skip_init`` (0.95; None = no skip), ``metric_init`` (1.0), ``alpha_init`` / ``beta_init`` (CG
+    steps at init; default 1.0 / 0.1 for glr — α = 1 is a Jacobi sweep of the normalised Laplacian —
+    and 4.0 / 0.1 for gtv, whose x-step operator L_{w²} has a smaller scale), ``rho_init`` (gtv, 10.0),
+    ``mask_features`` (True: the CNN also sees the sampling mask), ``colour_difference`` (None = True for
+    demosaic, False for sr2), ``in_chans`` (sr2: 3 or 1), ``pattern`` (demosaic).
+    """
+
+    def __init__(self, task: str = "demosaic", prior: str = "glr", *, blocks: int = 4, iters: int | None = None,
+                 cg_iters: int = 3, heads: int = 4, feature_dim: int = 6, width: int = 16, neighbourhood: str = "8",
+                 normalization: str = "symmetric", metric: str = "diagonal", similarity: str = "mahalanobis",
+                 clip: float | None = None, step_sizes: str = "learned", init: str = "bilinear",
+                 skip_init: float | None = 0.95, metric_init: float = 1.0, alpha_init: float | None = None,
+                 beta_init: float = 0.1, rho_init: float = 10.0, mask_features: bool = True,
+                 colour_difference: bool | None = None, in_chans: int = 3, pattern: str = "RGGB"):
+        super().__init__(task, in_chans=in_chans, pattern=pattern)
+        colour_difference = (task == "demosaic") if colour_difference is None else bool(colour_difference)
+        if colour_difference and self.chans != 3:
+            raise ValueError(f"colour_difference: needs RGB images, got {self.chans} channel(s)")
+        for name, value, allowed in (("prior", prior, PRIORS), ("step_sizes", step_sizes, STEP_MODES),
+                                     ("init", init, INITS), ("normalization", normalization, NORMALIZATIONS),
+                                     ("metric", metric, METRICS), ("similarity", similarity, SIMILARITIES)):
+            if value not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+        if not is_grid_kind(neighbourhood):
+            raise ValueError(f"neighbourhood: expected a pixel-grid kind '4', '8' or 'window<k>' (k odd >= 3), "
+                             f"got {neighbourhood!r}")
+        iters = (5 if prior == "glr" else 3) if iters is None else iters
+        alpha_init = (1.0 if prior == "glr" else 4.0) if alpha_init is None else alpha_init
+        ints = {"blocks": blocks, "iters": iters, "cg_iters": cg_iters, "heads": heads, "feature_dim": feature_dim,
+                "width": width}
+        bad = {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+        if bad:
+            raise ValueError(f"expected ints >= 1, got {bad}")
+        if min(metric_init, alpha_init, beta_init, rho_init) <= 0:
+            raise ValueError(f"expected metric_init, alpha_init, beta_init, rho_init > 0, got {metric_init}, "
+                             f"{alpha_init}, {beta_init}, {rho_init}")
+        self.prior, self.init, self.neighbourhood = prior, init, neighbourhood
+        self.min_size = max(RestorationModel.min_size, neighbourhood_radius(neighbourhood) + 1)
+        self.options = dict(ints, neighbourhood=neighbourhood, normalization=normalization, metric=metric,
+                            similarity=similarity, step_sizes=step_sizes, init=init, skip_init=skip_init,
+                            colour_difference=colour_difference)
+        self.blocks = nn.ModuleList(
+            GraphBlock(self.chans, prior=prior, iters=iters, cg_iters=cg_iters, heads=heads, feature_dim=feature_dim,
+                       width=width, normalization=normalization, metric=metric, similarity=similarity, clip=clip,
+                       step_sizes=step_sizes, metric_init=metric_init, alpha_init=alpha_init, beta_init=beta_init,
+                       rho_init=rho_init, skip_init=skip_init, mask_features=mask_features,
+                       colour_difference=colour_difference)
+            for _ in range(blocks))
+
+    def initial(self, y: torch.Tensor) -> torch.Tensor:
+        """x⁰: bilinear interpolation by the operator, or Hᵀy (zeros at unobserved pixels)."""
+        return self.operator.interpolate(y, "bilinear") if self.init == "bilinear" else self.operator.adjoint(y)
+
+    def restore(self, y: torch.Tensor) -> torch.Tensor:
+        full = self.operator.adjoint(y)
+        h, w = full.shape[-2:]
+        mask = self.operator.observed_mask(h, w, device=y.device)
+        nbhd = build_neighbourhood(self.neighbourhood, (h, w), device=y.device)
+        x = self.initial(y)
+        for block in self.blocks:
+            x = block(x, full, mask, nbhd)
+        return x
+
+    def graphs(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """The learned edge weights [B, G, N, k] of every block (for inspection / diagnostics)."""
+        self.check(y)
+        full = self.operator.adjoint(y)
+        h, w = full.shape[-2:]
+        mask = self.operator.observed_mask(h, w, device=y.device)
+        nbhd = build_neighbourhood(self.neighbourhood, (h, w), device=y.device)
+        x, out = self.initial(y), []
+        for block in self.blocks:
+            out.append(block.graph(x, mask, nbhd))
+            x = block(x, full, mask, nbhd)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, prior={self.prior!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+def _builder(task: str, prior: str):
+    def build(**options) -> GraphInterpolationNet:
+        return GraphInterpolationNet(task, prior, **options)
+
+    build.__name__ = f"u{prior}_{task}"
+    build.__doc__ = f"{'uGLR (unrolled CG)' if prior == 'glr' else 'uGTV (unrolled ADMM)'} for " \
+                    f"{'Bayer RGGB demosaicking' if task == 'demosaic' else 'x2 interpolation'}; options: GraphInterpolationNet."
+    return build
+
+
+for _task in RESTORATION_TASKS:
+    for _prior in PRIORS:
+        register_model(f"u{_prior}_{_task}", family=f"u{_prior}", task="restoration",
+                       summary=_builder(_task, _prior).__doc__)(_builder(_task, _prior))
