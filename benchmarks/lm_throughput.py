@@ -1,0 +1,174 @@
+"""Training throughput and MFU of the causal LMs: GPT-2 vs AoT-MHSA vs AoT-MSSA vs CRATE at equal parameters.
+
+    python -m benchmarks.lm_throughput                      # CPU, the quick preset's sizes; writes benchmarks/results/
+    python -m benchmarks.lm_throughput --device cuda --dtype bfloat16 --width 768 --heads 12 --depth 12 \\
+        --seq-len 1024 --batch 8 --vocab gpt2 --peak-tflops 989
+
+One training step = forward, cross-entropy, backward and an AdamW update, timed with ``benchmarks.common.time_call``.
+Every variant has the same width and heads and ``depth * recipes.lm.LAYERS_PER_GPT2_LAYER[variant]`` layers, so
+equal non-embedding parameters. FLOPs per token, two ways:
+
+- ``6N + attn`` (the PaLM / nanoGPT convention): 6 x the matmul parameters N (all weights except the position
+  embedding; the tied token embedding counts once, as the LM head) plus 12 x layers x attention width x sequence
+  length for the attention scores and weighted sums (no causal discount). MFU uses this number.
+- ``counted``: ``torch.utils.flop_counter.FlopCounterMode`` over one forward + backward with SDPA on its math
+  backend (so attention is plain matmuls the counter sees; causal masking is not discounted either). CRATE's ISTA
+  applies its dictionary twice, which ``6N`` does not see.
+
+The peak is ``--peak-tflops`` when given; on CUDA a table of known dense bf16 peaks; on CPU an *estimate*: threads x
+clock (/proc/cpuinfo) x FP32 FLOPs per cycle (2 FMA units x SIMD width: 32 for AVX2, 64 for AVX-512), labelled so.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import unrollattn
+from benchmarks.common import device_name, markdown_table, peak_memory_mb, time_call, write_atomic
+from recipes.lm import LAYERS_PER_GPT2_LAYER, VARIANTS, ModelConfig, build_lm
+
+COLUMNS = ["variant", "layers", "width", "heads", "params", "non_emb_params", "seq_len", "batch", "step_ms",
+           "tokens_per_s", "mflop_per_token_6n", "mflop_per_token_counted", "achieved_gflops", "mfu_pct", "peak_mem_mb"]
+# dense bf16 tensor-core peaks (TFLOPS), by a substring of torch.cuda.get_device_name()
+CUDA_PEAK_BF16 = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
+                  "L4": 121.0, "RTX 4090": 165.0}
+
+
+def cpu_peak_estimate() -> tuple[float, str]:
+    """(GFLOPS, description): threads x clock x FP32 FLOPs per cycle per core, from /proc/cpuinfo."""
+    threads = torch.get_num_threads()
+    ghz, flags, model = None, set(), "CPU"
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        mhz = re.findall(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M)
+        ghz = max(float(m) for m in mhz) / 1000 if mhz else None
+        flag_line = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+        flags = set(flag_line.group(1).split()) if flag_line else set()
+        name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+        model = name.group(1).strip() if name else model
+    except OSError:
+        pass
+    ghz = ghz or 2.5
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16 if "avx" in flags else 8
+    isa = "AVX-512" if per_cycle == 64 else "AVX2+FMA" if per_cycle == 32 else "AVX" if per_cycle == 16 else "SSE"
+    gflops = threads * ghz * per_cycle
+    return gflops, (f"CPU estimate for {model}: {threads} threads x {ghz:.2f} GHz x {per_cycle} FP32 FLOP/cycle "
+                    f"({isa}, 2 FMA units assumed) = {gflops:.0f} GFLOPS")
+
+
+def peak_gflops(device: torch.device, given_tflops: float | None) -> tuple[float, str]:
+    if given_tflops:
+        return given_tflops * 1e3, f"given: {given_tflops:g} TFLOPS"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in CUDA_PEAK_BF16.items():
+            if key in name:
+                return tflops * 1e3, f"{name}: dense bf16 peak {tflops:g} TFLOPS (datasheet)"
+        raise SystemExit(f"unknown peak for {name}: pass --peak-tflops")
+    return cpu_peak_estimate()
+
+
+def flops_per_token_6n(model, seq_len: int) -> tuple[float, int]:
+    """(6N + 12 L d_attn T, N) with N = all parameters but the position embedding."""
+    cfg = model.config
+    wpe = model.transformer.wpe.weight.numel()
+    n = sum(p.numel() for p in model.parameters()) - wpe
+    d_attn = cfg.n_head * (getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head)
+    return 6 * n + 12 * cfg.n_layer * d_attn * seq_len, n
+
+
+def counted_flops_per_token(model, x: torch.Tensor) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel([SDPBackend.MATH]):  # the math path runs plain matmuls, which the counter sees
+        logits = model(input_ids=x).logits
+        F.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / x.numel()
+
+
+def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: float) -> dict:
+    torch.manual_seed(0)
+    vocab, eos = (50257, 50256) if args.vocab == "gpt2" else (257, 256)
+    mc = ModelConfig(variant=variant, size="tiny", depth=args.depth, n_embd=args.width, n_head=args.heads)
+    model = build_lm(mc, vocab_size=vocab, eos_token_id=eos, n_positions=args.seq_len).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x = torch.randint(0, vocab - 1, (args.batch, args.seq_len), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        with autocast:
+            logits = model(input_ids=x).logits
+        F.cross_entropy(logits.float().flatten(0, 1)[:-1], x.flatten()[1:]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = time_call(step, device, warmup=2, repeats=args.repeats)
+    flops_6n, _ = flops_per_token_6n(model, args.seq_len)
+    counted = counted_flops_per_token(model, x[:1]) if args.count_flops else float("nan")
+    tokens_per_s = args.batch * args.seq_len / seconds
+    params = sum(p.numel() for p in model.parameters())
+    emb = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    return {
+        "variant": variant, "layers": model.config.n_layer, "width": args.width, "heads": args.heads,
+        "params": params, "non_emb_params": params - emb, "seq_len": args.seq_len, "batch": args.batch,
+        "step_ms": seconds * 1e3, "tokens_per_s": tokens_per_s, "mflop_per_token_6n": flops_6n / 1e6,
+        "mflop_per_token_counted": counted / 1e6, "achieved_gflops": tokens_per_s * flops_6n / 1e9,
+        "mfu_pct": 100 * tokens_per_s * flops_6n / 1e9 / peak, "peak_mem_mb": peak_memory_mb(step, device),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--width", type=int, default=160)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=4, help="GPT-2-equivalent depth (equal parameters)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--vocab", default="byte", choices=["byte", "gpt2"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak of the device (default: see doc)")
+    parser.add_argument("--no-count-flops", dest="count_flops", action="store_false")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = [v for v in args.variants.split(",") if v not in LAYERS_PER_GPT2_LAYER]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    unrollattn.set_finite_checks(False)  # the NaN guard is a host sync; measure the models themselves
+    peak, peak_text = peak_gflops(device, args.peak_tflops)
+    rows = []
+    for variant in args.variants.split(","):
+        row = measure(variant, args, device, dtype, peak)
+        rows.append(row)
+        print(f"{variant:9s} {row['layers']:3d} layers  {row['tokens_per_s']:10,.0f} tok/s  "
+              f"MFU {row['mfu_pct']:.1f}%", flush=True)
+    table = markdown_table(rows, COLUMNS)
+    text = (f"# Causal LM training throughput ({device_name(device)}, {args.dtype}, vocab {args.vocab})\n\n"
+            f"Peak for MFU: {peak_text}. FLOPs per token: 6N + 12 L d T (PaLM convention; N = weights without the "
+            f"position embedding); the counted column is torch's FlopCounterMode over forward + backward.\n"
+            f"Command: python -m benchmarks.lm_throughput {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
+            f"{table}\n")
+    print()
+    print(text)
+    out = Path(args.out) / f"lm_throughput_{device.type}.md"
+    write_atomic(out, text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,567 @@
+"""Recipe "lm": causal language models through HF transformers: AoT-MSSA, AoT-MHSA and CRATE against GPT-2.
+
+Single process (CPU or one GPU)::
+
+    python -m recipes.lm --preset quick model.variant=aot_mssa
+    unrollattn train lm --preset quick model.variant=crate loop.max_steps=100
+    python -m recipes.lm --preset icl_quick model.variant=aot_mhsa        # in-context linear regression
+
+DDP, one process per device (``loop.batch_size`` is the global batch; divide ``loop.grad_accum`` by the number
+of processes to keep it)::
+
+    torchrun --standalone --nproc_per_node=8 -m recipes.lm --preset gpt2_scale loop.grad_accum=5
+
+Ablation (one table + plot)::
+
+    unrollattn ablate lm --variants gpt2,aot_mhsa,aot_mssa,crate --preset quick
+
+Variants (papers.md B.3, B.5): ``gpt2`` = HF ``GPT2LMHeadModel``; ``aot_mhsa`` = softmax attention + skip, no MLP;
+``aot_mssa`` = subspace attention (Q = K = V = U_k^T z) + skip; ``crate`` = MSSA + ISTA. ``model.depth`` is a
+GPT-2-equivalent depth: each variant gets ``depth * LAYERS_PER_GPT2_LAYER[variant]`` layers, which equalises the
+non-embedding parameters at any width (a GPT-2 layer has ~12 d^2 weights, AoT-MHSA 4 d^2, AoT-MSSA 2 d^2,
+CRATE 3 d^2); left at None, the registered size (``gpt2_base``, ``aot_mssa_lm_base``, ...) decides.
+
+Presets: ``quick`` (CPU, a few minutes per variant: byte-level KJV, width 160, GPT-2-equivalent depth 4),
+``gpt2_scale`` (GPU: the paper's base sizes, GPT-2 BPE, context 1024, bf16, torch.compile, grad accumulation,
+cosine with warm-up; OpenWebText when the hub is reachable, else the local corpora), ``icl_quick`` (CPU, in-context
+linear regression d = 3, Garg et al. style). Metrics: val_loss / val_ppl (validation split of the training
+corpus), shift_loss (validation split of a *different* corpus: covariate shift), last_word_acc (LAMBADA-style on
+held-out lines, not LAMBADA itself), tokens/s and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import unrollattn
+import unrollattn.language  # noqa: F401  (registers the causal-LM presets)
+from unrollattn.language.corpora import TokenCorpus, prepare_corpus, resolve_corpus
+from unrollattn.language.evaluation import (
+    ICLData, ICLRegressionTask, last_word_accuracy, last_word_passages, window_loss, write_icl_curves,
+)
+from unrollattn.language.tokenizer import ByteTokenizer, get_tokenizer
+from unrollattn.registry import MODELS, Registry
+from unrollattn.train import (
+    ConfigError, DistState, LoopConfig, OptimConfig, add_config_arguments, apply_overrides, broadcast_object, fit,
+    init_distributed, micro_batch_size, step_seed, unwrap_model,
+)
+
+__all__ = [
+    "DataConfig", "EvalConfig", "ICLConfig", "LAYERS_PER_GPT2_LAYER", "LMConfig", "LMTask", "ModelConfig", "PRESETS",
+    "TASKS", "TOKENIZER_NAMES", "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for",
+    "ablation_metric", "build_lm", "load_config", "main", "model_kwargs", "registry_name", "run",
+]
+
+VARIANTS = ("gpt2", "aot_mhsa", "aot_mssa", "crate")
+VARIANT_KEY = "model.variant"
+TASKS = ("lm", "icl")
+TOKENIZER_NAMES = ("byte", "gpt2", "gpt2-files", "gpt2-hub")
+# Layers per GPT-2 layer at equal non-embedding parameters (weights per layer: 12 d^2 / 4 d^2 / 2 d^2 / 3 d^2).
+LAYERS_PER_GPT2_LAYER = {"gpt2": 1, "aot_mhsa": 3, "aot_mssa": 6, "crate": 4}
+_REGISTRY_PATTERN = {"gpt2": "gpt2_{size}", "aot_mhsa": "aot_mhsa_lm_{size}", "aot_mssa": "aot_mssa_lm_{size}",
+                     "crate": "crate_lm_{size}"}
+
+# summary key -> column header of the ablation table
+_LM_COLUMNS = {"params": "params", "params_non_embedding": "non-emb params", "n_layer": "layers",
+               "val_loss": "val loss", "val_ppl": "val ppl", "shift_loss": "shift loss", "last_word_acc": "last-word acc",
+               "tokens_per_s": "train tok/s", "peak_mem_mb": "peak mem MB", "wall_s": "wall s"}
+_ICL_COLUMNS = {"params": "params", "params_non_embedding": "non-emb params", "n_layer": "layers",
+                "val_loss": "val loss (err/d)", "icl_err_k1": "err k=1", "icl_err_kd": "err k=d",
+                "icl_err_k2d": "err k=2d", "icl_err_klast": "err k=max", "tokens_per_s": "train tok/s",
+                "peak_mem_mb": "peak mem MB", "wall_s": "wall s"}
+ablation_columns = {**_LM_COLUMNS, **{k: v for k, v in _ICL_COLUMNS.items() if k not in _LM_COLUMNS}}
+ablation_metric = "val_loss"
+
+
+def ablation_columns_for(cfg: "LMConfig") -> dict[str, str]:
+    """The ablation columns of ``cfg``'s task (language modelling or in-context regression)."""
+    return dict(_ICL_COLUMNS if cfg.task == "icl" else _LM_COLUMNS)
+
+
+# ----------------------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which model: ``variant`` x ``size`` picks a registered preset (``gpt2_tiny``, ``aot_mssa_lm_base``, ...);
+    ``depth`` (GPT-2-equivalent, see the module doc), ``n_layer``, ``n_embd``, ``n_head``, ``n_positions`` override it
+    (``n_layer`` wins over ``depth``; ``n_positions`` None = the data's block size). ``extra``: more keyword
+    overrides for the model config (e.g. ``{"attn_options": {"nonlinearity": "relu"}}``)."""
+
+    variant: str = "gpt2"
+    size: str = "tiny"
+    depth: int | None = None
+    n_layer: int | None = None
+    n_embd: int | None = None
+    n_head: int | None = None
+    n_positions: int | None = None
+    dropout: float = 0.0
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        for key in ("depth", "n_layer", "n_embd", "n_head", "n_positions"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: expected a positive int or none, got {value!r}")
+        if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Text data: ``corpus`` and ``shift_corpus`` are corpus names or comma-separated preference lists
+    (``unrollattn.language.corpora``; the shift corpus is the first available one that differs from the training
+    corpus, "" for none); ``tokenizer`` byte | gpt2 (offline files, else hub) | gpt2-files | gpt2-hub;
+    ``block_size`` tokens per training window; ``root`` overrides the data root ($UNROLLATTN_DATA)."""
+
+    corpus: str = "kjv,austen,music21_en"
+    shift_corpus: str = "austen,music21_en,kjv"
+    tokenizer: str = "byte"
+    block_size: int = 128
+    val_fraction: float = 0.05
+    root: str | None = None
+
+    def __post_init__(self):
+        if self.tokenizer not in TOKENIZER_NAMES:
+            raise ConfigError(f"tokenizer: expected one of {', '.join(TOKENIZER_NAMES)}, got {self.tokenizer!r}")
+        if self.block_size < 2:
+            raise ConfigError(f"block_size: expected an int >= 2, got {self.block_size!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction: expected a float in (0, 1), got {self.val_fraction!r}")
+        if not self.corpus.strip():
+            raise ConfigError("corpus: expected a corpus name or a comma-separated list, got ''")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation: ``windows`` fixed windows of the val split (and of the shift corpus) of ``block_size`` tokens,
+    ``batch_size`` windows per forward; ``last_word_passages`` passages (0 disables) of which the model sees the last
+    ``last_word_context`` tokens."""
+
+    windows: int = 64
+    batch_size: int = 16
+    last_word_passages: int = 200
+    last_word_context: int = 64
+
+    def __post_init__(self):
+        for key in ("windows", "batch_size", "last_word_context"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: expected an int >= 1, got {getattr(self, key)!r}")
+        if self.last_word_passages < 0:
+            raise ConfigError(f"last_word_passages: expected an int >= 0, got {self.last_word_passages!r}")
+
+
+@dataclasses.dataclass
+class ICLConfig:
+    """In-context linear regression (``task=icl``): x, w ~ N(0, I_dim), ``n_points`` (x, w.x) pairs per prompt."""
+
+    dim: int = 5
+    n_points: int = 20
+    noise_std: float = 0.0
+    eval_prompts: int = 1000
+
+    def __post_init__(self):
+        ICLData(self.dim, self.n_points, self.noise_std, self.eval_prompts)  # raises ValueError on bad values
+
+
+@dataclasses.dataclass
+class LMConfig:
+    """The whole run. ``task``: ``lm`` (language modelling on ``data``) or ``icl`` (in-context regression)."""
+
+    preset: str = "custom"
+    task: str = "lm"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    icl: ICLConfig = dataclasses.field(default_factory=ICLConfig)
+    loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ConfigError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
+        context = self.model.n_positions
+        need = self.data.block_size if self.task == "lm" else 2 * self.icl.n_points
+        if context is not None and need > context:
+            what = f"data.block_size={need}" if self.task == "lm" else f"2 * icl.n_points = {need} tokens"
+            raise ConfigError(f"{what} exceeds the model's context model.n_positions={context}")
+
+
+# ----------------------------------------------------------------------------------------------------- model
+
+
+def registry_name(model: ModelConfig) -> str:
+    """The registered model name of ``model`` (checked to exist)."""
+    name = _REGISTRY_PATTERN[model.variant].format(size=model.size)
+    if name not in MODELS:
+        prefix = _REGISTRY_PATTERN[model.variant].split("{")[0]
+        sizes = sorted(n[len(prefix):] for n in unrollattn.list_models(task="causal-lm") if n.startswith(prefix)
+                       and "_" not in n[len(prefix):])
+        raise ConfigError(f"model.size: {model.variant} has no size {model.size!r}; available: {', '.join(sizes)}")
+    return name
+
+
+def model_kwargs(model: ModelConfig, *, vocab_size: int, eos_token_id: int | None, n_positions: int) -> dict[str, Any]:
+    """Keyword overrides for ``unrollattn.build_model(registry_name(model), **kwargs)``."""
+    kw: dict[str, Any] = {"vocab_size": vocab_size, "n_positions": model.n_positions or n_positions,
+                          "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+    n_layer = model.n_layer or (model.depth * LAYERS_PER_GPT2_LAYER[model.variant] if model.depth else None)
+    for key, value in (("n_layer", n_layer), ("n_embd", model.n_embd), ("n_head", model.n_head)):
+        if value is not None:
+            kw[key] = value
+    if model.variant == "gpt2":
+        kw.update(resid_pdrop=model.dropout, embd_pdrop=model.dropout, attn_pdrop=model.dropout)
+    else:
+        kw["dropout"] = model.dropout
+    kw.update(model.extra)
+    return kw
+
+
+def build_lm(model: ModelConfig, *, vocab_size: int, eos_token_id: int | None, n_positions: int) -> nn.Module:
+    """The HF causal LM of ``model`` (``GPT2LMHeadModel`` or ``UnrollAttnForCausalLM``)."""
+    return unrollattn.build_model(registry_name(model), **model_kwargs(
+        model, vocab_size=vocab_size, eos_token_id=eos_token_id, n_positions=n_positions))
+
+
+def _embedding_params(model: nn.Module) -> int:
+    """Token + position embedding parameters (the tied LM head shares the token embedding)."""
+    model = unwrap_model(model)
+    base = getattr(model, "transformer", model)  # a causal LM, or its base model (the ICL backbone)
+    return sum(getattr(base, name).weight.numel() for name in ("wte", "wpe") if hasattr(base, name))
+
+
+# ----------------------------------------------------------------------------------------------------- LM task
+
+
+def _on_main_then_all(state: DistState, action):
+    """Run ``action()`` on rank 0 first (e.g. preparing a corpus), then on the other ranks (which reuse its files)."""
+    result, error = None, None
+    if state.is_main:
+        try:
+            result = action()
+        except Exception as err:
+            error = err
+    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", state)
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"rank 0 failed: {failed}")
+    return result if state.is_main else action()
+
+
+class LMTask:
+    """The :class:`unrollattn.train.Task` of next-token prediction on a prepared corpus.
+
+    Training windows of ``block_size + 1`` tokens start at uniform random offsets of the train split, drawn from
+    (seed, step, micro-batch, rank); evaluation: :func:`window_loss` on the val split and on the shift corpus, and
+    :func:`last_word_accuracy` on passages of the val split.
+    """
+
+    def __init__(self, cfg: LMConfig, tokenizer: Any = None):
+        self.cfg = cfg
+        self.state = init_distributed(cfg.loop.device)
+        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer(cfg.data.tokenizer)
+        d = cfg.data
+        self.n_positions = cfg.model.n_positions or d.block_size
+        if d.block_size > self.n_positions:
+            raise ValueError(f"data.block_size={d.block_size} exceeds the model's context n_positions={self.n_positions}")
+        self.vocab_size = int(cfg.model.extra.get("vocab_size", len(self.tokenizer)))
+        self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+
+        def prepare(spec: str) -> TokenCorpus:
+            return prepare_corpus(spec, self.tokenizer, val_fraction=d.val_fraction, root=d.root)
+
+        corpus_spec = resolve_corpus(d.corpus, self.tokenizer, d.val_fraction)
+        self.corpus = _on_main_then_all(self.state, lambda: prepare(corpus_spec))
+        self.shift = None
+        if d.shift_corpus.strip():
+            try:
+                shift_spec = resolve_corpus(d.shift_corpus, self.tokenizer, d.val_fraction, exclude=[corpus_spec])
+            except FileNotFoundError as err:
+                import warnings
+
+                warnings.warn(f"no shift corpus: {err}", RuntimeWarning, stacklevel=2)
+            else:
+                self.shift = _on_main_then_all(self.state, lambda: prepare(shift_spec))
+        for corpus in (self.corpus, self.shift):
+            if corpus is not None:
+                self._check_ids(corpus)
+        if len(self.corpus.train) < d.block_size + 2:
+            raise ValueError(f"{self.corpus.describe()}: the train split is shorter than block_size + 2 = "
+                             f"{d.block_size + 2} tokens")
+        self.passages = []
+        if cfg.eval.last_word_passages:
+            ctx = cfg.eval.last_word_context
+            if ctx >= self.n_positions:
+                raise ValueError(f"eval.last_word_context={ctx} must be smaller than the model's context "
+                                 f"n_positions={self.n_positions} (room is needed for the generated word)")
+            self.passages = last_word_passages(self._val_documents(), cfg.eval.last_word_passages,
+                                               min_context_chars=ctx * (1 if isinstance(self.tokenizer, ByteTokenizer) else 6))
+
+    def _check_ids(self, corpus: TokenCorpus) -> None:
+        """Token ids must fit the model's vocabulary (checked on meta, the val split and the first 1M train ids)."""
+        biggest = max(int(corpus.val.max()) if len(corpus.val) else 0,
+                      int(np.max(corpus.train[: 1 << 20])) if len(corpus.train) else 0)
+        if corpus.vocab_size > self.vocab_size or biggest >= self.vocab_size:
+            raise ValueError(f"{corpus.name}: token ids up to {max(biggest, corpus.vocab_size - 1)} "
+                             f"({corpus.meta['tokenizer']} tokenizer, vocabulary {corpus.vocab_size}) do not fit the "
+                             f"model's vocab_size={self.vocab_size}")
+
+    def _val_documents(self, max_tokens: int = 2_000_000) -> list[str]:
+        val = np.asarray(self.corpus.val[:max_tokens], dtype=np.int64)
+        cuts = np.flatnonzero(val == self.corpus.eos_token_id)
+        docs, start = [], 0
+        for end in [*cuts.tolist(), len(val)]:
+            if end > start:
+                docs.append(self.tokenizer.decode(val[start:end].tolist()))
+            start = end + 1
+        return docs
+
+    def build_model(self) -> nn.Module:
+        return build_lm(self.cfg.model, vocab_size=self.vocab_size, eos_token_id=self.eos_token_id,
+                        n_positions=self.n_positions)
+
+    def batch(self, step: int, micro: int, state: DistState) -> dict[str, torch.Tensor]:
+        loop, block = self.cfg.loop, self.cfg.data.block_size
+        mb = micro_batch_size(loop.batch_size, loop.grad_accum, state.world_size)
+        rng = np.random.default_rng(step_seed(loop.seed, step * loop.grad_accum + micro, state.rank))
+        train = self.corpus.train
+        starts = rng.integers(0, len(train) - block - 1, size=mb, endpoint=True)
+        w = torch.from_numpy(np.stack([np.asarray(train[s: s + block + 1], dtype=np.int64) for s in starts]))
+        return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(input_ids=batch["input_ids"]).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)), {}
+
+    def evaluate(self, model: nn.Module, state: DistState) -> dict[str, float]:
+        e, block = self.cfg.eval, self.cfg.data.block_size
+        val = window_loss(model, self.corpus.val, block, max_windows=e.windows, batch_size=e.batch_size, state=state)
+        out = {"val_loss": val["loss"], "val_ppl": val["ppl"]}
+        if self.shift is not None:
+            shift = window_loss(model, self.shift.val, block, max_windows=e.windows, batch_size=e.batch_size,
+                                state=state)
+            out.update(shift_loss=shift["loss"], shift_ppl=shift["ppl"])
+        if self.passages:
+            acc = last_word_accuracy(model, self.tokenizer, self.passages, context_tokens=e.last_word_context,
+                                     batch_size=max(e.batch_size, 32), state=state)
+            out["last_word_acc"] = acc["acc"]
+        return out
+
+    def items_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["input_ids"].numel())
+
+    def export(self, model: nn.Module, run_dir: Path) -> None:
+        """A ``save_pretrained`` directory ``hf_model/`` (loadable with ``AutoModelForCausalLM`` after
+        ``import unrollattn.language``), with the GPT-2 tokenizer files when that tokenizer was used."""
+        out = Path(run_dir) / "hf_model"
+        unwrap_model(model).save_pretrained(out)
+        if hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(out)
+        else:
+            (out / "tokenizer.json.txt").write_text("byte-level: UTF-8 bytes are ids 0..255, id 256 is <|endoftext|> "
+                                                    "(unrollattn.language.tokenizer.ByteTokenizer)\n")
+
+    def describe(self) -> dict[str, Any]:
+        return {"corpus": self.corpus.name, "corpus_tokens": {"train": len(self.corpus.train), "val": len(self.corpus.val)},
+                "shift_corpus": self.shift.name if self.shift is not None else None,
+                "tokenizer": self.corpus.meta["tokenizer"], "last_word_passages": len(self.passages)}
+
+
+# ----------------------------------------------------------------------------------------------------- ICL task
+
+
+def make_icl_task(cfg: LMConfig) -> ICLRegressionTask:
+    """The in-context regression task with ``cfg.model``'s backbone (its base model, fed ``inputs_embeds``)."""
+    icl = cfg.icl
+    n_positions = cfg.model.n_positions or 2 * icl.n_points
+
+    def backbone() -> nn.Module:
+        lm = build_lm(cfg.model, vocab_size=1, eos_token_id=None, n_positions=n_positions)
+        return lm.transformer  # GPT2Model / UnrollAttnModel: the LM head is not used
+
+    with torch.device("meta"):
+        width = backbone().config.n_embd
+    return ICLRegressionTask(backbone, width, ICLData(icl.dim, icl.n_points, icl.noise_std, icl.eval_prompts),
+                             batch_size=cfg.loop.batch_size, grad_accum=cfg.loop.grad_accum, seed=cfg.loop.seed,
+                             label=cfg.model.variant)
+
+
+def _icl_summary_keys(summary: dict[str, Any], cfg: LMConfig) -> None:
+    d, k = cfg.icl.dim, cfg.icl.n_points
+    for alias, i in (("icl_err_kd", d), ("icl_err_k2d", 2 * d), ("icl_err_klast", k - 1)):
+        summary[alias] = summary.get(f"icl_err_k{i}", math.nan)
+
+
+def _combine_icl_curves(out_dir: Path) -> Path | None:
+    """``out_dir/icl_curves.{csv,md,png}`` from every run directory in ``out_dir`` that has an ``icl_curve.csv``
+    (e.g. the variants of one ablation): each run's column, with the baselines of the first run."""
+    import csv
+
+    rows: dict[int, dict[str, float]] = {}
+    found = False
+    for run_dir in sorted(p for p in out_dir.iterdir() if (p / "icl_curve.csv").is_file()):
+        with open(run_dir / "icl_curve.csv", newline="") as f:
+            reader = list(csv.DictReader(f))
+        series = [c for c in reader[0] if c not in ("k", "least_squares", "zero")] if reader else []
+        for r in reader:
+            row = rows.setdefault(int(r["k"]), {"k": int(r["k"])})
+            for s in series:
+                row[run_dir.name if len(series) == 1 else f"{run_dir.name}/{s}"] = float(r[s])
+            for base in ("least_squares", "zero"):
+                row.setdefault(base, float(r[base]))
+        found = True
+    if not found:
+        return None
+    ordered = [rows[k] for k in sorted(rows)]
+    names = [c for c in ordered[0] if c not in ("k", "least_squares", "zero")]
+    ordered = [{"k": r["k"], **{n: r.get(n, math.nan) for n in names}, "least_squares": r["least_squares"],
+                "zero": r["zero"]} for r in ordered]
+    return write_icl_curves(ordered, out_dir, stem="icl_curves",
+                            title="in-context linear regression: " + ", ".join(names))["md"]
+
+
+# ----------------------------------------------------------------------------------------------------- presets
+
+PRESETS = Registry("lm preset")
+
+
+@PRESETS.register("quick")
+def quick() -> LMConfig:
+    """CPU, a few minutes per variant on 2 cores: byte-level KJV (else Austen, else the music21 excerpt), windows of
+    128 bytes, width 160, 4 heads, GPT-2-equivalent depth 4 (GPT-2 4 layers, AoT-MHSA 12, AoT-MSSA 24, CRATE 16:
+    ~1.2M non-embedding parameters each), 300 steps of 16 windows (614k tokens), shift corpus Austen."""
+    return LMConfig(
+        preset="quick",
+        model=ModelConfig(variant="gpt2", size="tiny", depth=4, n_embd=160, n_head=4),
+        data=DataConfig(corpus="kjv,austen,music21_en", shift_corpus="austen,music21_en,kjv", tokenizer="byte",
+                        block_size=128),
+        eval=EvalConfig(windows=48, batch_size=16, last_word_passages=100, last_word_context=64),
+        loop=LoopConfig(max_steps=300, batch_size=16, eval_every=100, log_every=25, ckpt_every=0),
+        optim=OptimConfig(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup_steps=30, schedule="cosine",
+                          min_lr_ratio=0.1, grad_clip=1.0),
+    )
+
+
+@PRESETS.register("tiny_debug")
+def tiny_debug() -> LMConfig:
+    """Seconds: byte-level, width 32, GPT-2-equivalent depth 1, 20 steps of 4 x 32 bytes (tests, smoke runs)."""
+    return LMConfig(
+        preset="tiny_debug",
+        model=ModelConfig(variant="gpt2", size="tiny", depth=1, n_embd=32, n_head=2),
+        data=DataConfig(corpus="kjv,austen,music21_en", shift_corpus="", tokenizer="byte", block_size=32),
+        eval=EvalConfig(windows=8, batch_size=8, last_word_passages=8, last_word_context=16),
+        loop=LoopConfig(max_steps=20, batch_size=4, eval_every=10, log_every=5, ckpt_every=0, progress=False),
+        optim=OptimConfig(lr=3e-3, weight_decay=0.0, warmup_steps=2, min_lr_ratio=0.1),
+    )
+
+
+@PRESETS.register("gpt2_scale")
+def gpt2_scale() -> LMConfig:
+    """GPU, nanoGPT's GPT-2 recipe (papers.md B.8): the paper's base sizes (GPT-2 124M, AoT-MHSA 122M, AoT-MSSA
+    102M, CRATE 60M), GPT-2 BPE, context 1024, 480 x 1024 tokens per step (micro-batch 12 x 40 accumulation on one
+    GPU), AdamW (0.9, 0.95), lr 6e-4 -> 6e-5 cosine after 2000 warm-up steps, wd 0.1, clip 1.0, bf16, torch.compile.
+    OpenWebText when the hub is reachable, else KJV / Austen (far too small for these sizes: a smoke test only)."""
+    return LMConfig(
+        preset="gpt2_scale",
+        model=ModelConfig(variant="gpt2", size="base"),
+        data=DataConfig(corpus="hf:openwebtext,kjv,austen", shift_corpus="austen,kjv,music21_en", tokenizer="gpt2",
+                        block_size=1024),
+        eval=EvalConfig(windows=200, batch_size=8, last_word_passages=500, last_word_context=256),
+        loop=LoopConfig(max_steps=600_000, batch_size=480, grad_accum=40, eval_every=2000, log_every=10,
+                        ckpt_every=2000, precision="bf16", compile=True, keep_checkpoints=2),
+        optim=OptimConfig(lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), warmup_steps=2000, schedule="cosine",
+                          min_lr_ratio=0.1, grad_clip=1.0),
+    )
+
+
+@PRESETS.register("icl_quick")
+def icl_quick() -> LMConfig:
+    """CPU, a few minutes per variant: in-context linear regression with d = 3 and 12 (x, y) pairs per prompt
+    (24 tokens), width 64, 4 heads, GPT-2-equivalent depth 4, 1000 steps of 64 fresh prompts (no curriculum), error
+    vs k over 1000 fixed prompts. (d = 5 needs far more steps than a CPU preset affords: 600 steps stay at the
+    zero-estimator error.)"""
+    return LMConfig(
+        preset="icl_quick",
+        task="icl",
+        model=ModelConfig(variant="gpt2", size="tiny", depth=4, n_embd=64, n_head=4),
+        icl=ICLConfig(dim=3, n_points=12, noise_std=0.0, eval_prompts=1000),
+        loop=LoopConfig(max_steps=1000, batch_size=64, eval_every=250, log_every=50, ckpt_every=0),
+        optim=OptimConfig(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), warmup_steps=50, schedule="cosine",
+                          min_lr_ratio=0.1, grad_clip=1.0),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- entry points
+
+
+def load_config(preset: str = "quick", overrides: Sequence[str] | None = None, *, resume: bool = False) -> LMConfig:
+    """Preset ``preset`` with ``key=value`` overrides applied (``resume`` sets ``loop.resume``)."""
+    cfg = apply_overrides(PRESETS.get(preset)(), list(overrides or []))
+    return apply_overrides(cfg, ["loop.resume=true"]) if resume else cfg
+
+
+def run(cfg: LMConfig) -> dict[str, Any]:
+    """Train and evaluate ``cfg``; return fit's summary plus the model description (and NaN for ablation columns
+    that do not apply to the task, so every run has every column)."""
+    prefix = f"lm-{cfg.preset}-{cfg.model.variant}" if cfg.task == "lm" else f"icl-{cfg.preset}-{cfg.model.variant}"
+    if cfg.task == "icl":
+        task = make_icl_task(cfg)
+        summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=prefix, config_for_log=cfg)
+        _icl_summary_keys(summary, cfg)
+        info: dict[str, Any] = {"task": "icl", "icl_dim": cfg.icl.dim, "icl_points": cfg.icl.n_points}
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            combined = _combine_icl_curves(Path(summary["run_dir"]).parent)
+            info["icl_curves"] = str(combined) if combined else None
+    else:
+        task = LMTask(cfg)
+        summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=prefix, config_for_log=cfg)
+        info = {"task": "lm", **task.describe()}
+    with torch.device("meta"):
+        model = task.build_model()
+    n_emb = _embedding_params(model.backbone if cfg.task == "icl" else model)
+    config = (model.backbone if cfg.task == "icl" else model).config
+    out = {"variant": cfg.model.variant, "model_name": registry_name(cfg.model), "n_layer": config.n_layer,
+           "n_embd": config.n_embd, **info, **summary,
+           "params_non_embedding": summary["params"] - n_emb, "tokens_per_s": summary.get("train_items_per_s")}
+    for key in ablation_columns:
+        out.setdefault(key, math.nan)
+    if int(os.environ.get("RANK", "0") or 0) == 0 and out.get("run_dir"):
+        from unrollattn.train._io import atomic_write_json
+
+        atomic_write_json(Path(out["run_dir"]) / "result.json", out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``[--preset NAME] [--resume] [key=value ...]``; prints the summary as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m recipes.lm", description=__doc__.split("\n\n")[0],
+                                     epilog=f"presets: {', '.join(PRESETS.names())}")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.preset or "quick", args.overrides, resume=args.resume)
+    summary = run(cfg)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    from unrollattn.cli import exit_on_error
+
+    sys.exit(exit_on_error(main))

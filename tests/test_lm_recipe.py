@@ -1,0 +1,273 @@
+"""The lm recipe: config, equal-parameter variants, evaluation pieces, an end-to-end byte-level run, ICL, ablation."""
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from recipes import lm
+from unrollattn.language import evaluation as ev
+from unrollattn.language.tokenizer import ByteTokenizer
+from unrollattn.train import ConfigError, DistState, read_metrics
+
+WORDS = {"subject": ["the king", "a servant", "the prophet", "my brother", "the people"],
+         "verb": ["went up to", "spake unto", "looked upon", "came down to", "gave bread to"],
+         "object": ["the city", "the house", "the mountain", "the river", "the temple"]}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and a busy machine makes a second OpenMP thread very costly)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sentences(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    lines = [f"And {rng.choice(WORDS['subject'])} {rng.choice(WORDS['verb'])} {rng.choice(WORDS['object'])}."
+             for _ in range(n)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture()
+def corpus_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNROLLATTN_DATA", str(tmp_path / "data"))
+    (tmp_path / "train.txt").write_text(_sentences(0, 700), encoding="utf-8")
+    (tmp_path / "shift.txt").write_text("Emma Woodhouse, handsome, clever, and rich, had lived nearly twenty-one "
+                                        "years in the world.\n" * 40, encoding="utf-8")
+    return tmp_path
+
+
+def _tiny(tmp_path, *extra):
+    return lm.load_config("tiny_debug", [f"data.corpus=text:{tmp_path}/train.txt",
+                                         f"data.shift_corpus=text:{tmp_path}/shift.txt", "data.val_fraction=0.1",
+                                         f"loop.out_dir={tmp_path}/runs", "loop.device=cpu", *extra])
+
+
+# ----------------------------------------------------------------------------------------------------- config
+
+
+def test_presets_and_overrides():
+    assert {"quick", "tiny_debug", "gpt2_scale", "icl_quick"} <= set(lm.PRESETS.names())
+    for name in lm.PRESETS.names():
+        cfg = lm.PRESETS.get(name)()
+        assert cfg.preset == name and cfg.model.variant in lm.VARIANTS
+    scale = lm.load_config("gpt2_scale")
+    assert (scale.data.block_size, scale.data.tokenizer, scale.loop.precision, scale.loop.compile) == (1024, "gpt2", "bf16", True)
+    assert scale.loop.grad_accum > 1 and scale.optim.schedule == "cosine" and scale.optim.warmup_steps > 0
+    cfg = lm.load_config("quick", ["model.variant=crate", "block_size=64", "optim.lr=1e-3", "model.extra={'ista_lambda': 0.2}"],
+                         resume=True)
+    assert (cfg.model.variant, cfg.data.block_size, cfg.optim.lr, cfg.model.extra, cfg.loop.resume) == \
+        ("crate", 64, 1e-3, {"ista_lambda": 0.2}, True)
+
+
+def test_bad_config_values_are_rejected():
+    with pytest.raises(KeyError, match="unknown lm preset 'quik'; closest: quick"):
+        lm.load_config("quik")
+    with pytest.raises(ConfigError, match="variant: expected one of gpt2, aot_mhsa, aot_mssa, crate"):
+        lm.load_config("quick", ["model.variant=mamba"])
+    with pytest.raises(ConfigError, match=r"data.block_size=512 exceeds the model's context model.n_positions=256"):
+        lm.load_config("quick", ["data.block_size=512", "model.n_positions=256"])
+    with pytest.raises(ConfigError, match="tokenizer: expected one of byte, gpt2"):
+        lm.load_config("quick", ["data.tokenizer=sentencepiece"])
+    with pytest.raises(ConfigError, match="n_embd=100 must be divisible by n_head=3"):
+        lm.load_config("quick", ["model.n_embd=100", "model.n_head=3"])
+    with pytest.raises(ConfigError, match="model.size: aot_mhsa has no size 'huge'; available: base, tiny"):
+        lm.registry_name(lm.ModelConfig(variant="aot_mhsa", size="huge"))
+
+
+def test_variants_have_equal_parameter_counts():
+    counts = {}
+    for variant in lm.VARIANTS:
+        mc = lm.ModelConfig(variant=variant, depth=2, n_embd=64, n_head=4)
+        with torch.device("meta"):
+            model = lm.build_lm(mc, vocab_size=257, eos_token_id=256, n_positions=64)
+        assert model.config.n_layer == 2 * lm.LAYERS_PER_GPT2_LAYER[variant]
+        counts[variant] = sum(p.numel() for p in model.parameters()) - lm._embedding_params(model)
+    assert max(counts.values()) / min(counts.values()) < 1.03, counts
+    assert lm.registry_name(lm.ModelConfig(variant="aot_mssa", size="base")) == "aot_mssa_lm_base"
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation pieces
+
+
+def test_fixed_windows_are_deterministic_and_in_range():
+    starts = ev.fixed_window_starts(1000, 32, 10)
+    assert np.array_equal(starts, ev.fixed_window_starts(1000, 32, 10))
+    assert len(starts) == 10 and starts[0] == 0 and starts[-1] == 1000 - 33
+    assert np.all(np.diff(starts) >= 33)  # non-overlapping
+    with pytest.raises(ValueError, match="fewer than block_size"):
+        ev.fixed_window_starts(20, 32, 4)
+
+
+class _Bigram(nn.Module):
+    """Logits depend on the current token only, so the window loss can be computed by hand."""
+
+    def __init__(self, vocab=11):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(vocab, vocab))
+        self.config = SimpleNamespace(vocab_size=vocab)
+
+    def forward(self, input_ids):
+        return self.table[input_ids]
+
+
+def test_window_loss_matches_a_hand_computation():
+    torch.manual_seed(0)
+    model, tokens = _Bigram(), np.random.default_rng(0).integers(0, 11, size=300).astype(np.uint16)
+    with torch.no_grad():
+        got = ev.window_loss(model, tokens, 16, max_windows=5, batch_size=2)
+        starts = ev.fixed_window_starts(300, 16, 5)
+        t = torch.from_numpy(tokens.astype(np.int64))
+        ref = torch.cat([nn.functional.cross_entropy(model.table[t[s:s + 16]], t[s + 1:s + 17], reduction="none")
+                         for s in starts]).mean().item()
+    assert got["tokens"] == 5 * 16 and got["loss"] == pytest.approx(ref, rel=1e-6)
+    assert got["ppl"] == pytest.approx(math.exp(ref), rel=1e-6)
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 11"):
+        ev.window_loss(model, np.full(100, 12, dtype=np.uint16), 8, max_windows=2)
+
+
+class _Scripted(nn.Module):
+    """Ignores the prompt and greedily 'writes' SCRIPT after a prompt of CONTEXT tokens."""
+
+    SCRIPT, CONTEXT = list(b" Amen. And"), 24
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids):
+        b, t = input_ids.shape
+        logits = torch.zeros(b, t, 257)
+        for pos in range(t):
+            i = pos - self.CONTEXT + 1
+            logits[:, pos, self.SCRIPT[i] if 0 <= i < len(self.SCRIPT) else 0] = 1.0
+        return logits + 0 * self.dummy
+
+
+def test_last_word_passages_and_accuracy():
+    text = ("Verse one is long enough to serve as context for the prediction of the word Amen.\n"
+            "Then another line follows here and ends with the word river.\n"
+            "Short.\n" * 1 + "A last line of this tiny document says Amen.\n")
+    passages = ev.last_word_passages([text], n=10, min_context_chars=80)  # not the first line
+    assert [p.target for p in passages] == ["river", "Amen"]
+    assert passages[0].prompt.endswith("ends with the word") and not passages[0].prompt.endswith(" ")
+    with pytest.raises(ValueError, match="no last-word passages"):
+        ev.last_word_passages(["no sentence end here"], n=3)
+    assert ev.first_word("  Amen. And") == "Amen" and ev.first_word(".x") == ""
+    acc = ev.last_word_accuracy(_Scripted(), ByteTokenizer(), passages, context_tokens=_Scripted.CONTEXT)
+    assert acc == {"acc": 0.5, "n": 2.0}  # right on "Amen", wrong on "river"
+
+
+def test_generate_path_equals_plain_greedy_decoding():
+    cfg = lm.ModelConfig(variant="aot_mssa", depth=1, n_embd=32, n_head=2)
+    model = lm.build_lm(cfg, vocab_size=257, eos_token_id=256, n_positions=48).eval()
+    ids = torch.randint(0, 256, (3, 20))
+    with torch.no_grad():
+        via_generate = ev._greedy(model, ids, 6, 256)
+        seq = ids
+        for _ in range(6):
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(via_generate, seq[:, 20:])
+
+
+# ----------------------------------------------------------------------------------------------------- LM task
+
+
+def test_batches_are_deterministic_per_step_micro_and_rank(corpus_files):
+    task = lm.LMTask(_tiny(corpus_files))
+    a, b = task.batch(3, 0, DistState()), task.batch(3, 0, DistState())
+    assert torch.equal(a["input_ids"], b["input_ids"]) and a["input_ids"].shape == (4, 32)
+    assert torch.equal(a["input_ids"][:, 1:], a["labels"][:, :-1])  # labels are the inputs shifted by one
+    assert not torch.equal(a["input_ids"], task.batch(3, 0, DistState(rank=1, world_size=2))["input_ids"][:2].repeat(2, 1))
+    assert not torch.equal(a["input_ids"], task.batch(4, 0, DistState())["input_ids"])
+
+
+def test_token_ids_outside_the_model_vocabulary_are_rejected(corpus_files):
+    with pytest.raises(ValueError, match=r"token ids up to 256 .*do not fit the model's vocab_size=100"):
+        lm.LMTask(_tiny(corpus_files, "model.extra={'vocab_size': 100}"))
+    with pytest.raises(ValueError, match="last_word_context=64 must be smaller than the model's context n_positions=64"):
+        lm.LMTask(_tiny(corpus_files, "data.block_size=64", "eval.last_word_context=64"))
+
+
+def test_recipe_end_to_end_byte_level(corpus_files):
+    cfg = _tiny(corpus_files, "model.variant=aot_mssa", "loop.max_steps=60", "loop.eval_every=30", "loop.log_every=10",
+                "loop.batch_size=8", "optim.lr=1e-2", "loop.run_name=e2e")
+    summary = lm.run(cfg)
+    run_dir = corpus_files / "runs" / "e2e"
+    assert summary["run_dir"] == str(run_dir) and summary["corpus"].startswith("text:")
+    for name in ("config.json", "env.json", "metrics.jsonl", "summary.csv", "result.json", "curves.png",
+                 "hf_model/config.json", "hf_model/model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "checkpoints" / "step_00000060").is_dir()
+    losses = [r["train_loss"] for r in read_metrics(run_dir) if "train_loss" in r]
+    assert losses[-1] < losses[0] - 0.8, losses
+    assert summary["val_loss"] < 0.6 * math.log(257), summary["val_loss"]  # an untrained model: ~ln(257) = 5.5
+    for key in ("val_loss", "val_ppl", "shift_loss", "last_word_acc", "tokens_per_s", "peak_mem_mb"):
+        assert math.isfinite(summary[key]), key
+    assert summary["shift_loss"] > summary["val_loss"]  # the shifted corpus is harder than held-out lines
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-6)
+    assert json.loads((run_dir / "result.json").read_text())["params_non_embedding"] == summary["params_non_embedding"]
+    import unrollattn.language  # noqa: F401  (AutoModel registration)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")
+    assert reloaded.config.n_layer == 6 and reloaded.config.vocab_size == 257
+
+
+# ----------------------------------------------------------------------------------------------------- ICL
+
+
+def test_least_squares_baseline_is_exact_from_d_examples():
+    data = ev.ICLData(dim=4, n_points=8, eval_prompts=50)
+    xs, ys, _ = ev.icl_batch(50, data, torch.Generator().manual_seed(0))
+    curve = ev.least_squares_curve(xs, ys)
+    assert curve[0] == pytest.approx((ys[:, 0].double() ** 2).mean().item() / 4)  # no example: predict 0
+    assert torch.all(curve[1:4] > 1e-3) and torch.all(curve[4:] < 1e-12)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "aot_mssa"])
+def test_icl_prediction_never_sees_its_own_label(variant):
+    task = lm.make_icl_task(lm.load_config("icl_quick", [f"model.variant={variant}", "model.n_embd=32", "model.depth=1",
+                                                         "icl.eval_prompts=8"]))
+    model = task.build_model().eval()
+    xs, ys, _ = ev.icl_batch(2, task.data, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(xs, ys)
+        ys2 = ys.clone()
+        ys2[:, 7] += 10.0
+        moved = model(xs, ys2)
+    assert torch.allclose(base[:, :8], moved[:, :8]) and not torch.allclose(base[:, 8:], moved[:, 8:])
+
+
+def test_icl_recipe_writes_the_error_curve(tmp_path):
+    cfg = lm.load_config("icl_quick", ["model.n_embd=32", "model.depth=1", "loop.max_steps=8", "loop.eval_every=0",
+                                       "loop.batch_size=16", "icl.eval_prompts=64", "icl.n_points=12", "icl.dim=3",
+                                       f"loop.out_dir={tmp_path}", "loop.run_name=icl", "loop.device=cpu"])
+    summary = lm.run(cfg)
+    rows = (tmp_path / "icl" / "icl_curve.csv").read_text().splitlines()
+    assert rows[0] == "k,gpt2,least_squares,zero" and len(rows) == 1 + 12
+    assert (tmp_path / "icl_curves.md").is_file() and (tmp_path / "icl_curves.png").is_file()
+    assert "| 3 |" in (tmp_path / "icl" / "icl_curve.md").read_text()
+    assert math.isfinite(summary["val_loss"]) and summary["icl_err_kd"] == summary["icl_err_k3"]
+    assert math.isnan(summary["shift_loss"])  # LM-only columns exist (for one ablation table) but are empty
+
+
+def test_ablate_lm_through_the_cli(corpus_files):
+    from unrollattn.cli import ablate
+
+    markdown, runs = ablate("lm", ["gpt2", "crate"], preset="tiny_debug", out=corpus_files / "ablate", overrides=[
+        f"data.corpus=text:{corpus_files}/train.txt", f"data.shift_corpus=text:{corpus_files}/shift.txt",
+        "data.val_fraction=0.1", "loop.max_steps=4", "eval.last_word_passages=0"])
+    assert set(runs) == {"gpt2", "crate"}
+    header = markdown.splitlines()[0]
+    for column in ("non-emb params", "val loss", "shift loss", "train tok/s", "peak mem MB"):
+        assert column in header
+    assert (corpus_files / "ablate" / "comparison.png").is_file()
+    assert runs["crate"]["n_layer"] == 4 and runs["gpt2"]["n_layer"] == 1
