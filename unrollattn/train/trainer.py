@@ -28,7 +28,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..diagnostics.memory import LiveTensorBytes, tensor_bytes
+from ..diagnostics.memory import LiveTensorBytes, optimizer_state_bytes, tensor_bytes
 from .checkpoint import checkpoint_dir_for_step, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import LoopConfig, OptimConfig, config_to_dict
 from .distributed import (
@@ -225,7 +225,7 @@ def _evaluate(task: Any, model: nn.Module, state: DistState, precision: str) -> 
 
 
 def _peak_memory(device: torch.device, cpu_peak_mb: float) -> tuple[str, float]:
-    """CUDA: the allocator's peak. Elsewhere: parameters + the tensors alive at once during the first step."""
+    """CUDA: the allocator's peak. Elsewhere: parameters, optimizer state and the tensors alive during one step."""
     if device.type == "cuda":
         return "peak_mem_mb", torch.cuda.max_memory_allocated(device) / 2**20
     return "peak_mem_mb", cpu_peak_mb
@@ -347,12 +347,15 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
     done = start
     autocast = functools.partial(_autocast, loop.precision, device)
 
-    step_context = contextlib.ExitStack()  # the CPU memory tracker of the first step
+    # CPU peak memory: parameters + optimizer state + tensors alive during the second step (the first one
+    # also holds one-off allocations such as a task's data caches).
+    tracked_step = start + 1 if loop.max_steps - start > 1 else start
+    step_context = contextlib.ExitStack()
     try:
         for step in range(start, loop.max_steps):
             _seed_all(step_seed(loop.seed, step, state.rank))
             train_model.train()
-            tracker = LiveTensorBytes() if device.type != "cuda" and step == start else None
+            tracker = LiveTensorBytes() if device.type != "cuda" and step == tracked_step else None
             if tracker is not None:
                 step_context.enter_context(tracker)
             optimizer.zero_grad(set_to_none=True)
@@ -377,7 +380,7 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
             scheduler.step()
             if tracker is not None:
                 step_context.close()
-                cpu_peak_mb += tracker.peak / 2**20
+                cpu_peak_mb += (tracker.peak + optimizer_state_bytes(optimizer)) / 2**20
             done = step + 1
             window["loss"] += step_loss / loop.grad_accum
             window["items"] += step_items
@@ -465,7 +468,7 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
         **last_eval,
         "train_items_per_s": total_timed_items / timed_time if timed_time > 0 and total_timed_items > 0 else math.nan,
         "peak_mem_mb": round(mem[1], 1),
-        "peak_mem_source": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_tensor_bytes_first_step",
+        "peak_mem_source": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_tensor_bytes_one_step",
         "world_size": state.world_size,
         "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
         "wall_s": round(time.perf_counter() - t_begin, 3),
