@@ -15,11 +15,9 @@ Presets: ``quick`` (CPU, minutes per variant), ``digits_debug`` (seconds), ``fmn
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -33,7 +31,7 @@ from torch import nn
 import unrollattn  # noqa: F401  (registers the aot_* / crate_* timm models)
 from unrollattn.registry import Registry
 from unrollattn.train import (
-    DistState, LoopConfig, OptimConfig, add_config_arguments, all_reduce_tensor, apply_overrides, config_from_dict,
+    DistState, LoopConfig, OptimConfig, add_config_arguments, recipe_main, all_reduce_tensor, apply_overrides, config_from_dict,
     epoch_batch_indices, fit, latest_checkpoint, load_checkpoint, step_seed,
 )
 from unrollattn.vision.datasets import ImageClassificationData, load_classification_data
@@ -331,15 +329,8 @@ def load_model(run_dir: str | Path) -> tuple[nn.Module, ClassifyConfig]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``[--preset NAME] [--resume] [key=value ...]``; prints the summary as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m recipes.classify", description=__doc__.split("\n\n")[0],
-                                     epilog=f"presets: {', '.join(PRESETS.names())}")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    cfg = load_config(args.preset or "quick", args.overrides, resume=args.resume)
-    summary = run(cfg)
-    if int(os.environ.get("RANK", "0") or 0) == 0:
-        print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return recipe_main(argv, prog="python -m recipes.classify", description=__doc__.split("\n\n")[0], presets=PRESETS,
+                       default_preset="quick", load_config=load_config, run=run)
 
 
 if __name__ == "__main__":

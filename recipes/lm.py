@@ -30,7 +30,6 @@ held-out lines, not LAMBADA itself), tokens/s and peak memory.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -53,7 +52,7 @@ from unrollattn.language.evaluation import (
 from unrollattn.language.tokenizer import ByteTokenizer, get_tokenizer
 from unrollattn.registry import MODELS, Registry
 from unrollattn.train import (
-    ConfigError, DistState, LoopConfig, OptimConfig, add_config_arguments, apply_overrides, broadcast_object, fit,
+    ConfigError, DistState, LoopConfig, OptimConfig, add_config_arguments, recipe_main, apply_overrides, broadcast_object, fit,
     init_distributed, micro_batch_size, step_seed, unwrap_model,
 )
 
@@ -550,15 +549,8 @@ def run(cfg: LMConfig) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``[--preset NAME] [--resume] [key=value ...]``; prints the summary as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m recipes.lm", description=__doc__.split("\n\n")[0],
-                                     epilog=f"presets: {', '.join(PRESETS.names())}")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    cfg = load_config(args.preset or "quick", args.overrides, resume=args.resume)
-    summary = run(cfg)
-    if int(os.environ.get("RANK", "0") or 0) == 0:
-        print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return recipe_main(argv, prog="python -m recipes.lm", description=__doc__.split("\n\n")[0], presets=PRESETS,
+                       default_preset="quick", load_config=load_config, run=run)
 
 
 if __name__ == "__main__":

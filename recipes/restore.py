@@ -34,7 +34,6 @@ of all methods next to the ground truth).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -53,7 +52,7 @@ import unrollattn
 import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
 from unrollattn.registry import Registry
 from unrollattn.train import (
-    DistState, LoopConfig, OptimConfig, RunDir, add_config_arguments, all_reduce_tensor, apply_overrides,
+    DistState, LoopConfig, OptimConfig, RunDir, add_config_arguments, recipe_main, all_reduce_tensor, apply_overrides,
     broadcast_object, config_from_dict, count_params, fit, init_distributed, latest_checkpoint, load_checkpoint,
     micro_batch_size, step_seed,
 )
@@ -489,15 +488,8 @@ def load_model(run_dir: str | Path) -> tuple[nn.Module, RestoreConfig]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``[--preset NAME] [--resume] [key=value ...]``; prints the summary as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m recipes.restore", description=__doc__.split("\n\n")[0],
-                                     epilog=f"presets: {', '.join(PRESETS.names())}")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    cfg = load_config(args.preset or "demosaic_quick", args.overrides, resume=args.resume)
-    summary = run(cfg)
-    if int(os.environ.get("RANK", "0") or 0) == 0:
-        print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return recipe_main(argv, prog="python -m recipes.restore", description=__doc__.split("\n\n")[0], presets=PRESETS,
+                       default_preset="demosaic_quick", load_config=load_config, run=run)
 
 
 if __name__ == "__main__":

@@ -35,25 +35,6 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by an optimizer's state tensors (moments etc.)."""
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
-               if isinstance(t, torch.Tensor))
-
-
-def peak_memory_mb(fn, device: torch.device) -> float:
-    """Peak bytes of tensors allocated by ``fn()`` (CUDA: the allocator's peak; CPU: live-storage tracking)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    with _LiveTensorBytes() as tracker:
-        fn()
-    return tracker.peak / 2**20
-
-
 def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes held by a module's parameters and buffers."""
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])

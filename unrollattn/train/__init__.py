@@ -12,7 +12,7 @@ from .checkpoint import (
     save_checkpoint, verify_checkpoint,
 )
 from .config import (
-    ConfigError, LoopConfig, OptimConfig, add_config_arguments, apply_overrides, config_from_dict, config_to_dict,
+    ConfigError, LoopConfig, OptimConfig, add_config_arguments, recipe_main, apply_overrides, config_from_dict, config_to_dict,
     load_preset,
 )
 from .distributed import (
@@ -25,7 +25,7 @@ from .trainer import Task, count_params, epoch_batch_indices, fit, micro_batch_s
 
 __all__ = [
     "CheckpointError", "ConfigError", "DistState", "Lion", "LoopConfig", "OptimConfig", "RunDir", "RunDirError", "Task",
-    "add_config_arguments", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "apply_overrides", "barrier",
+    "add_config_arguments", "recipe_main", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "apply_overrides", "barrier",
     "broadcast_object", "build_optimizer", "build_scheduler", "checkpoint_dir_for_step", "cleanup", "compare",
     "config_from_dict", "config_to_dict", "count_params", "env_info", "epoch_batch_indices", "fit", "format_value",
     "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_preset", "lr_factor",

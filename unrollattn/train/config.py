@@ -14,12 +14,14 @@ import copy
 import dataclasses
 import difflib
 import enum
+import json
+import os
 import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import PurePath
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 __all__ = [
     "ConfigError", "LoopConfig", "OptimConfig", "add_config_arguments", "apply_overrides",
@@ -485,6 +487,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. optim.lr=3e-4 loop.max_steps=200")
     return parser
+
+
+def recipe_main(argv, *, prog: str, description: str, presets: Any, default_preset: str,
+                load_config: Callable[..., Any], run: Callable[[Any], dict]) -> int:
+    """The command line every recipe shares: ``[--preset NAME] [--resume] [key=value ...]``; rank 0 prints
+    the run's summary as JSON."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=f"presets: {', '.join(presets.names())}")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    summary = run(load_config(args.preset or default_preset, args.overrides, resume=args.resume))
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
 
 
 def load_preset(presets: Any, name: str, overrides: Sequence[str] | Mapping[str, Any] | None = None) -> Any:
