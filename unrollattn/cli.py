@@ -88,6 +88,10 @@ def model_params(name: str) -> int | None:
             return None
 
 
+def _human_count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from .registry import ATTENTIONS, BLOCKS, MODELS
 
@@ -105,8 +109,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
             meta = registry.meta(name)
             if kind == "models":
                 params = model_params(name)
-                size = f"{params / 1e6:8.2f}M" if params is not None else "       ?"
-                print(f"  {name:<{width}}  {size}  {meta.get('family', '')}/{meta.get('task', '')}")
+                size = "?" if params is None else _human_count(params)
+                print(f"  {name:<{width}}  {size:>8}  {meta.get('family', '')}/{meta.get('task', '')}")
             else:
                 print(f"  {name:<{width}}  {meta.get('summary', '')}")
     if not found:
@@ -115,11 +119,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- ablate
-
-
-CPU_PEAK_SOURCE = "cpu_ru_maxrss_delta"
-CPU_PEAK_NOTE = ("\nPeak memory on CPU is the growth of the process's peak RSS during a run; all variants run in one "
-                 "process, so only the first variant's value is a measurement (the others show -).\n")
 
 
 def _unique_dir(path: Path) -> Path:
@@ -136,8 +135,8 @@ def ablate(recipe: str, variants: Sequence[str], *, preset: str = "quick", overr
     """Run ``recipe`` once per variant with the same preset and overrides; write comparison.md / .csv / .png
     (and summaries.json) into ``out`` (default ``runs/ablate-<recipe>-<preset>``, suffixed -2, -3, ... if taken).
 
-    Returns (markdown table, {variant: summary}). A variant whose training diverges is reported in the
-    table as missing, with its error in summaries.json.
+    Returns (markdown table, {variant: summary}). A variant that fails (e.g. diverges) does not stop the
+    others: its row shows ``-`` and its error is in its summary (and summaries.json).
     """
     from .train import broadcast_object, compare, init_distributed, plot_comparison
 
@@ -172,7 +171,6 @@ def ablate(recipe: str, variants: Sequence[str], *, preset: str = "quick", overr
     out_dir = Path(broadcast_object(str(out_dir), state))  # every rank writes to the same directory
 
     runs: dict[str, dict[str, Any]] = {}
-    cpu_peak_measured = False
     for i, variant in enumerate(variants, 1):
         if state.is_main:
             print(f"== ablate {recipe}/{preset}: variant {variant} ({i}/{len(variants)}) -> {out_dir / variant}",
@@ -180,32 +178,27 @@ def ablate(recipe: str, variants: Sequence[str], *, preset: str = "quick", overr
         cfg = mod.load_config(preset, [*overrides, f"{variant_key}={variant}", f"loop.out_dir={out_dir}",
                                        f"loop.run_name={variant}"], resume=resume)
         try:
-            summary = mod.run(cfg)
-        except FloatingPointError as err:  # divergence is a result of the ablation, not a crash of it
-            runs[variant] = {"variant": variant, "error": str(err), "run_dir": str(out_dir / variant)}
+            runs[variant] = mod.run(cfg)
+        except Exception as err:  # e.g. divergence: keep the other variants' results, report this one
+            if os.environ.get("UNROLLATTN_TRACEBACK"):
+                raise
+            runs[variant] = {"variant": variant, "error": f"{type(err).__name__}: {err}",
+                             "run_dir": str(out_dir / variant)}
             if state.is_main:
-                print(f"   variant {variant} diverged: {err}", file=sys.stderr, flush=True)
-            continue
-        if summary.get("peak_mem_source") == CPU_PEAK_SOURCE:
-            # growth of this process's peak RSS: a later variant shows only what exceeds an earlier peak
-            if cpu_peak_measured:
-                summary = {**summary, "peak_mem_mb": None}
-            cpu_peak_measured = True
-        runs[variant] = summary
+                print(f"   variant {variant} failed: {runs[variant]['error']}", file=sys.stderr, flush=True)
 
     columns = getattr(mod, "ablation_columns", ("params", "wall_s"))
     headers = dict(columns) if isinstance(columns, dict) else {c: c for c in columns}
     table_rows = {v: {headers[k]: s.get(k) for k in headers} for v, s in runs.items()}
     if not state.is_main:
         return "", runs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summaries.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
+    if all("error" in s for s in runs.values()):
+        return "", runs
     metric = getattr(mod, "ablation_metric", "top1")
     markdown = compare(table_rows, list(headers.values()), out_dir, label="variant")
-    if cpu_peak_measured and len(runs) > 1 and "peak_mem_mb" in headers:
-        markdown += CPU_PEAK_NOTE
-        with open(out_dir / "comparison.md", "a", encoding="utf-8") as f:
-            f.write(CPU_PEAK_NOTE)
     plot_comparison(runs, out_dir, metric=metric, title=f"{recipe} / {preset}: {', '.join(variants)}")
-    (out_dir / "summaries.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
     return markdown, runs
 
 
@@ -220,8 +213,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         print(f"wrote {out_dir}/comparison.md, comparison.csv, comparison.png, summaries.json "
               f"({time.perf_counter() - t0:.0f} s)")
     failed = [v for v, s in runs.items() if "error" in s]
-    if failed and markdown:
-        print(f"diverged: {', '.join(failed)}", file=sys.stderr)
+    if failed and int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"error: variant(s) {', '.join(failed)} failed (see summaries.json)", file=sys.stderr)
     return 1 if failed else 0
 
 
