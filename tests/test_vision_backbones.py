@@ -100,3 +100,13 @@ def test_hf_timm_wrapper():
     model = TimmWrapperForImageClassification(config)
     out = model(pixel_values=torch.randn(2, 1, 28, 28), labels=torch.tensor([1, 2]))
     assert out.logits.shape == (2, 10) and out.loss is not None
+
+
+def test_normalized_patch_embed_matches_unfold_and_conv_weight_order():
+    import torch.nn.functional as F
+
+    embed = unrollattn.vision.NormalizedPatchEmbed(32, 8, 3, 16)
+    x = torch.randn(2, 3, 32, 32)
+    patches = F.unfold(x, 8, stride=8).transpose(1, 2)  # (c, kh, kw) order, as Conv2d weights flatten
+    expected = embed.norm(F.linear(embed.patch_norm(patches), embed.proj.weight.flatten(1), embed.proj.bias))
+    torch.testing.assert_close(embed(x), expected)

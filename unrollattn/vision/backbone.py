@@ -42,7 +42,9 @@ class NormalizedPatchEmbed(PatchEmbed):
         elif h % ph or w % pw:
             raise ValueError(f"image size {h}x{w} is not divisible by patch size {ph}x{pw}")
         gh, gw = x.shape[-2] // ph, x.shape[-1] // pw
-        patches = F.unfold(x, kernel_size=self.patch_size, stride=self.patch_size).transpose(1, 2)  # [B, L, C*ph*pw]
+        c = x.shape[1]
+        patches = (x.view(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)  # [B, L, C*ph*pw], the conv weight's order
+                   .reshape(b, gh * gw, c * ph * pw))
         tokens = F.linear(self.patch_norm(patches), self.proj.weight.flatten(1), self.proj.bias)
         if not self.flatten:
             tokens = tokens.view(b, gh, gw, -1)
