@@ -26,14 +26,6 @@ def gpt2(attn_implementation=None, **kw):
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Models here are tiny: one intra-op thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def left_padded(ids, pad=3):
     mask = torch.ones_like(ids)
     ids = ids.clone()

@@ -23,14 +23,6 @@ GENERATE_CASES = [("mssa", "aot"), ("mhsa", "aot"), ("mssa", "crate"), ("mhsa", 
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Models here are tiny: one intra-op thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 class TwiceBlock(AoTBlock):
     """A block that calls its attention twice (twicing-like): exercises the whole-block cache fallback."""
 

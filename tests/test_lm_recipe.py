@@ -19,15 +19,6 @@ WORDS = {"subject": ["the king", "a servant", "the prophet", "my brother", "the 
          "object": ["the city", "the house", "the mountain", "the river", "the temple"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and a busy machine makes a second OpenMP thread very costly)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sentences(seed: int, n: int) -> str:
     rng = random.Random(seed)
     lines = [f"And {rng.choice(WORDS['subject'])} {rng.choice(WORDS['verb'])} {rng.choice(WORDS['object'])}."

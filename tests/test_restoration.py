@@ -12,14 +12,6 @@ from unrollattn.vision.sampling import BayerMosaic, Decimation2x
 SMALL = dict(blocks=2, heads=2, feature_dim=4, width=8, iters=2, cg_iters=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _observation(task, b=2, h=12, w=14, c=3, dtype=torch.float32):
     x = torch.rand(b, c, h, w, dtype=dtype)
     op = BayerMosaic() if task == "demosaic" else Decimation2x()

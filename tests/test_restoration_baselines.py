@@ -12,14 +12,6 @@ needs_colour = pytest.mark.skipif(not colour_demosaicing_available(),
                                   reason="pip install colour-demosaicing (install.sh does)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _smooth_rgb(h=24, w=28):
     r = torch.linspace(0, 1, h).view(h, 1)
     c = torch.linspace(0, 1, w).view(1, w)

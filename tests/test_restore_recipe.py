@@ -12,14 +12,6 @@ from unrollattn.train import DistState, read_metrics
 from unrollattn.vision.photos import load_photos
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_photos():
     return load_photos(eval_crop=32, test_names=("astronaut", "chelsea"), train_names=("rocket", "coffee"))

@@ -6,14 +6,6 @@ import torch.nn.functional as F
 from unrollattn.vision.sampling import BayerMosaic, Decimation2x, build_operator, crop_to, pad_to_even
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: avoid thread oversubscription on shared cores
-    yield
-    torch.set_num_threads(n)
-
-
 def test_rggb_mask_pattern():
     m = BayerMosaic("RGGB").observed_mask(4, 6)[0].int()
     assert m.shape == (3, 4, 6)
