@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unrollattn.train import (
-    LoopConfig, OptimConfig, all_reduce_mean, all_reduce_sum, epoch_batch_indices, fit, init_distributed,
+    LoopConfig, OptimConfig, all_reduce_mean, all_reduce_sum, cleanup, epoch_batch_indices, fit, init_distributed,
     latest_checkpoint, read_metrics, unwrap_model, wrap_model,
 )
 
@@ -72,6 +72,7 @@ def _worker(out_dir: Path) -> None:
     assert state.world_size == 2 and summary["world_size"] == 2
     # test scaffolding outside the run directory: each rank's final weights
     torch.save(task.model.state_dict(), out_dir / f"weights_rank{state.rank}.pt")
+    cleanup(state)
 
 
 def test_ddp_two_processes_match_single_process(tmp_path):

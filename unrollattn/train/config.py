@@ -496,7 +496,10 @@ def recipe_main(argv, *, prog: str, description: str, presets: Any, default_pres
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=f"presets: {', '.join(presets.names())}")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
+    from unrollattn.train.distributed import cleanup
+
     summary = run(load_config(args.preset or default_preset, args.overrides, resume=args.resume))
+    cleanup()  # every rank leaves the process group together before the interpreter exits
     if int(os.environ.get("RANK", "0") or 0) == 0:
         print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -160,17 +160,26 @@ def barrier(state: DistState) -> None:
             dist.barrier()
 
 
-def cleanup(state: DistState | None = None) -> None:
-    """Leave the process group (safe to call more than once, or without one)."""
+def cleanup(state: DistState | None = None, *, sync: bool = True) -> None:
+    """Leave the process group (safe to call more than once, or without one).
+
+    With ``sync`` every rank first waits at a barrier: a rank that tears gloo down while a peer is still
+    working (writing the last checkpoint, say) can make that peer abort at exit.
+    """
     global _STATE
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            if dist.get_backend() == "nccl" and torch.cuda.is_available():
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
         dist.destroy_process_group()
     _STATE = None
 
 
 def _cleanup_at_exit() -> None:
     try:
-        cleanup()
+        cleanup(sync=False)  # a rank may have crashed: never wait for peers here
     except Exception:  # interpreter shutdown: the group may already be gone
         pass
 
