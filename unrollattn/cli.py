@@ -187,7 +187,10 @@ def ablate(recipe: str, variants: Sequence[str], *, preset: str = "quick", overr
             if state.is_main:
                 print(f"   variant {variant} failed: {runs[variant]['error']}", file=sys.stderr, flush=True)
 
-    columns = getattr(mod, "ablation_columns", ("params", "wall_s"))
+    if hasattr(mod, "ablation_columns_for"):  # columns that depend on the preset (e.g. lm vs in-context regression)
+        columns = mod.ablation_columns_for(base)
+    else:
+        columns = getattr(mod, "ablation_columns", ("params", "wall_s"))
     headers = dict(columns) if isinstance(columns, dict) else {c: c for c in columns}
     table_rows = {v: {headers[k]: s.get(k) for k in headers} for v, s in runs.items()}
     if not state.is_main:
