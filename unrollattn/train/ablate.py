@@ -132,7 +132,10 @@ def plot_comparison(runs: Mapping[str, Mapping[str, Any]], out_dir: str | os.Pat
             xs = [r["step"] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             ys = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if xs:
-                ax_loss.plot(xs, ys, styles.get(key, "-"), color=f"C{i % 10}", label=f"{name} {key}")
+                # sparse curves (evaluations) get markers, so a single evaluation point is still visible
+                marker = "o" if len(xs) <= 20 else None
+                ax_loss.plot(xs, ys, styles.get(key, "-"), color=f"C{i % 10}", marker=marker, markersize=3,
+                             label=f"{name} {key}")
                 drawn = True
     if drawn:
         ax_loss.legend(fontsize=7)
