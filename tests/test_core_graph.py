@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unrollattn.core.graph import (
-    adjacency_matvec, build_neighbourhood, degree, edge_weights, equivalent_band, grid_offsets, incidence_matvec,
-    incidence_t_matvec, laplacian_matvec, metric_features, neighbour_mask, sequence_offsets,
+    adjacency_matvec, build_neighbourhood, degree, edge_weights, equivalent_band, grid_offsets,
+    incidence_gram_diagonal, incidence_matvec, incidence_t_matvec, laplacian_matvec, metric_features, neighbour_mask, sequence_offsets,
 )
 from unrollattn.core.reference import (
     dense_adjacency, dense_incidence, dense_laplacian, graph_weights_reference, neighbourhood_reference,
@@ -161,6 +161,11 @@ def test_incidence_normal_operator_is_laplacian_of_squared_weights(kind, shape, 
     # ‖C_w x‖² = xᵀ L_{w²} x
     torch.testing.assert_close(incidence_matvec(w_e, index_e, x).square().sum((2, 3)),
                                (x * laplacian_matvec(w.square(), nbhd.index, x)).sum(2))
+    # its diagonal without building it: diag(C_wᵀC_w) from the dense incidence matrix, = degrees of w²
+    dense = dense_incidence(w_e, index_e, nbhd.num_nodes)
+    gram = torch.diagonal(dense.transpose(-1, -2) @ dense, dim1=-2, dim2=-1)
+    torch.testing.assert_close(incidence_gram_diagonal(w_e, index_e), gram)
+    torch.testing.assert_close(incidence_gram_diagonal(w_e, index_e), degree(w.square()))
 
 
 # ----------------------------------------------------------------------------------------------- weights

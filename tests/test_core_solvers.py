@@ -7,11 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unrollattn.core.graph import (
-    build_neighbourhood, edge_weights, incidence_matvec, laplacian_matvec, neighbour_mask,
+    build_neighbourhood, degree, edge_weights, incidence_matvec, laplacian_matvec, neighbour_mask,
 )
 from unrollattn.core.reference import (
-    cg_reference, dense_incidence, dense_laplacian, glr_interpolate_reference, gtv_admm_reference,
-    gtv_denoise_reference,
+    cg_reference, dense_incidence, dense_laplacian, glr_interpolate_reference, glr_relaxed_reference,
+    gtv_admm_reference, gtv_denoise_reference,
 )
 from unrollattn.core.solvers import (
     conjugate_gradient, glr_denoise, glr_interpolate, gtv_admm_denoise, gtv_admm_interpolate, soft_threshold,
@@ -109,14 +109,19 @@ def _per_column(fn, *tensors):
                         for bi in range(b)])
 
 
-def test_glr_interpolation_matches_dense_solve_and_keeps_observations():
+def _glr_problem(chans):
+    """Features f -> symmetric 8-neighbour graph on 4x4, ~40% observed (corners always), y [2, 2, 16, chans]."""
     nbhd = build_neighbourhood("8", (4, 4))
     f = torch.randn(2, 2, 16, 3, dtype=D, requires_grad=True)
     w = edge_weights(f, nbhd, normalization="symmetric")
     observed = torch.rand(16) < 0.4
     observed[[0, 15]] = True
-    y = torch.randn(2, 2, 16, 3, dtype=D, requires_grad=True)
-    lap = functools.partial(laplacian_matvec, w, nbhd.index)
+    y = torch.randn(2, 2, 16, chans, dtype=D, requires_grad=True)
+    return nbhd, f, w, observed, y, functools.partial(laplacian_matvec, w, nbhd.index)
+
+
+def test_glr_interpolation_matches_dense_solve_and_keeps_observations():
+    nbhd, f, w, observed, y, lap = _glr_problem(3)
     x = glr_interpolate(observed, y, lap, iters=int((~observed).sum()))
     dense = dense_laplacian(w, nbhd.index, 16)
     ref = _per_column(lambda b, g, c: glr_interpolate_reference(observed, y[b, g, :, c], dense[b, g]), y)
@@ -160,6 +165,15 @@ def test_glr_interpolation_with_an_isolated_node_is_finite():
         assert torch.isfinite(x).all() and x[0, 0, 4, 0] == 0  # unreachable node keeps its start value
     x = gtv_admm_interpolate(observed, y, *_edges(nbhd, w), iters=3, cg_iters=4, rho=1.0)
     assert torch.isfinite(x).all() and x[0, 0, 4, 0] == 0
+    # relaxed data term: the isolated unobserved node's row of μP_o + L is 0, so the system is singular there;
+    # CG's residual is 0 at that node and it keeps its start value, the rest is the solve on the other nodes
+    lap = functools.partial(laplacian_matvec, w, nbhd.index)
+    for iters in (2, 9):
+        for diagonal in (None, degree(w)):  # degree 0 at the isolated node: the balancing clamps it
+            x = glr_interpolate(observed, y, lap, iters, fidelity=2.0, diagonal=diagonal)
+            assert torch.isfinite(x).all() and x[0, 0, 4, 0] == 0
+    x = gtv_admm_interpolate(observed, y, *_edges(nbhd, w), iters=3, cg_iters=4, rho=1.0, fidelity=2.0)
+    assert torch.isfinite(x).all() and x[0, 0, 4, 0] == 0
 
 
 def test_observed_mask_shapes():
@@ -192,6 +206,50 @@ def test_glr_interpolation_property(seed, kind, fraction):
     assert torch.equal(x[0, 0, observed], y[0, 0, observed])
 
 
+def test_relaxed_glr_matches_dense_solve_and_tends_to_the_constraint():
+    """min μ‖Hx − y‖² + xᵀLx: n exact CG steps = the dense solve of (μ P_o + L) x = μ P_o y, per column, with a
+    per-graph μ; the observed samples are filtered (not copied); μ → ∞ gives the hard-constraint solution."""
+    nbhd, f, w, observed, y, lap = _glr_problem(2)
+    mu = torch.tensor([0.5, 3.0], dtype=D).view(2, 1, 1).requires_grad_()
+    x = glr_interpolate(observed, y, lap, iters=16, fidelity=mu)
+    dense = dense_laplacian(w, nbhd.index, 16)
+    ref = _per_column(lambda b, g, c: glr_relaxed_reference(observed, y[b, g, :, c], dense[b, g], mu[g, 0, 0]), y)
+    torch.testing.assert_close(x, ref)
+    assert not torch.allclose(x[:, :, observed], y[:, :, observed])
+    probe = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((x * probe).sum(), [y, f, mu], retain_graph=True),
+                    torch.autograd.grad((ref * probe).sum(), [y, f, mu], retain_graph=True)):
+        torch.testing.assert_close(a, b)
+    # the Jacobi-balanced system (diagonal = degrees) has the same minimiser and gradients
+    balanced = glr_interpolate(observed, y, lap, iters=40, fidelity=mu, diagonal=degree(w))
+    torch.testing.assert_close(balanced, ref)
+    for a, b in zip(torch.autograd.grad((balanced * probe).sum(), [y, f, mu], retain_graph=True),
+                    torch.autograd.grad((ref * probe).sum(), [y, f, mu], retain_graph=True)):
+        torch.testing.assert_close(a, b)
+    hard = glr_interpolate(observed, y, lap, iters=16)
+    stiff = _per_column(lambda b, g, c: glr_relaxed_reference(observed, y[b, g, :, c], dense[b, g], 1e7), y)
+    torch.testing.assert_close(stiff, hard, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="fidelity"):
+        glr_interpolate(observed, y, lap, iters=2, fidelity=0.0)
+
+
+def test_relaxed_glr_keeps_constants_and_takes_learned_steps():
+    nbhd, w = graph("4", (3, 5))
+    observed = torch.zeros(15, dtype=torch.bool)
+    observed[::4] = True
+    y = torch.full((2, 2, 15, 1), 3.0, dtype=D)
+    lap = functools.partial(laplacian_matvec, w, nbhd.index)
+    for diagonal in (None, degree(w)):
+        torch.testing.assert_close(glr_interpolate(observed, y, lap, iters=3, x0=torch.full_like(y, 3.0), fidelity=2.0,
+                                                   diagonal=diagonal), y)
+    alpha = torch.full((3, 2, 1, 1), 0.3, dtype=D, requires_grad=True)
+    beta = torch.full((2, 2, 1, 1), 0.1, dtype=D, requires_grad=True)
+    x = glr_interpolate(observed, torch.randn_like(y), lap, iters=3, step_sizes=(alpha, beta), fidelity=1.0,
+                        diagonal=degree(w))
+    grads = torch.autograd.grad(x.square().sum(), [alpha, beta])
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
 # ------------------------------------------------------------------------------------------------- GTV
 def _edges(nbhd, w):
     index_e, _, cols = nbhd.edges()
@@ -220,6 +278,28 @@ def test_gtv_admm_interpolation_matches_dense_reference():
                 torch.testing.assert_close(z[b, g, :, :, ch].flatten(), zr, atol=1e-8, rtol=1e-8)
                 torch.testing.assert_close(mu[b, g, :, :, ch].flatten(), mur, atol=1e-8, rtol=1e-8)
     assert torch.equal(x[:, :, observed], y[:, :, observed])
+
+
+def test_relaxed_gtv_admm_matches_dense_reference():
+    """min γ‖Hx − y‖² + ‖C_w x‖₁ by ADMM: converged x-steps (exact CG on the balanced system) = the dense reference
+    built from the Lagrangian."""
+    nbhd, w = graph("8", (3, 4))
+    w_e, index_e = _edges(nbhd, w)
+    observed = torch.tensor([1, 0, 0, 1, 0, 1, 0, 0, 1, 0, 0, 1], dtype=torch.bool)
+    y = torch.randn(2, 2, 12, 2, dtype=D)
+    gamma = torch.tensor([0.3, 2.0], dtype=D).view(2, 1, 1)
+    x, z, mu = gtv_admm_interpolate(observed, y, w_e, index_e, iters=4, cg_iters=40, rho=0.7, fidelity=gamma,
+                                    return_state=True)
+    c = dense_incidence(w_e, index_e, 12)
+    for b in range(2):
+        for g in range(2):
+            for ch in range(2):
+                xr, zr, mur = gtv_admm_reference(observed, y[b, g, :, ch], c[b, g], iters=4, rho=0.7,
+                                                 fidelity=float(gamma[g]))
+                torch.testing.assert_close(x[b, g, :, ch], xr, atol=1e-8, rtol=1e-8)
+                torch.testing.assert_close(z[b, g, :, :, ch].flatten(), zr, atol=1e-8, rtol=1e-8)
+                torch.testing.assert_close(mu[b, g, :, :, ch].flatten(), mur, atol=1e-8, rtol=1e-8)
+    assert not torch.allclose(x[:, :, observed], y[:, :, observed])
 
 
 def test_gtv_admm_interpolation_learned_steps_are_differentiable_and_exact_on_observations():

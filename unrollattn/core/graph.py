@@ -424,6 +424,15 @@ def incidence_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor
     return weights.unsqueeze(-1) * (x.unsqueeze(-2) - gather_neighbours(x, index))
 
 
+def incidence_gram_diagonal(weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """diag(C_wᵀC_w) = Σ_{edges e ∋ i} w_e², [B, G, N], for an undirected edge set (weights [B, G, N, m]).
+
+    Self edges (index[i, c] == i, the invalid columns) carry weight 0 and add nothing."""
+    _check_graph_tensors("weights", weights, index, "m")
+    sq = weights.square()
+    return sq.sum(-1).index_add(2, index.reshape(-1), sq.flatten(2, 3))
+
+
 def incidence_t_matvec(weights: torch.Tensor, index: torch.Tensor, e: torch.Tensor, *,
                        directed: bool = False) -> torch.Tensor:
     """C_wᵀ e for an edge signal e [B, G, N, m, C]: +w e at the head node i, −w e at the tail index[i, c].
@@ -446,7 +455,7 @@ def incidence_t_matvec(weights: torch.Tensor, index: torch.Tensor, e: torch.Tens
 __all__ = [
     "GRID_KINDS", "NORMALIZATIONS", "Neighbourhood", "SEQUENCE_KINDS", "SIMILARITIES", "adjacency_matvec",
     "build_neighbourhood", "degree", "edge_logits", "edge_weights", "equivalent_band", "gather_neighbours",
-    "grid_offsets", "incidence_matvec", "incidence_t_matvec", "is_grid_kind", "is_sequence_kind",
+    "grid_offsets", "incidence_gram_diagonal", "incidence_matvec", "incidence_t_matvec", "is_grid_kind", "is_sequence_kind",
     "laplacian_matvec", "metric_features", "neighbour_mask", "neighbourhood_radius", "neighbourhood_size",
     "normalize_edges", "sequence_offsets",
 ]

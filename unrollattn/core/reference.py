@@ -257,18 +257,30 @@ def glr_interpolate_reference(observed, y, laplacian):
     return x
 
 
-def gtv_admm_reference(observed, y, incidence, iters, rho):
-    """ADMM of A.3 with dense C_w [E, n] and an exact x-step; z = mu = 0 at the start. Returns (x, z, mu)."""
+def glr_relaxed_reference(observed, y, laplacian, fidelity):
+    """min_x mu |Hx - y|^2 + x^T L x by a direct solve of (mu diag(observed) + L) x = mu diag(observed) y; vectors [n]."""
+    h = torch.diag(observed.to(y.dtype))
+    return torch.linalg.solve(fidelity * h + laplacian, fidelity * (h @ y))
+
+
+def gtv_admm_reference(observed, y, incidence, iters, rho, fidelity=None):
+    """ADMM of A.3 with dense C_w [E, n] and an exact x-step; z = mu = 0 at the start. Returns (x, z, mu).
+    ``fidelity`` g: the relaxed problem min g |Hx - y|^2 + |C_w x|_1, whose x-step minimises
+    g |Hx - y|^2 + mu^T C_w x + rho/2 |C_w x - z|^2 over all nodes (normal equations, direct solve)."""
     obs = [i for i in range(y.shape[0]) if observed[i]]
     uno = [i for i in range(y.shape[0]) if not observed[i]]
     ctc = incidence.t() @ incidence
     x = torch.where(observed, y, torch.zeros_like(y))
     z = torch.zeros(incidence.shape[0], dtype=y.dtype)
     mu = torch.zeros_like(z)
+    h = torch.diag(observed.to(y.dtype))
     for _ in range(iters):
         rhs = incidence.t() @ (z - mu / rho)
-        x = x.clone()
-        x[uno] = torch.linalg.solve(ctc[uno][:, uno], rhs[uno] - ctc[uno][:, obs] @ y[obs])
+        if fidelity is None:
+            x = x.clone()
+            x[uno] = torch.linalg.solve(ctc[uno][:, uno], rhs[uno] - ctc[uno][:, obs] @ y[obs])
+        else:
+            x = torch.linalg.solve(2 * fidelity * h + rho * ctc, 2 * fidelity * (h @ y) + rho * rhs)
         cx = incidence @ x
         v = cx + mu / rho
         z = torch.sign(v) * torch.clamp(v.abs() - 1 / rho, min=0)

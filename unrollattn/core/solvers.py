@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .graph import incidence_matvec, incidence_t_matvec
+from .graph import incidence_gram_diagonal, incidence_matvec, incidence_t_matvec
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 StepSizes = tuple[torch.Tensor, torch.Tensor]
@@ -107,18 +107,51 @@ def _observed(observed_mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return mask.to(dtype=y.dtype)
 
 
+def _check_fidelity(fidelity) -> None:
+    if fidelity is not None and not isinstance(fidelity, torch.Tensor) and not float(fidelity) > 0:
+        raise ValueError(f"fidelity: expected None (hard constraint Hx = y) or a weight > 0, got {fidelity}")
+
+
+def _relaxed_solve(base: MatVec, diag: torch.Tensor, o: torch.Tensor, q, rhs: torch.Tensor, x0: torch.Tensor,
+                   iters: int, step_sizes) -> torch.Tensor:
+    """CG on (q P_o + A) x = rhs with the Jacobi-balanced system S(qP_o + A)S x' = S rhs, x = S x',
+    S = diag(d / (d + q o))^{1/2}, d = diag(A) clamped at 1e-6 (isolated nodes): the same minimiser; the scaled
+    operator has A's diagonal, so learned step sizes keep the scale they have on the hard-constraint system."""
+    d = diag.unsqueeze(-1).clamp_min(1e-6)
+    s = torch.sqrt(d / (d + q * o))
+    x = conjugate_gradient(lambda v: s * (q * (o * (s * v)) + base(s * v)), s * rhs, x0 / s, iters,
+                           step_sizes=step_sizes)
+    return s * x
+
+
 def glr_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, laplacian_matvec: MatVec, iters: int,
-                    x0: torch.Tensor | None = None, step_sizes: StepSizes | None = None) -> torch.Tensor:
+                    x0: torch.Tensor | None = None, step_sizes: StepSizes | None = None, *,
+                    fidelity=None, diagonal: torch.Tensor | None = None) -> torch.Tensor:
     """GLR interpolation min_x xᵀLx s.t. Hx = y by K CG steps on L_uu x_u = −L_uo y (A.2).
 
     ``observed_mask`` (bool [N] or broadcastable to y) marks the observed nodes; ``y`` [..., N, C] holds
     the observations there (other entries are ignored). No reordering: the system is restricted with
     masks, A v = P_u L P_u v, b = −P_u L P_o y. Returns the full x with x_o = y exactly; x0 (default 0)
     initialises the unobserved entries.
+
+    ``fidelity`` μ > 0 (float or tensor broadcastable to y, e.g. [G, 1, 1] per graph) relaxes the
+    constraint to a data term: min_x μ‖Hx − y‖² + xᵀLx, i.e. (μ P_o + L) x = μ P_o y, solved by the same
+    K CG steps over all nodes from x0 (default: y at the observed nodes, 0 elsewhere). SPD when every
+    connected component of the graph holds an observed node; μ → ∞ recovers the hard constraint. The
+    observed samples are then filtered too (a noisy sample is not copied to the output). ``diagonal``
+    [..., N] = diag(L) (the degrees, ``core.graph.degree``) balances the system (see ``_relaxed_solve``);
+    without it CG runs on the system as it is.
     """
     o = _observed(observed_mask, y)
+    _check_fidelity(fidelity)
     u = 1 - o
     y_o = o * y
+    if fidelity is not None:
+        start = y_o if x0 is None else x0
+        if diagonal is not None:
+            return _relaxed_solve(laplacian_matvec, diagonal, o, fidelity, fidelity * y_o, start, iters, step_sizes)
+        return conjugate_gradient(lambda v: fidelity * (o * v) + laplacian_matvec(v), fidelity * y_o, start, iters,
+                                  step_sizes=step_sizes)
     b = -u * laplacian_matvec(y_o)
     start = None if x0 is None else u * x0
     x_u = conjugate_gradient(lambda v: u * laplacian_matvec(u * v), b, start, iters, step_sizes=step_sizes)
@@ -156,7 +189,7 @@ def _admm_steps(step_sizes, iters: int, cg_iters: int) -> list:
 
 def gtv_admm_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
                          iters: int, cg_iters: int, rho, x0: torch.Tensor | None = None, *,
-                         step_sizes=None, return_state: bool = False):
+                         step_sizes=None, fidelity=None, return_state: bool = False):
     """GTV interpolation min_x ‖C_w x‖₁ s.t. Hx = y by ``iters`` unrolled ADMM iterations (A.3).
 
     ``weights`` [B, G, N, m] / ``index`` [N, m] describe the undirected edge set (each edge once:
@@ -168,9 +201,16 @@ def gtv_admm_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, weights: 
     (C_wᵀC_w = L_{w²}). ``rho``: float or tensor broadcastable to the node signal [B, G, N, C] (e.g.
     [G, 1, 1] per graph; lifted to the edges internally), or a list with one per iteration. ``step_sizes``: an (alpha, beta) tuple for the inner CG shared by all
     iterations, or a list of such pairs, one per iteration (None: exact CG). x_o = y exactly.
+
+    ``fidelity`` γ > 0 (float or tensor broadcastable to y; not the dual μ) relaxes the constraint to a
+    data term, min_x γ‖Hx − y‖² + ‖C_w x‖₁; the x-step becomes the full-node system
+        (q P_o + C_wᵀC_w) x = q P_o y + C_wᵀ(z − μ/ρ),   q = 2γ/ρ
+    (same CG on the Jacobi-balanced system of ``_relaxed_solve``, warm start at x0, default y at the observed
+    nodes and 0 elsewhere); z- and dual steps unchanged.
     Returns x, or (x, z, μ) with ``return_state``.
     """
     o = _observed(observed_mask, y)
+    _check_fidelity(fidelity)
     u = 1 - o
     y_o = o * y
     rhos = _per_iteration(rho, iters, "rho")
@@ -179,16 +219,25 @@ def gtv_admm_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, weights: 
     def normal(v):  # C_wᵀ C_w v = L_{w²} v
         return incidence_t_matvec(weights, index, incidence_matvec(weights, index, v))
 
-    x = y_o + (u * x0 if x0 is not None else 0)
+    if fidelity is None:
+        x = y_o + (u * x0 if x0 is not None else 0)
+        fixed = normal(y_o)  # (C_wᵀC_w) P_o y
+    else:
+        x = y_o if x0 is None else x0
+        gram = incidence_gram_diagonal(weights, index)  # diag(C_wᵀC_w), balances the relaxed x-step
     cx = incidence_matvec(weights, index, x)
     z = torch.zeros_like(cx)
     mu = torch.zeros_like(cx)
-    fixed = normal(y_o)  # (C_wᵀC_w) P_o y
     for t in range(iters):
         r = _on_edges(rhos[t])
-        b = u * (incidence_t_matvec(weights, index, z - mu / r) - fixed)
-        x_u = conjugate_gradient(lambda v: u * normal(u * v), b, u * x, cg_iters, step_sizes=steps[t])
-        x = y_o + u * x_u
+        pull = incidence_t_matvec(weights, index, z - mu / r)
+        if fidelity is None:
+            x_u = conjugate_gradient(lambda v: u * normal(u * v), u * (pull - fixed), u * x, cg_iters,
+                                     step_sizes=steps[t])
+            x = y_o + u * x_u
+        else:
+            q = 2 * fidelity / rhos[t]
+            x = _relaxed_solve(normal, gram, o, q, q * y_o + pull, x, cg_iters, steps[t])
         cx = incidence_matvec(weights, index, x)
         z = soft_threshold(cx + mu / r, 1 / r)
         mu = mu + r * (cx - z)
