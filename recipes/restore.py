@@ -70,7 +70,7 @@ VARIANT_KEY = "model.variant"
 TASKS = ("demosaic", "sr2")
 LEARNED = ("uglr", "ugtv", "transformer")
 _GRAPH_KEYS = ("blocks", "heads", "feature_dim", "width", "neighbourhood", "normalization", "metric", "step_sizes",
-               "init", "skip_init", "colour_difference")
+               "init", "skip_init", "colour_difference", "fidelity")
 _SWIN_KEYS = ("embed_dim", "depth", "num_heads", "window_size", "mlp_ratio")
 # summary key -> column header of the ablation table (comparison.md / .csv); the noise columns are per preset σ
 ablation_columns = {"params": "params", "psnr": "PSNR dB", "ssim": "SSIM", "s_per_mp": "s/MP",
@@ -99,7 +99,8 @@ class ModelConfig:
     """``variant`` and its options (None = the model's default). Graph options apply to uglr/ugtv
     (see :class:`unrollattn.vision.restoration.GraphInterpolationNet`): ``iters`` = uGLR's CG steps per
     block, ``admm_iters`` = uGTV's ADMM iterations per block, ``cg_iters`` = uGTV's CG steps per ADMM
-    x-step. Swin options (embed_dim, depth, num_heads, window_size, mlp_ratio) apply to transformer."""
+    x-step; ``fidelity`` (None: hard constraint Hx = y; a float: relaxed data term with learned weight
+    initialised there). Swin options (embed_dim, depth, num_heads, window_size, mlp_ratio) apply to transformer."""
 
     variant: str = "uglr"
     blocks: int | None = None
@@ -116,6 +117,7 @@ class ModelConfig:
     init: str | None = None
     skip_init: float | None = None
     colour_difference: bool | None = None
+    fidelity: float | None = None
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None

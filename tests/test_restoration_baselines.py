@@ -54,13 +54,12 @@ def test_classical_rejects_x2_task():
         ClassicalDemosaic("malvar2004", task="sr2")
 
 
-def test_swin_size_and_training_step():
+def test_swin_size_and_training_step(observation):
     model = unrollattn.build_model("swin_demosaic")
     params = sum(p.numel() for p in model.parameters())
     assert 250_000 <= params <= 1_000_000, params  # a lightweight restoration transformer
     small = SwinRestorer("demosaic", embed_dim=16, depth=2, num_heads=2, window_size=4)
-    x = torch.rand(2, 3, 10, 14)  # not a multiple of the window: padded inside
-    y = BayerMosaic()(x)
+    x, y = observation("demosaic", h=10, w=14)  # not a multiple of the window: padded inside
     out = small(y)
     assert out.shape == x.shape and torch.equal(BayerMosaic()(out), y)
     # the head starts at zero: the untrained model is the bilinear initialisation

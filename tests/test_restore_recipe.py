@@ -9,12 +9,6 @@ import torch
 from recipes import restore
 from unrollattn.cli import ablate
 from unrollattn.train import DistState, read_metrics
-from unrollattn.vision.photos import load_photos
-
-
-@pytest.fixture(scope="module")
-def tiny_photos():
-    return load_photos(eval_crop=32, test_names=("astronaut", "chelsea"), train_names=("rocket", "coffee"))
 
 
 def test_metrics_known_values():
@@ -38,6 +32,8 @@ def test_config_validation():
         restore.load_config("tiny", ["model.variant=swinir"])
     assert restore.load_config("tiny", ["model.variant=ugtv"]).model.options()["iters"] == 1  # admm_iters
     assert restore.model_name("sr2", "transformer") == "swin_sr2"
+    assert restore.load_config("tiny", ["model.fidelity=2.0"]).model.options()["fidelity"] == 2.0
+    assert "fidelity" not in restore.load_config("tiny").model.options()  # default: the hard constraint
 
 
 def test_task_batches_are_deterministic_and_loss_decreases(tiny_photos):

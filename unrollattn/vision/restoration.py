@@ -33,6 +33,9 @@ Structure of :class:`GraphInterpolationNet` (A.0: "a chain of blocks, each prece
       x^b = p·new + (1 − p)·x^{b−1} (p init ``skip_init`` = 0.95, A.5);
    e. the observed samples are written back bit-exactly (both mixtures are affine in x with weights
       summing to ~1, so this only removes rounding: the outputs keep y exactly).
+   Option ``fidelity`` (not in the paper's formulation, which keeps Hx = y): the constraint becomes a data
+   term μ‖Hx − y‖² with learned μ (step c solves (μP_o + L)x = μP_o y, resp. ADMM with that x-step, step e
+   is skipped), so noisy samples are smoothed instead of copied (see the noise-shift results).
 
 Parameters: the CNNs, metrics, mixing, skips and solver scalars — a few thousand to tens of thousands
 (default uglr_demosaic: about 27k). Cost per block: O(N·k) per mat-vec, never a dense N×N matrix.
@@ -46,7 +49,8 @@ import torch
 import torch.nn as nn
 
 from ..core.graph import (
-    NORMALIZATIONS, SIMILARITIES, build_neighbourhood, edge_weights, is_grid_kind, laplacian_matvec, neighbourhood_radius,
+    NORMALIZATIONS, SIMILARITIES, build_neighbourhood, degree, edge_weights, is_grid_kind, laplacian_matvec,
+    neighbourhood_radius,
 )
 from ..core.solvers import glr_interpolate, gtv_admm_interpolate
 from ..registry import register_model
@@ -126,8 +130,9 @@ class GraphBlock(nn.Module):
     def __init__(self, chans: int, *, prior: str, iters: int, cg_iters: int, heads: int, feature_dim: int, width: int,
                  normalization: str, metric: str, similarity: str, clip: float | None, step_sizes: str,
                  metric_init: float, alpha_init: float, beta_init: float, rho_init: float, skip_init: float | None,
-                 mask_features: bool, colour_difference: bool = False):
+                 mask_features: bool, colour_difference: bool = False, fidelity: float | None = None):
         super().__init__()
+        self.relaxed = fidelity is not None
         self.colour_difference = colour_difference
         self.prior, self.iters, self.cg_iters = prior, iters, cg_iters
         self.heads, self.feature_dim = heads, feature_dim
@@ -143,6 +148,8 @@ class GraphBlock(nn.Module):
             self.metric = nn.Parameter(math.sqrt(metric_init) * torch.eye(feature_dim).repeat(heads, 1, 1))
         self.mix = nn.Parameter(torch.full((heads,), 1.0 / heads))  # learned head mixing, init 1/G (A.4)
         self.skip = nn.Parameter(torch.tensor(float(skip_init))) if skip_init is not None else None
+        if self.relaxed:  # learned data-term weight per head, log-stored (positive)
+            self.log_fidelity = nn.Parameter(torch.full((heads,), math.log(fidelity)))
         if prior == "gtv":
             self.log_rho = nn.Parameter(torch.full((iters, heads), math.log(rho_init)))
         if step_sizes == "learned":
@@ -183,17 +190,20 @@ class GraphBlock(nn.Module):
 
     def solve(self, weights: torch.Tensor, nbhd, obs: torch.Tensor, y_nodes: torch.Tensor,
               x_nodes: torch.Tensor) -> torch.Tensor:
-        """Unrolled GLR / GTV interpolation per head: [B, G, N, C] with x_o = y exactly."""
+        """Unrolled GLR / GTV interpolation per head: [B, G, N, C] with x_o = y exactly (or, relaxed, near y)."""
         g = self.heads
+        fidelity = self._per_head(self.log_fidelity.exp()) if self.relaxed else None
         y_g = y_nodes.expand(-1, g, -1, -1)
         x_g = x_nodes.expand(-1, g, -1, -1)
         if self.prior == "glr":
             lap = lambda s: laplacian_matvec(weights, nbhd.index, s)  # noqa: E731
-            return glr_interpolate(obs, y_g, lap, self.iters, x0=x_g, step_sizes=self._glr_steps())
+            return glr_interpolate(obs, y_g, lap, self.iters, x0=x_g, step_sizes=self._glr_steps(), fidelity=fidelity,
+                                   diagonal=degree(weights) if self.relaxed else None)
         index_e, _, cols = nbhd.edges()
         rho = self._per_head(self.log_rho.exp())
         return gtv_admm_interpolate(obs, y_g, weights.index_select(-1, cols), index_e, self.iters, self.cg_iters,
-                                    [rho[t] for t in range(self.iters)], x0=x_g, step_sizes=self._gtv_steps())
+                                    [rho[t] for t in range(self.iters)], x0=x_g, step_sizes=self._gtv_steps(),
+                                    fidelity=fidelity)
 
     def forward(self, x: torch.Tensor, full: torch.Tensor, mask: torch.Tensor, nbhd) -> torch.Tensor:
         """x [B, C, H, W] current estimate, full = Hᵀy, mask bool [1, C|1, H, W] -> next estimate."""
@@ -208,7 +218,7 @@ class GraphBlock(nn.Module):
         new = _from_nodes(torch.einsum("g,bgnc->bnc", self.mix, out), h, w) + offset
         if self.skip is not None:
             new = self.skip * new + (1 - self.skip) * x
-        return torch.where(mask, full, new)
+        return new if self.relaxed else torch.where(mask, full, new)
 
 
 class GraphInterpolationNet(RestorationModel):
@@ -223,7 +233,10 @@ class GraphInterpolationNet(RestorationModel):
     steps at init; default 1.0 / 0.1 for glr — α = 1 is a Jacobi sweep of the normalised Laplacian —
     and 4.0 / 0.1 for gtv, whose x-step operator L_{w²} has a smaller scale), ``rho_init`` (gtv, 10.0),
     ``mask_features`` (True: the CNN also sees the sampling mask), ``colour_difference`` (None = True for
-    demosaic, False for sr2), ``in_chans`` (sr2: 3 or 1), ``pattern`` (demosaic).
+    demosaic, False for sr2), ``fidelity`` (None = the hard constraint Hx = y of the paper; a float relaxes it
+    to a data term, min μ‖Hx − y‖² + xᵀLx resp. μ‖Hx − y‖² + ‖C_w x‖₁, solved by the same CG / ADMM over all
+    pixels, μ learned per block and head (log-stored) and initialised at this value; the outputs then do not
+    copy the samples, so noise on them is filtered too), ``in_chans`` (sr2: 3 or 1), ``pattern`` (demosaic).
     """
 
     def __init__(self, task: str = "demosaic", prior: str = "glr", *, blocks: int = 4, iters: int | None = None,
@@ -232,8 +245,12 @@ class GraphInterpolationNet(RestorationModel):
                  clip: float | None = None, step_sizes: str = "learned", init: str = "bilinear",
                  skip_init: float | None = 0.95, metric_init: float = 1.0, alpha_init: float | None = None,
                  beta_init: float = 0.1, rho_init: float = 10.0, mask_features: bool = True,
-                 colour_difference: bool | None = None, in_chans: int = 3, pattern: str = "RGGB"):
+                 colour_difference: bool | None = None, fidelity: float | None = None, in_chans: int = 3,
+                 pattern: str = "RGGB"):
         super().__init__(task, in_chans=in_chans, pattern=pattern)
+        if fidelity is not None and not (isinstance(fidelity, (int, float)) and not isinstance(fidelity, bool)
+                                         and math.isfinite(fidelity) and fidelity > 0):
+            raise ValueError(f"fidelity: expected None (hard constraint Hx = y) or an initial weight > 0, got {fidelity!r}")
         colour_difference = (task == "demosaic") if colour_difference is None else bool(colour_difference)
         if colour_difference and self.chans != 3:
             raise ValueError(f"colour_difference: needs RGB images, got {self.chans} channel(s)")
@@ -259,40 +276,40 @@ class GraphInterpolationNet(RestorationModel):
         self.min_size = max(RestorationModel.min_size, neighbourhood_radius(neighbourhood) + 1)
         self.options = dict(ints, neighbourhood=neighbourhood, normalization=normalization, metric=metric,
                             similarity=similarity, step_sizes=step_sizes, init=init, skip_init=skip_init,
-                            colour_difference=colour_difference)
+                            colour_difference=colour_difference, fidelity=fidelity)
         self.blocks = nn.ModuleList(
             GraphBlock(self.chans, prior=prior, iters=iters, cg_iters=cg_iters, heads=heads, feature_dim=feature_dim,
                        width=width, normalization=normalization, metric=metric, similarity=similarity, clip=clip,
                        step_sizes=step_sizes, metric_init=metric_init, alpha_init=alpha_init, beta_init=beta_init,
                        rho_init=rho_init, skip_init=skip_init, mask_features=mask_features,
-                       colour_difference=colour_difference)
+                       colour_difference=colour_difference, fidelity=fidelity)
             for _ in range(blocks))
 
     def initial(self, y: torch.Tensor) -> torch.Tensor:
         """x⁰: bilinear interpolation by the operator, or Hᵀy (zeros at unobserved pixels)."""
         return self.operator.interpolate(y, "bilinear") if self.init == "bilinear" else self.operator.adjoint(y)
 
-    def restore(self, y: torch.Tensor) -> torch.Tensor:
+    def _unroll(self, y: torch.Tensor, graphs: list | None = None) -> torch.Tensor:
+        """Run the blocks on a checked y; append each block's edge weights to ``graphs`` if given."""
         full = self.operator.adjoint(y)
         h, w = full.shape[-2:]
         mask = self.operator.observed_mask(h, w, device=y.device)
         nbhd = build_neighbourhood(self.neighbourhood, (h, w), device=y.device)
         x = self.initial(y)
         for block in self.blocks:
+            if graphs is not None:
+                graphs.append(block.graph(x, mask, nbhd))
             x = block(x, full, mask, nbhd)
         return x
+
+    def restore(self, y: torch.Tensor) -> torch.Tensor:
+        return self._unroll(y)
 
     def graphs(self, y: torch.Tensor) -> list[torch.Tensor]:
         """The learned edge weights [B, G, N, k] of every block (for inspection / diagnostics)."""
         self.check(y)
-        full = self.operator.adjoint(y)
-        h, w = full.shape[-2:]
-        mask = self.operator.observed_mask(h, w, device=y.device)
-        nbhd = build_neighbourhood(self.neighbourhood, (h, w), device=y.device)
-        x, out = self.initial(y), []
-        for block in self.blocks:
-            out.append(block.graph(x, mask, nbhd))
-            x = block(x, full, mask, nbhd)
+        out: list[torch.Tensor] = []
+        self._unroll(y, out)
         return out
 
     def extra_repr(self) -> str:
