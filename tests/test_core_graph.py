@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from unrollattn.core.graph import (
     adjacency_matvec, build_neighbourhood, degree, edge_weights, equivalent_band, grid_offsets,
-    incidence_gram_diagonal, incidence_matvec, incidence_t_matvec, laplacian_matvec, metric_features, neighbour_mask, sequence_offsets,
+    edge_logits, incidence_gram_diagonal, incidence_matvec, incidence_t_matvec, laplacian_matvec, metric_features, neighbour_mask, sequence_offsets,
 )
 from unrollattn.core.reference import (
     dense_adjacency, dense_incidence, dense_laplacian, graph_weights_reference, neighbourhood_reference,
@@ -315,3 +315,43 @@ def test_laplacian_quadratic_form_property(h, w, kind, seed, normalization):
     y = torch.randn(1, 1, n, 1, dtype=D, generator=gen)
     torch.testing.assert_close((y * laplacian_matvec(weights, nbhd.index, x)).sum(),
                                (x * laplacian_matvec(weights, nbhd.index, y)).sum())
+
+
+@pytest.mark.parametrize("kind,shape,include_self", [
+    ("8", (5, 4), False), ("4", (3, 6), False), ("window5", (6, 5), False), ("8", (4, 4), True),
+    ("band3", (11,), False), ("causal2", (9,), True),
+])
+def test_shift_fast_path_matches_the_gather(kind, shape, include_self):
+    """offsets= (Neighbourhood.flat_offsets): same logits on valid columns, same mat-vecs and gradients as the
+    index gather, for weights from edge_weights (0 on invalid columns, e.g. a grid row's wrap-around)."""
+    nbhd = build_neighbourhood(kind, shape, include_self=include_self)
+    n = nbhd.num_nodes
+    f = torch.randn(2, 2, n, 3, dtype=D, requires_grad=True)
+    metric = torch.randn(2, 3, dtype=D)
+    for sim in ("mahalanobis", "dot"):
+        slow = edge_logits(f, nbhd.index, nbhd.valid, metric=metric, similarity=sim)
+        fast = edge_logits(f, nbhd.index, nbhd.valid, metric=metric, similarity=sim, offsets=nbhd.flat_offsets)
+        torch.testing.assert_close(fast, slow)
+    w = edge_weights(f, nbhd, metric=metric, normalization="symmetric")
+    x = torch.randn(2, 2, n, 3, dtype=D, requires_grad=True)
+    index_e, _, cols = nbhd.edges()
+    w_e = w.index_select(-1, cols)
+    e = torch.randn(2, 2, n, len(cols), 3, dtype=D, requires_grad=True)
+    pairs = [
+        (lambda o: adjacency_matvec(w, nbhd.index, x, offsets=o), nbhd.flat_offsets),
+        (lambda o: laplacian_matvec(w, nbhd.index, x, offsets=o), nbhd.flat_offsets),
+        (lambda o: incidence_matvec(w_e, index_e, x, offsets=o), nbhd.edge_flat_offsets),
+        (lambda o: incidence_t_matvec(w_e, index_e, e, offsets=o), nbhd.edge_flat_offsets),
+        (lambda o: incidence_t_matvec(w_e, index_e, e, directed=True, offsets=o), nbhd.edge_flat_offsets),
+    ]
+    for fn, offsets in pairs:
+        slow, fast = fn(None), fn(offsets)
+        torch.testing.assert_close(fast, slow)
+        probe = torch.randn_like(slow)
+        for a, b in zip(torch.autograd.grad((fast * probe).sum(), [f, x, e], allow_unused=True, retain_graph=True),
+                        torch.autograd.grad((slow * probe).sum(), [f, x, e], allow_unused=True, retain_graph=True)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="offsets"):
+        laplacian_matvec(w, nbhd.index, x, offsets=nbhd.flat_offsets[:-1])

@@ -179,6 +179,20 @@ class Neighbourhood:
         """``undirected_columns`` as a long tensor on the neighbourhood's device (select weight columns with it)."""
         return torch.tensor(self.undirected_columns, dtype=torch.long, device=self.index.device)
 
+    @functools.cached_property
+    def flat_offsets(self) -> tuple[int, ...]:
+        """Per column, the node-index offset j − i of a valid neighbour (dr·W + dc on grids, o on sequences).
+
+        Pass it as ``offsets=`` to the mat-vecs for the shift fast path (see :func:`shift_neighbours`)."""
+        if len(self.shape) == 2:
+            return tuple(dr * self.shape[1] + dc for dr, dc in self.offsets)
+        return tuple(o[0] for o in self.offsets)
+
+    @functools.cached_property
+    def edge_flat_offsets(self) -> tuple[int, ...]:
+        """``flat_offsets`` of the undirected edge set (``undirected_columns``), for the GTV mat-vecs."""
+        return tuple(self.flat_offsets[c] for c in self.undirected_columns)
+
     def edges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(index_e [N, m], valid_e [N, m], columns [m]) of the undirected edge set (``undirected_columns``).
 
@@ -307,10 +321,30 @@ def gather_neighbours(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[:, :, index]
 
 
+def shift_neighbours(x: torch.Tensor, offsets: Sequence[int]) -> list[torch.Tensor]:
+    """Fast path of :func:`gather_neighbours` for fixed-offset neighbourhoods: one view [B, G, N, C] per column,
+    column c holding x[..., i + offsets[c], :] (zero-padded at the ends of the node axis).
+
+    Equal to the gather on every VALID neighbour; on invalid ones (a grid row's wrap-around, past the ends) it
+    holds another finite value instead of x_i, so callers must give those columns weight 0 — which
+    :func:`edge_weights` guarantees — and finite x. No [N, k, C] tensor and no index gather: every column is a
+    slice of one padded copy, so the mat-vecs stream memory linearly in N (``Neighbourhood.flat_offsets``)."""
+    pad = max((abs(o) for o in offsets), default=0)
+    n = x.shape[2]
+    xp = torch.nn.functional.pad(x, (0, 0, pad, pad)) if pad else x
+    return [xp[:, :, pad + o: pad + o + n] for o in offsets]
+
+
+def _check_offsets(offsets, index: torch.Tensor) -> None:
+    if offsets is not None and len(offsets) != index.shape[1]:
+        raise ValueError(f"offsets: expected one flat offset per index column ({index.shape[1]}), got {len(offsets)}")
+
+
 def edge_logits(features: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, *,
                 metric: torch.Tensor | None = None, similarity: str = "mahalanobis",
-                clip: float | None = None) -> torch.Tensor:
-    """Log-weights per neighbour [B, G, N, k]; −inf where ``valid`` is False.
+                clip: float | None = None, offsets: Sequence[int] | None = None) -> torch.Tensor:
+    """Log-weights per neighbour [B, G, N, k]; −inf where ``valid`` is False. ``offsets``
+    (``Neighbourhood.flat_offsets``): the shift fast path, same values (invalid columns are −inf either way).
 
     similarity "mahalanobis": −d_ij, d_ij = (f_i − f_j)ᵀ M (f_i − f_j)  (A.4), clipped at d ≤ clip;
     similarity "dot":         f_iᵀ M f_j (the 2025 reference code), clipped to [−clip, clip].
@@ -320,16 +354,22 @@ def edge_logits(features: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
     _check_graph_tensors("features", features, index, "K")
     if valid.shape != index.shape:
         raise ValueError(f"valid: expected shape {list(index.shape)} like index, got {list(valid.shape)}")
+    _check_offsets(offsets, index)
     g = metric_features(features, metric)
-    nb = gather_neighbours(g, index)  # [B, G, N, k, R]
-    if similarity == "mahalanobis":
-        logits = -(g.unsqueeze(-2) - nb).square().sum(-1)
-        if clip is not None:
-            logits = logits.clamp_min(-float(clip))
+    if offsets is not None:  # shift fast path: one [B, G, N] column at a time, no [N, k, R] tensor
+        cols = shift_neighbours(g, offsets)
+        if similarity == "mahalanobis":
+            logits = torch.stack([-(g - nb).square().sum(-1) for nb in cols], -1)
+        else:
+            logits = torch.stack([(g * nb).sum(-1) for nb in cols], -1)
     else:
-        logits = (g.unsqueeze(-2) * nb).sum(-1)
-        if clip is not None:
-            logits = logits.clamp(-float(clip), float(clip))
+        nb = gather_neighbours(g, index)  # [B, G, N, k, R]
+        if similarity == "mahalanobis":
+            logits = -(g.unsqueeze(-2) - nb).square().sum(-1)
+        else:
+            logits = (g.unsqueeze(-2) * nb).sum(-1)
+    if clip is not None:
+        logits = logits.clamp_min(-float(clip)) if similarity == "mahalanobis" else logits.clamp(-float(clip), float(clip))
     return logits.masked_fill(~valid, float("-inf"))
 
 
@@ -386,7 +426,7 @@ def edge_weights(features: torch.Tensor, neighbourhood: Neighbourhood, *, metric
     additive float added to the log-weight, applied before normalisation. Invalid neighbours get 0.
     """
     logits = edge_logits(features, neighbourhood.index, neighbourhood.valid, metric=metric,
-                         similarity=similarity, clip=clip)
+                         similarity=similarity, clip=clip, offsets=neighbourhood.flat_offsets)
     if mask is not None:
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, float("-inf"))
@@ -401,27 +441,47 @@ def degree(weights: torch.Tensor) -> torch.Tensor:
     return weights.sum(-1)
 
 
-def adjacency_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(W x)_i = Σ_c w[i, c] x[index[i, c]] for x [B, G, N, C]: one gather [B, G, N, k, C], O(N·k·C)."""
+def adjacency_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor, *,
+                     offsets: Sequence[int] | None = None) -> torch.Tensor:
+    """(W x)_i = Σ_c w[i, c] x[index[i, c]] for x [B, G, N, C]: one gather [B, G, N, k, C], O(N·k·C).
+
+    ``offsets`` (``Neighbourhood.flat_offsets``; weights must be 0 on invalid columns, as :func:`edge_weights`
+    makes them): the shift fast path, Σ_c w[:, c] · shift_c(x) accumulated in [B, G, N, C] (no gather)."""
     _check_matvec(weights, index, x)
-    return torch.einsum("bgnk,bgnkc->bgnc", weights, gather_neighbours(x, index))
+    _check_offsets(offsets, index)
+    if offsets is None:
+        return torch.einsum("bgnk,bgnkc->bgnc", weights, gather_neighbours(x, index))
+    out = None
+    for c, nb in enumerate(shift_neighbours(x, offsets)):
+        term = weights[..., c:c + 1] * nb
+        out = term if out is None else out + term
+    return out if out is not None else torch.zeros_like(x)
 
 
-def laplacian_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """L x = D x − W x, (L x)_i = Σ_{j∈N(i)} w_ij (x_i − x_j)  (A.1); symmetric iff the weights are."""
+def laplacian_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor, *,
+                     offsets: Sequence[int] | None = None) -> torch.Tensor:
+    """L x = D x − W x, (L x)_i = Σ_{j∈N(i)} w_ij (x_i − x_j)  (A.1); symmetric iff the weights are.
+    ``offsets``: the shift fast path of :func:`adjacency_matvec`."""
     _check_matvec(weights, index, x)
-    return degree(weights).unsqueeze(-1) * x - adjacency_matvec(weights, index, x)
+    return degree(weights).unsqueeze(-1) * x - adjacency_matvec(weights, index, x, offsets=offsets)
 
 
-def incidence_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def incidence_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor, *,
+                     offsets: Sequence[int] | None = None) -> torch.Tensor:
     """C_w x per edge (i, c): w[i, c] (x_i − x_{index[i, c]}), shape [B, G, N, m, C]  (A.1, ‖x‖_GTV = ‖C_w x‖₁).
 
     Pass the undirected edge set (``Neighbourhood.edges()`` and the matching weight columns) so each
-    edge is counted once; then C_wᵀ C_w = L_{w²} on the full neighbourhood.
+    edge is counted once; then C_wᵀ C_w = L_{w²} on the full neighbourhood. ``offsets``
+    (``Neighbourhood.edge_flat_offsets``, weights 0 on invalid edges): the shift fast path.
     """
     _check_graph_tensors("weights", weights, index, "m")
     _check_graph_tensors("x", x, index, "C")
-    return weights.unsqueeze(-1) * (x.unsqueeze(-2) - gather_neighbours(x, index))
+    _check_offsets(offsets, index)
+    if offsets is None:
+        return weights.unsqueeze(-1) * (x.unsqueeze(-2) - gather_neighbours(x, index))
+    if not offsets:
+        return x.new_zeros(*x.shape[:3], 0, x.shape[3])
+    return torch.stack([x - nb for nb in shift_neighbours(x, offsets)], -2) * weights.unsqueeze(-1)
 
 
 def incidence_gram_diagonal(weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -434,22 +494,28 @@ def incidence_gram_diagonal(weights: torch.Tensor, index: torch.Tensor) -> torch
 
 
 def incidence_t_matvec(weights: torch.Tensor, index: torch.Tensor, e: torch.Tensor, *,
-                       directed: bool = False) -> torch.Tensor:
+                       directed: bool = False, offsets: Sequence[int] | None = None) -> torch.Tensor:
     """C_wᵀ e for an edge signal e [B, G, N, m, C]: +w e at the head node i, −w e at the tail index[i, c].
 
     ``directed=True`` keeps only the head term (each node collects its own edges, nothing is sent back
     to the tail): this is not the transpose, but it keeps information flowing from neighbours to a node
-    only, which is what a causal (past-only) edge set needs.
+    only, which is what a causal (past-only) edge set needs. ``offsets`` (``Neighbourhood.edge_flat_offsets``,
+    weights 0 on invalid edges): the shift fast path, the tail term as shifted slices instead of a scatter.
     """
     _check_graph_tensors("weights", weights, index, "m")
     if e.ndim != 5 or e.shape[2:4] != index.shape:
         raise ValueError(f"e: expected an edge signal [B, G, N={index.shape[0]}, m={index.shape[1]}, C], "
                          f"got {list(e.shape)}")
+    _check_offsets(offsets, index)
     flow = weights.unsqueeze(-1) * e
     out = flow.sum(-2)
     if directed:
         return out
-    return out.index_add(2, index.reshape(-1), flow.flatten(2, 3), alpha=-1)  # −w e at every tail node
+    if offsets is None:
+        return out.index_add(2, index.reshape(-1), flow.flatten(2, 3), alpha=-1)  # −w e at every tail node
+    for c, o in enumerate(offsets):  # node j is the tail of edge (j − o, c): shift column c by −o
+        out = out - shift_neighbours(flow[:, :, :, c], (-o,))[0]
+    return out
 
 
 __all__ = [
@@ -457,5 +523,5 @@ __all__ = [
     "build_neighbourhood", "degree", "edge_logits", "edge_weights", "equivalent_band", "gather_neighbours",
     "grid_offsets", "incidence_gram_diagonal", "incidence_matvec", "incidence_t_matvec", "is_grid_kind", "is_sequence_kind",
     "laplacian_matvec", "metric_features", "neighbour_mask", "neighbourhood_radius", "neighbourhood_size",
-    "normalize_edges", "sequence_offsets",
+    "normalize_edges", "sequence_offsets", "shift_neighbours",
 ]

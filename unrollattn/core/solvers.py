@@ -15,6 +15,7 @@ causal); exact CG's α_k, β_k are global reductions over the nodes.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -189,7 +190,7 @@ def _admm_steps(step_sizes, iters: int, cg_iters: int) -> list:
 
 def gtv_admm_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
                          iters: int, cg_iters: int, rho, x0: torch.Tensor | None = None, *,
-                         step_sizes=None, fidelity=None, return_state: bool = False):
+                         step_sizes=None, fidelity=None, offsets=None, return_state: bool = False):
     """GTV interpolation min_x ‖C_w x‖₁ s.t. Hx = y by ``iters`` unrolled ADMM iterations (A.3).
 
     ``weights`` [B, G, N, m] / ``index`` [N, m] describe the undirected edge set (each edge once:
@@ -207,9 +208,12 @@ def gtv_admm_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, weights: 
         (q P_o + C_wᵀC_w) x = q P_o y + C_wᵀ(z − μ/ρ),   q = 2γ/ρ
     (same CG on the Jacobi-balanced system of ``_relaxed_solve``, warm start at x0, default y at the observed
     nodes and 0 elsewhere); z- and dual steps unchanged.
+    ``offsets`` (``Neighbourhood.edge_flat_offsets``): the shift fast path of the incidence mat-vecs.
     Returns x, or (x, z, μ) with ``return_state``.
     """
     o = _observed(observed_mask, y)
+    cw = functools.partial(incidence_matvec, weights, index, offsets=offsets)
+    cwt = functools.partial(incidence_t_matvec, weights, index, offsets=offsets)
     _check_fidelity(fidelity)
     u = 1 - o
     y_o = o * y
@@ -217,7 +221,7 @@ def gtv_admm_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, weights: 
     steps = _admm_steps(step_sizes, iters, cg_iters)
 
     def normal(v):  # C_wᵀ C_w v = L_{w²} v
-        return incidence_t_matvec(weights, index, incidence_matvec(weights, index, v))
+        return cwt(cw(v))
 
     if fidelity is None:
         x = y_o + (u * x0 if x0 is not None else 0)
@@ -225,12 +229,12 @@ def gtv_admm_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, weights: 
     else:
         x = y_o if x0 is None else x0
         gram = incidence_gram_diagonal(weights, index)  # diag(C_wᵀC_w), balances the relaxed x-step
-    cx = incidence_matvec(weights, index, x)
+    cx = cw(x)
     z = torch.zeros_like(cx)
     mu = torch.zeros_like(cx)
     for t in range(iters):
         r = _on_edges(rhos[t])
-        pull = incidence_t_matvec(weights, index, z - mu / r)
+        pull = cwt(z - mu / r)
         if fidelity is None:
             x_u = conjugate_gradient(lambda v: u * normal(u * v), u * (pull - fixed), u * x, cg_iters,
                                      step_sizes=steps[t])
@@ -238,7 +242,7 @@ def gtv_admm_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, weights: 
         else:
             q = 2 * fidelity / rhos[t]
             x = _relaxed_solve(normal, gram, o, q, q * y_o + pull, x, cg_iters, steps[t])
-        cx = incidence_matvec(weights, index, x)
+        cx = cw(x)
         z = soft_threshold(cx + mu / r, 1 / r)
         mu = mu + r * (cx - z)
     return (x, z, mu) if return_state else x
@@ -257,7 +261,7 @@ def glr_denoise(v: torch.Tensor, laplacian_matvec: MatVec, mu, iters: int, *, x0
 
 def gtv_admm_denoise(v: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, lam, rho, iters: int,
                      cg_iters: int, *, x0: torch.Tensor | None = None, step_sizes=None, directed: bool = False,
-                     return_state: bool = False):
+                     offsets=None, return_state: bool = False):
     """GTV denoising min_x ½‖x − v‖² + λ‖C_w x‖₁ by ``iters`` unrolled (scaled-dual) ADMM iterations.
 
     With x = x0 (default v) and scaled dual u = 0, each iteration does
@@ -271,6 +275,7 @@ def gtv_admm_denoise(v: torch.Tensor, weights: torch.Tensor, index: torch.Tensor
     :func:`gtv_admm_interpolate`. ``directed=True`` replaces C_wᵀ by its head part
     (``incidence_t_matvec(directed=True)``), so a node only reacts to its own edges: on a causal edge
     set the output at i then depends on nodes ≤ i only (a directed GTV; with learned step sizes).
+    ``offsets`` (``Neighbourhood.edge_flat_offsets``): the shift fast path of the incidence mat-vecs.
     """
     rhos = _per_iteration(rho, iters, "rho")
     steps = _admm_steps(step_sizes, iters, cg_iters)
@@ -278,20 +283,18 @@ def gtv_admm_denoise(v: torch.Tensor, weights: torch.Tensor, index: torch.Tensor
         raise ValueError("step_sizes: directed=True needs learned (alpha, beta): exact CG's inner products "
                          "mix all nodes and the directed operator is not symmetric")
 
-    def ct(e):
-        return incidence_t_matvec(weights, index, e, directed=directed)
-
+    cw = functools.partial(incidence_matvec, weights, index, offsets=offsets)
+    ct = functools.partial(incidence_t_matvec, weights, index, directed=directed, offsets=offsets)
     x = v if x0 is None else x0
-    u = torch.zeros_like(incidence_matvec(weights, index, x))
+    u = torch.zeros_like(cw(x))
     z = u
     for t in range(iters):
         r, r_e = rhos[t], _on_edges(rhos[t])
-        cx = incidence_matvec(weights, index, x)
+        cx = cw(x)
         z = soft_threshold(cx + u, _on_edges(lam) / r_e)
         b = v + r * ct(z - u)
-        x = conjugate_gradient(lambda s: s + r * ct(incidence_matvec(weights, index, s)), b, x, cg_iters,
-                               step_sizes=steps[t])
-        u = u + incidence_matvec(weights, index, x) - z
+        x = conjugate_gradient(lambda s: s + r * ct(cw(s)), b, x, cg_iters, step_sizes=steps[t])
+        u = u + cw(x) - z
     return (x, z, u) if return_state else x
 
 

@@ -228,7 +228,7 @@ class GraphLaplacianAttention(GraphAttentionBase):
         return _per_head(self.log_alpha.exp()), beta
 
     def filter(self, v, weights, nbhd, causal):
-        lap = lambda s: laplacian_matvec(weights, nbhd.index, s)  # noqa: E731
+        lap = lambda s: laplacian_matvec(weights, nbhd.index, s, offsets=nbhd.flat_offsets)  # noqa: E731
         return glr_denoise(v, lap, _per_head(self.log_mu.exp()), self.iters, step_sizes=self.step_sizes())
 
 
@@ -275,7 +275,8 @@ class GraphTotalVariationAttention(GraphAttentionBase):
         w_e = weights.index_select(-1, cols)
         rho = _per_head(self.log_rho.exp())
         return gtv_admm_denoise(v, w_e, index_e, _per_head(self.log_lam.exp()), [rho[t] for t in range(self.iters)],
-                                self.iters, self.cg_iters, step_sizes=self.step_sizes(), directed=causal)
+                                self.iters, self.cg_iters, step_sizes=self.step_sizes(), directed=causal,
+                                offsets=nbhd.edge_flat_offsets)
 
 
 __all__ = ["GraphAttentionBase", "GraphLaplacianAttention", "GraphTotalVariationAttention"]

@@ -196,14 +196,14 @@ class GraphBlock(nn.Module):
         y_g = y_nodes.expand(-1, g, -1, -1)
         x_g = x_nodes.expand(-1, g, -1, -1)
         if self.prior == "glr":
-            lap = lambda s: laplacian_matvec(weights, nbhd.index, s)  # noqa: E731
+            lap = lambda s: laplacian_matvec(weights, nbhd.index, s, offsets=nbhd.flat_offsets)  # noqa: E731
             return glr_interpolate(obs, y_g, lap, self.iters, x0=x_g, step_sizes=self._glr_steps(), fidelity=fidelity,
                                    diagonal=degree(weights) if self.relaxed else None)
         index_e, _, cols = nbhd.edges()
         rho = self._per_head(self.log_rho.exp())
         return gtv_admm_interpolate(obs, y_g, weights.index_select(-1, cols), index_e, self.iters, self.cg_iters,
                                     [rho[t] for t in range(self.iters)], x0=x_g, step_sizes=self._gtv_steps(),
-                                    fidelity=fidelity)
+                                    fidelity=fidelity, offsets=nbhd.edge_flat_offsets)
 
     def forward(self, x: torch.Tensor, full: torch.Tensor, mask: torch.Tensor, nbhd) -> torch.Tensor:
         """x [B, C, H, W] current estimate, full = Hᵀy, mask bool [1, C|1, H, W] -> next estimate."""
