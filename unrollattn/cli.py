@@ -69,7 +69,12 @@ def import_recipe(name: str) -> ModuleType:
 
 
 def model_params(name: str) -> int | None:
-    """Parameter count of registered model ``name`` at its default size (built on the meta device when possible)."""
+    """Parameter count of registered model ``name`` at its default size (built on the meta device when possible).
+
+    On the meta device timm ViTs are built with ``weight_init="skip"``: their truncated-normal init runs through
+    slow reference decompositions there and cannot change a count. Builders that reject the keyword are built
+    without it; a builder that reads tensor values at construction is built for real.
+    """
     import torch
 
     from .registry import build_model
@@ -77,15 +82,17 @@ def model_params(name: str) -> int | None:
     def count(model) -> int:
         return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
-    try:
-        with torch.device("meta"):
-            return count(build_model(name))
-    except Exception:  # a builder that reads tensor values at construction: build it for real
+    for overrides in ({"weight_init": "skip"}, {}):
         try:
-            with torch.no_grad():
-                return count(build_model(name))
+            with torch.device("meta"):
+                return count(build_model(name, **overrides))
         except Exception:
-            return None
+            continue
+    try:
+        with torch.no_grad():
+            return count(build_model(name))
+    except Exception:
+        return None
 
 
 def _human_count(n: int) -> str:

@@ -45,21 +45,23 @@ class KernelAttention(AttentionLayer):
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
         learn = bool(o.get("learn_bandwidth", True))
-        h_y = o.get("range_bandwidth") or default_range_bandwidth(self.head_dim)
-        self.log_range_bandwidth = self._log_param(torch.full((num_heads,), float(h_y)), learn, "range_bandwidth")
+        h_y = o.get("range_bandwidth")
+        h_y = default_range_bandwidth(self.head_dim) if h_y is None else _positive(h_y, "range_bandwidth")
+        self.log_range_bandwidth = self._log_param(torch.full((num_heads,), math.log(h_y)), learn)
         if self.kernel == "bilateral":
             h_p = o.get("spatial_bandwidth")
-            init = torch.logspace(0, math.log10(16), num_heads) if h_p is None else torch.full((num_heads,), float(h_p))
-            self.log_spatial_bandwidth = self._log_param(init, learn, "spatial_bandwidth")
+            init = (torch.linspace(0, math.log(16), num_heads) if h_p is None  # 1 .. 16 grid steps, geometric
+                    else torch.full((num_heads,), math.log(_positive(h_p, "spatial_bandwidth"))))
+            self.log_spatial_bandwidth = self._log_param(init, learn)
         if self.kernel == "mahalanobis":  # diagonal metric M = exp(log_metric), initialised to I
             self.log_metric = nn.Parameter(torch.zeros(num_heads, self.head_dim, **self.factory))
         self.qkv = nn.Linear(self.dim, 3 * self.inner_dim, bias=self.qkv_bias, **self.factory)
         self.proj = nn.Linear(self.inner_dim, self.dim, bias=self.proj_bias, **self.factory)
 
-    def _log_param(self, init: torch.Tensor, learn: bool, name: str) -> nn.Parameter:
-        if not bool((init > 0).all()):
-            raise ValueError(f"{name}: expected a positive bandwidth, got {init.tolist()}")
-        return nn.Parameter(init.log().to(**{k: v for k, v in self.factory.items() if v is not None}), requires_grad=learn)
+    def _log_param(self, log_init: torch.Tensor, learn: bool) -> nn.Parameter:
+        """A log-bandwidth parameter; the values were validated as Python floats, so this also runs on the meta
+        device (fast parameter counting); forward checks the bandwidths of real tensors (core.kernel)."""
+        return nn.Parameter(log_init.to(**{k: v for k, v in self.factory.items() if v is not None}), requires_grad=learn)
 
     def init_weights(self) -> None:
         """Keep bandwidths and metric as constructed when timm re-initialises the model."""
@@ -82,6 +84,17 @@ class KernelAttention(AttentionLayer):
         else:
             out = boosting(smooth, v, 1 if self.smoother == "twicing" else self.boost_steps)  # twicing = 1 boosting step
         return self.proj(merge_heads(out))
+
+
+def _positive(value, name: str) -> float:
+    """``value`` as a positive finite float, or a ValueError naming the option."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a positive bandwidth, got {value!r}") from None
+    if not math.isfinite(out) or out <= 0:
+        raise ValueError(f"{name}: expected a positive bandwidth, got {value!r}")
+    return out
 
 
 @register_attention("gaussian", summary="RBF kernel exp(-||q_i - k_j||^2 / h^2), learned per-head bandwidth")

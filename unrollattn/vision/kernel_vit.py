@@ -2,6 +2,15 @@
 pre-norm attention + MLP blocks, LayerNorm eps 1e-6, qkv bias) with the softmax attention replaced by
 ``gaussian``, ``mahalanobis``, ``bilateral`` (2-D patch positions) or ``twicing``. ``block="boost"`` with
 ``block_options={"rule": "sos" | "twicing" | "anchor", "strength": ...}`` adds a boosting residual.
+
+Positions. ``gaussian``, ``mahalanobis`` and ``twicing`` are range-only kernels, so they keep ViT's learned
+absolute position embedding added to the tokens. ``bilateral`` takes position from its spatial kernel on the
+2-D patch grid (row, col of each patch; the class token has no position and no spatial term) and has **no**
+additive position embedding (``pos_embed="none"``): added to the tokens, it would bring back the
+token-position cross term that bilateral attention removes (docs/papers.md C.2, C.5), and it would put
+position into the values and the residual stream. This is the paper's reading of the kernel (C.5, "Q, K
+from the token stream without PE"); whether the original code also drops PE from values is not known, so
+``pos_embed="learn"`` restores the additive embedding (``timm.create_model(name, pos_embed="learn")``).
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ VIT_SIZES = {  # timm's vit_{tiny,small,base}_patch16_224
     "base": dict(embed_dim=768, num_heads=12, depth=12),
 }
 KERNEL_ATTENTIONS = ("gaussian", "mahalanobis", "bilateral", "twicing")
+DEFAULT_POS_EMBED = {"bilateral": "none"}  # position enters only through the spatial kernel (module docstring)
 
 default_cfgs = generate_default_cfgs({
     f"vit_{attn}_{size}_patch16_224.untrained": model_cfg() for attn in KERNEL_ATTENTIONS for size in VIT_SIZES
@@ -27,7 +37,8 @@ default_cfgs = generate_default_cfgs({
 
 def _create_kernel_vit(attention: str, size: str, pretrained: bool = False, **kwargs):
     args = dict(patch_size=16, qkv_bias=True, block="transformer", attention=attention, embed_layer=PatchEmbed,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6), **VIT_SIZES[size])
+                norm_layer=partial(nn.LayerNorm, eps=1e-6), pos_embed=DEFAULT_POS_EMBED.get(attention, "learn"),
+                **VIT_SIZES[size])
     return create_unrolled_vit(f"vit_{attention}_{size}_patch16_224", pretrained, **dict(args, **kwargs))
 
 
