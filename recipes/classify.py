@@ -9,9 +9,18 @@ DDP, one process per device (``loop.batch_size`` is the global batch)::
 
     torchrun --standalone --nproc_per_node=2 -m recipes.classify --preset digits_debug loop.device=cpu
 
-Ablation over the variants (one table + plot): ``unrollattn ablate classify --variants vit,crate --preset quick``.
+Ablation over the variants (one table + plot): ``unrollattn ablate classify --variants vit,crate --preset quick``;
+the kernel-regression ViTs by their short names (``gaussian``, ``mahalanobis``, ``bilateral``, ``twicing``:
+timm's ViT with that attention, same width / depth / MLP as ``vit``), e.g.
+``unrollattn ablate classify --variants vit,bilateral,gaussian,twicing --preset quick``.
 Presets: ``quick`` (CPU, minutes per variant), ``digits_debug`` (seconds), ``fmnist_tiny`` and
 ``fmnist_small`` (GPU, 30 epochs). Data sources are those of :mod:`unrollattn.vision.datasets`.
+
+Robustness (``robust.*``): after training, the final weights are attacked with FGSM and PGD (L-inf, pixel
+space [0, 1], the recipe's normalisation applied inside the attacked function) at each ``robust.eps`` on a
+fixed random subset of ``robust.num_images`` test images. Summary keys: ``adv_subset_top1`` (clean top-1 on
+that subset), ``fgsm_top1@2/255``, ``pgd_top1@2/255``, ...; also written to ``robustness.json`` in the run
+directory. ``robust.num_images=0`` or ``robust.eps=()`` turns it off.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import json
 import math
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,21 +39,25 @@ import torch.nn.functional as F
 from torch import nn
 
 import unrollattn  # noqa: F401  (registers the aot_* / crate_* timm models)
+from unrollattn.diagnostics.robustness import ATTACKS, adversarial_counts, check_eps, eps_label
 from unrollattn.registry import Registry
 from unrollattn.train import (
-    DistState, LoopConfig, OptimConfig, all_reduce_tensor, apply_overrides, config_from_dict, epoch_batch_indices, fit,
-    latest_checkpoint, load_checkpoint, recipe_main, step_seed,
+    DistState, LoopConfig, OptimConfig, RunDir, all_reduce_tensor, apply_overrides, config_from_dict,
+    epoch_batch_indices, fit, init_distributed, latest_checkpoint, load_checkpoint, recipe_main, step_seed,
 )
 from unrollattn.vision.datasets import ImageClassificationData, load_classification_data
 
 __all__ = [
-    "ClassifyConfig", "ClassifyTask", "DataConfig", "ModelConfig", "PRESETS", "VARIANTS", "VARIANT_KEY",
-    "ablation_columns", "ablation_metric", "available_variants", "build_classifier", "load_config", "load_model", "main",
-    "random_translate_flip", "run", "timm_name",
+    "ClassifyConfig", "ClassifyTask", "DataConfig", "KERNEL_VARIANTS", "ModelConfig", "PRESETS", "RobustConfig",
+    "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for", "ablation_metric", "available_variants",
+    "build_classifier", "evaluate_robustness", "load_config", "load_model", "main", "random_translate_flip",
+    "robust_keys", "run", "timm_name",
 ]
 
 # The model of variant v at size s is the timm model f"{v}_{s}_patch16_224" (patch and image size are overridden).
 VARIANTS = ("vit", "aot_mssa", "aot_mhsa", "crate")
+# Short names of the kernel-regression ViTs (docs/papers.md C): variant "bilateral" is vit_bilateral_{size}_patch16_224.
+KERNEL_VARIANTS = {name: f"vit_{name}" for name in ("gaussian", "mahalanobis", "bilateral", "twicing")}
 _FAMILY_NAME = re.compile(r"(?P<variant>.+)_(?P<size>tiny|small|base|large)_patch16_224")
 VARIANT_KEY = "model.variant"
 # summary key -> column header of the ablation table (comparison.md / .csv)
@@ -52,11 +66,31 @@ ablation_columns = {"params": "params", "top1": "top1 %", "val_loss": "val_loss"
 ablation_metric = "top1"
 
 
+def robust_keys(robust: "RobustConfig") -> dict[str, str]:
+    """Summary key -> table header of the adversarial evaluation of ``robust`` (empty when it is disabled)."""
+    if not robust.enabled:
+        return {}
+    keys = {"adv_subset_top1": "subset top1 %"}
+    for attack in robust.attacks:
+        for eps in robust.eps:
+            keys[f"{attack}_top1@{eps_label(eps)}"] = f"{attack.upper()} {eps_label(eps)} %"
+    return keys
+
+
+def ablation_columns_for(cfg: "ClassifyConfig") -> dict[str, str]:
+    """Columns of ``unrollattn ablate classify``: ablation_columns with the robustness columns of ``cfg`` after val_loss."""
+    columns = dict(ablation_columns)
+    tail = {k: columns.pop(k) for k in ("train_items_per_s", "peak_mem_mb", "wall_s")}
+    return {**columns, **robust_keys(cfg.robust), **tail}
+
+
 def available_variants() -> tuple[str, ...]:
-    """VARIANTS, then every other registered unrollattn classification family (e.g. vit_bilateral)."""
+    """VARIANTS, the kernel short names (bilateral, ...), then every other registered unrollattn classification
+    family (e.g. vit_bilateral, the long form of bilateral)."""
     found = {m["variant"] for name in unrollattn.list_models(task="classification")
              if (m := _FAMILY_NAME.fullmatch(name))}
-    return VARIANTS + tuple(sorted(found - set(VARIANTS)))
+    short = tuple(k for k, v in KERNEL_VARIANTS.items() if v in found)
+    return VARIANTS + short + tuple(sorted(found - set(VARIANTS) - set(short)))
 
 
 @dataclasses.dataclass
@@ -115,14 +149,51 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class RobustConfig:
+    """Adversarial evaluation after training: ``attacks`` (fgsm, pgd) at each budget ``eps`` (L-inf, pixel units in
+    [0, 1] before normalisation: 1/255 = 0.0039) on ``num_images`` test images (a fixed random subset, seed 0);
+    PGD takes ``pgd_steps`` steps of ``pgd_step_size`` (None: 2.5 eps / steps) from a random start.
+    ``num_images=0`` or an empty ``eps`` / ``attacks`` disables it."""
+
+    eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255)
+    attacks: tuple[str, ...] = ATTACKS
+    pgd_steps: int = 10
+    pgd_step_size: float | None = None
+    num_images: int = 1000
+    batch_size: int = 250
+
+    def __post_init__(self):
+        self.eps = tuple(check_eps(e) for e in self.eps)
+        names = [eps_label(e) for e in self.eps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eps: expected distinct budgets, got {', '.join(names)}")
+        self.attacks = tuple(self.attacks)
+        if any(a not in ATTACKS for a in self.attacks) or len(set(self.attacks)) != len(self.attacks):
+            raise ValueError(f"attacks: expected distinct names from {', '.join(ATTACKS)}, got {list(self.attacks)}")
+        if self.pgd_steps < 1:
+            raise ValueError(f"pgd_steps: expected an int >= 1, got {self.pgd_steps!r}")
+        if self.pgd_step_size is not None and not (math.isfinite(self.pgd_step_size) and self.pgd_step_size > 0):
+            raise ValueError(f"pgd_step_size: expected a positive float or None, got {self.pgd_step_size!r}")
+        if self.num_images < 0:
+            raise ValueError(f"num_images: expected an int >= 0 (0 disables the attacks), got {self.num_images!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {self.batch_size!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_images > 0 and bool(self.eps) and bool(self.attacks)
+
+
+@dataclasses.dataclass
 class ClassifyConfig:
-    """The whole run: model, data, training loop and optimizer."""
+    """The whole run: model, data, training loop, optimizer and the adversarial evaluation."""
 
     preset: str = "custom"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    robust: RobustConfig = dataclasses.field(default_factory=RobustConfig)
     label_smoothing: float = 0.0
 
     def __post_init__(self):
@@ -134,13 +205,14 @@ class ClassifyConfig:
 
 
 def timm_name(model: ModelConfig) -> str:
-    """The timm model name of ``model`` (checked to exist)."""
-    name = model.arch or f"{model.variant}_{model.size}_patch16_224"
+    """The timm model name of ``model`` (checked to exist); kernel short names resolve to ``vit_<kernel>``."""
+    family = KERNEL_VARIANTS.get(model.variant, model.variant)
+    name = model.arch or f"{family}_{model.size}_patch16_224"
     if not timm.is_model(name):
         if model.arch:
             raise ValueError(f"arch: {name!r} is not a timm model name")
-        sizes = sorted({m["size"] for n in timm.list_models(f"{model.variant}_*_patch16_224")
-                        if (m := _FAMILY_NAME.fullmatch(n)) and m["variant"] == model.variant})
+        sizes = sorted({m["size"] for n in timm.list_models(f"{family}_*_patch16_224")
+                        if (m := _FAMILY_NAME.fullmatch(n)) and m["variant"] == family})
         raise ValueError(f"size: {model.variant} has no size {model.size!r}; available: {', '.join(sizes)}")
     return name
 
@@ -229,6 +301,12 @@ class ClassifyTask:
         loss_sum, correct, count = all_reduce_tensor(totals, state, "sum").tolist()
         return {"top1": 100.0 * correct / count, "val_loss": loss_sum / count}
 
+    def robust_subset(self) -> torch.Tensor:
+        """Indices of the test images attacked by :func:`evaluate_robustness`: a fixed random subset (seed 0) of
+        ``robust.num_images`` (all when the split is smaller), sorted."""
+        n = min(self.cfg.robust.num_images, self.data.num_test)
+        return torch.randperm(self.data.num_test, generator=torch.Generator().manual_seed(0))[:n].sort().values
+
     def items_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["labels"].shape[0])
 
@@ -236,6 +314,31 @@ class ClassifyTask:
         if self._test_cache is None or self._test_cache[0] != device:
             self._test_cache = (device, self.data.test_images.to(device), self.data.test_labels.to(device))
         return self._test_cache[1], self._test_cache[2]
+
+
+def evaluate_robustness(task: ClassifyTask, model: nn.Module, state: DistState) -> dict[str, float]:
+    """Top-1 (%) of ``model`` on ``task``'s attacked subset, clean (``adv_subset_top1``) and under each attack and
+    budget of ``task.cfg.robust`` (``fgsm_top1@2/255``, ``pgd_top1@2/255``, ...); {} when disabled.
+
+    Pixels in [0, 1] are attacked; the task's normalisation runs inside the attacked function. Under DDP each rank
+    attacks its share of the subset and the counts are summed over ranks (call it on every rank).
+    """
+    robust = task.cfg.robust
+    if not robust.enabled or task.data.num_test == 0:
+        return {}
+    idx = task.robust_subset()[state.rank::state.world_size]
+    images = task.data.test_images[idx]
+    pixels = (images.float() / 255.0 if images.dtype == torch.uint8 else images.float()).to(state.device)
+    counts = adversarial_counts(model, pixels, task.data.test_labels[idx].to(state.device), robust.eps,
+                                attacks=robust.attacks, batch_size=robust.batch_size, preprocess=task.data.normalize,
+                                seed=task.cfg.loop.seed + state.rank, steps=robust.pgd_steps,
+                                step_size=robust.pgd_step_size)
+    names = ["clean", *(f"{a}@{eps_label(e)}" for a in robust.attacks for e in robust.eps)]
+    totals = all_reduce_tensor(torch.tensor([counts["count"], *(counts[k] for k in names)], dtype=torch.float64),
+                               state, "sum").tolist()
+    total = max(totals[0], 1.0)
+    keys = list(robust_keys(robust))  # adv_subset_top1, then the attacks in the order of ``names``
+    return {key: 100.0 * correct / total for key, correct in zip(keys, totals[1:])}
 
 
 # ----------------------------------------------------------------------------------------------- presets
@@ -246,7 +349,8 @@ PRESETS = Registry("classify preset")
 @PRESETS.register("quick")
 def quick() -> ClassifyConfig:
     """CPU: Fashion-MNIST (digits if absent), width 96, depth 4, 4 heads, patch 4 (49 tokens), 400 steps of 128
-    images (~0.85 epoch), evaluated on the full test split. On 2 idle cores: ViT ~2 min, AoT / CRATE ~1 min each."""
+    images (~0.85 epoch), evaluated on the full test split, then FGSM and 10-step PGD at 1, 2, 4 / 255 on 1000 test
+    images. On 2 idle cores: ViT ~2 min, AoT / CRATE ~1 min each, plus about a minute of attacks."""
     return ClassifyConfig(
         preset="quick",
         model=ModelConfig(variant="vit", embed_dim=96, depth=4, num_heads=4, patch_size=4),
@@ -266,6 +370,7 @@ def digits_debug() -> ClassifyConfig:
         data=DataConfig(source="digits", augment=False, eval_batch_size=512),
         loop=LoopConfig(max_steps=20, batch_size=64, eval_every=10, log_every=5, ckpt_every=0, progress=False),
         optim=OptimConfig(lr=1e-2, weight_decay=0.01, warmup_steps=2, min_lr_ratio=0.1),
+        robust=RobustConfig(eps=(8 / 255,), pgd_steps=3, num_images=128, batch_size=128),
     )
 
 
@@ -305,11 +410,25 @@ def load_config(preset: str = "quick", overrides: Sequence[str] | None = None, *
 
 
 def run(cfg: ClassifyConfig) -> dict[str, Any]:
-    """Train and evaluate ``cfg``; return fit's summary plus ``variant``, ``arch`` and ``data``."""
+    """Train and evaluate ``cfg``; return fit's summary plus ``variant``, ``arch``, ``data`` and, when ``cfg.robust``
+    is enabled, the adversarial accuracies of the final checkpoint (also in ``robustness.json``; ``result.json`` is
+    rewritten with them)."""
     task = ClassifyTask(cfg)
     summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=f"classify-{cfg.preset}-{cfg.model.label}",
                   config_for_log=cfg)
-    return {"variant": cfg.model.label, "arch": timm_name(cfg.model), "data": task.data.describe(), **summary}
+    summary = {"variant": cfg.model.label, "arch": timm_name(cfg.model), "data": task.data.describe(), **summary}
+    if cfg.robust.enabled and summary.get("checkpoint"):
+        state = init_distributed(cfg.loop.device)  # the group fit joined (or a single process)
+        t0 = time.perf_counter()
+        model = task.build_model()
+        load_checkpoint(summary["checkpoint"], model=model)  # the final weights, float32 whatever loop.precision
+        robust = evaluate_robustness(task, model.to(state.device).eval(), state)
+        summary.update(robust, robust_eval_s=round(time.perf_counter() - t0, 3))
+        run_dir = RunDir(summary["run_dir"], is_main=state.is_main)
+        run_dir.write_json("robustness.json", {"config": dataclasses.asdict(cfg.robust),
+                                               "num_images": len(task.robust_subset()), **robust})
+        run_dir.write_json("result.json", summary)
+    return summary
 
 
 def load_model(run_dir: str | Path) -> tuple[nn.Module, ClassifyConfig]:

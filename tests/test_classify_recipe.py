@@ -87,6 +87,11 @@ def test_digits_debug_end_to_end(tmp_path):
         assert key in summary, key
     assert summary["steps"] == 20 and summary["variant"] == "vit"
     assert summary["top1"] > 30  # chance is 10 %
+    # digits_debug attacks 128 test images at 8/255 after training: both attacks lower the accuracy
+    assert summary["pgd_top1@8/255"] < summary["adv_subset_top1"] and summary["fgsm_top1@8/255"] < summary["adv_subset_top1"]
+    robust = json.loads((tmp_path / "vit" / "robustness.json").read_text())
+    assert robust["num_images"] == 128 and robust["pgd_top1@8/255"] == summary["pgd_top1@8/255"]
+    assert json.loads((tmp_path / "vit" / "result.json").read_text())["pgd_top1@8/255"] == summary["pgd_top1@8/255"]
     run_dir = tmp_path / "vit"
     assert summary["run_dir"] == str(run_dir)
     for name in ("config.json", "env.json", "metrics.jsonl", "summary.csv"):
@@ -102,6 +107,10 @@ def test_digits_debug_end_to_end(tmp_path):
     with torch.no_grad():
         metrics = task.evaluate(model, DistState())
     assert metrics["top1"] == pytest.approx(summary["top1"])
+    subset = task.robust_subset()
+    with torch.no_grad():
+        clean = (model(task.data.normalize(task.data.test_images[subset])).argmax(-1) == task.data.test_labels[subset])
+    assert summary["adv_subset_top1"] == pytest.approx(100.0 * clean.float().mean().item())
 
 
 def test_main_prints_summary_and_rejects_bad_input(tmp_path, capsys):
@@ -120,3 +129,78 @@ def test_resume_continues_the_named_run(tmp_path):
     second = classify.run(classify.load_config("digits_debug", [*base, "loop.max_steps=5"], resume=True))
     assert (first["steps"], second["start_step"], second["steps"]) == (3, 3, 5)
     assert second["run_dir"] == first["run_dir"]
+
+
+def test_kernel_short_names_resolve_to_the_kernel_vits():
+    assert set(classify.KERNEL_VARIANTS) <= set(classify.available_variants())
+    assert classify.available_variants()[:len(classify.VARIANTS)] == classify.VARIANTS
+    for short in ("bilateral", "gaussian", "twicing", "mahalanobis"):
+        cfg = classify.load_config("digits_debug", [f"model.variant={short}"])
+        assert classify.timm_name(cfg.model) == f"vit_{short}_tiny_patch16_224" and cfg.model.label == short
+    model = classify.build_classifier(classify.ModelConfig(variant="bilateral", embed_dim=32, depth=2, num_heads=2),
+                                      num_classes=7, in_chans=1, img_size=(8, 8))
+    assert type(model.blocks[0].attn).__name__ == "BilateralAttention" and model.pos_embed is None
+    with pytest.raises(ConfigError, match="bilateral, .*vit_bilateral"):
+        classify.load_config("digits_debug", ["model.variant=bilaterl"])
+    with pytest.raises(ValueError, match="bilateral has no size 'huge'"):
+        classify.timm_name(classify.ModelConfig(variant="bilateral", size="huge"))
+
+
+def test_ablate_accepts_the_short_kernel_names(tmp_path):
+    from unrollattn.cli import ablate
+
+    markdown, runs = ablate("classify", ["vit", "bilateral"], preset="digits_debug",
+                            overrides=["loop.max_steps=2", "loop.eval_every=0", "data.max_test=40",
+                                       "robust.num_images=16", "robust.pgd_steps=1"], out=tmp_path)
+    assert runs["bilateral"]["arch"] == "vit_bilateral_tiny_patch16_224"
+    header = markdown.splitlines()[0]
+    for column in ("top1 %", "subset top1 %", "FGSM 8/255 %", "PGD 8/255 %", "train img/s"):
+        assert column in header, column
+    with pytest.raises(ValueError, match="unknown variant.*'bilaterl'.*did you mean bilateral"):
+        ablate("classify", ["bilaterl"], preset="digits_debug", out=tmp_path / "x")
+
+
+def test_robust_config_validation_and_columns():
+    cfg = classify.load_config("quick")
+    assert cfg.robust.eps == pytest.approx((1 / 255, 2 / 255, 4 / 255)) and cfg.robust.num_images == 1000
+    assert list(classify.robust_keys(cfg.robust)) == [
+        "adv_subset_top1", "fgsm_top1@1/255", "fgsm_top1@2/255", "fgsm_top1@4/255",
+        "pgd_top1@1/255", "pgd_top1@2/255", "pgd_top1@4/255"]
+    columns = list(classify.ablation_columns_for(cfg).values())
+    assert columns.index("val_loss") < columns.index("PGD 2/255 %") < columns.index("train img/s")
+    custom = classify.load_config("quick", ["robust.eps=0.01,0.03", "robust.attacks=pgd", "robust.pgd_steps=5"])
+    assert list(classify.robust_keys(custom.robust)) == ["adv_subset_top1", "pgd_top1@0.01", "pgd_top1@0.03"]
+    for off in ("robust.num_images=0", "robust.eps=()", "robust.attacks=()"):
+        disabled = classify.load_config("quick", [off])
+        assert not disabled.robust.enabled and classify.robust_keys(disabled.robust) == {}
+        assert "PGD 2/255 %" not in classify.ablation_columns_for(disabled).values()
+    for bad, match in (("robust.eps=2", r"eps: expected a number in \[0, 1\]"), ("robust.eps=-0.1", "eps"),
+                       ("robust.eps=nan", "eps"), ("robust.eps=0.01,0.01", "distinct budgets"),
+                       ("robust.attacks=cw", "attacks: expected distinct names from fgsm, pgd"),
+                       ("robust.pgd_steps=0", "pgd_steps"), ("robust.num_images=-1", "num_images"),
+                       ("robust.pgd_step_size=0", "pgd_step_size")):
+        with pytest.raises(ConfigError, match=match):
+            classify.load_config("quick", [bad])
+
+
+def _trained_digits(tmp_path, *overrides):
+    cfg = classify.load_config("digits_debug", [f"loop.out_dir={tmp_path}", "loop.run_name=r", "loop.eval_every=0",
+                                                "loop.max_steps=30", *overrides])
+    summary = classify.run(cfg)
+    model, _ = classify.load_model(summary["run_dir"])
+    return cfg, summary, model
+
+
+def test_eps_zero_is_clean_and_sharded_evaluation_adds_up(tmp_path):
+    cfg, summary, model = _trained_digits(tmp_path, "robust.eps=0,0.05", "robust.num_images=101")
+    assert summary["fgsm_top1@0/255"] == summary["pgd_top1@0/255"] == summary["adv_subset_top1"]
+    assert summary["fgsm_top1@0.05"] < summary["adv_subset_top1"]
+    # two "ranks" without a process group: each reports its shard; weighted by shard size they give the whole
+    fgsm_only = classify.load_config("digits_debug", ["robust.eps=0.05", "robust.attacks=fgsm", "robust.num_images=101"])
+    task = classify.ClassifyTask(fgsm_only)
+    whole = classify.evaluate_robustness(task, model, DistState())
+    shards = [classify.evaluate_robustness(task, model, DistState(rank=r, world_size=2)) for r in (0, 1)]
+    sizes = (51, 50)
+    for key in ("adv_subset_top1", "fgsm_top1@0.05"):
+        assert whole[key] == pytest.approx(sum(s[key] * n for s, n in zip(shards, sizes)) / 101)
+    assert whole["fgsm_top1@0.05"] == summary["fgsm_top1@0.05"]
