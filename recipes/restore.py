@@ -24,7 +24,8 @@ samples. Evaluation on the test photos (centre ``data.eval_crop`` crops): PSNR a
 scikit-image (``peak_signal_noise_ratio`` / ``structural_similarity`` with ``data_range=1``,
 ``channel_axis``) on outputs clipped to [0, 1], float64, ignoring ``data.border`` pixels at each image
 side, averaged over photos; seconds per megapixel of the forward pass (clean input, batch 1, includes
-the bilinear initialisation); covariate shift: Gaussian noise of σ ∈ ``data.noise_sigmas`` (/255) added
+the bilinear initialisation; for ×2 an odd-sized photo is reflect-padded to even sizes and the output
+cropped back, :meth:`RestoreTask.observe`); covariate shift: Gaussian noise of σ ∈ ``data.noise_sigmas`` (/255) added
 to the samples y (seeded per photo and σ) -> ``psnr_sigma{σ}`` and ``psnr_drop_sigma{σ}`` = clean PSNR − noisy PSNR.
 
 Every run also writes ``restoration_samples.npz`` (a crop of the figure photo: ground truth, input
@@ -57,7 +58,7 @@ from unrollattn.train import (
     micro_batch_size, step_seed,
 )
 from unrollattn.vision.photos import PhotoDataset, load_photos
-from unrollattn.vision.sampling import build_operator
+from unrollattn.vision.sampling import build_operator, crop_to, pad_to_even
 
 __all__ = [
     "DataConfig", "ModelConfig", "PRESETS", "RestoreConfig", "RestoreTask", "VARIANTS", "VARIANT_KEY",
@@ -240,6 +241,18 @@ class RestoreTask:
         mse = float(err.detach().square().mean())
         return loss, {"train_psnr": -10 * math.log10(max(mse, 1e-12))}
 
+    def observe(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(y, (H, W)): the samples of a test image x [1, C, H, W]. For ×2 an odd-sized photo is first
+        reflect-padded to even sizes (``pad_to_even``); :meth:`restore` crops the output back to (H, W)."""
+        size = tuple(x.shape[-2:])
+        if self.cfg.task == "sr2" and (size[0] % 2 or size[1] % 2):
+            x = pad_to_even(x)[0]
+        return self.operator(x), size
+
+    @staticmethod
+    def restore(model: nn.Module, y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return crop_to(model(y), size)
+
     def items_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["x"].shape[0])
 
@@ -253,11 +266,11 @@ class RestoreTask:
         totals = torch.zeros(5 + len(sigmas), dtype=torch.float64)
         for i in range(state.rank, len(images), state.world_size):
             x = images[i].to(state.device)
-            y = self.operator(x)
+            y, size = self.observe(x)
             if state.device.type == "cuda":
                 torch.cuda.synchronize(state.device)
             t0 = time.perf_counter()
-            out = model(y)
+            out = self.restore(model, y, size)
             if state.device.type == "cuda":
                 torch.cuda.synchronize(state.device)
             totals[3] += time.perf_counter() - t0
@@ -269,7 +282,8 @@ class RestoreTask:
             for j, sigma in enumerate(sigmas):
                 gen = torch.Generator().manual_seed(d.noise_seed + 1009 * i + int(round(sigma * 100)))
                 noise = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
-                totals[5 + j] += image_metrics(model(y + sigma / 255.0 * noise).float(), x, d.border)[0]
+                noisy = self.restore(model, y + sigma / 255.0 * noise, size)
+                totals[5 + j] += image_metrics(noisy.float(), x, d.border)[0]
         totals = all_reduce_tensor(totals.to(state.device), state, "sum").cpu()
         count = max(float(totals[2]), 1.0)
         out = {"psnr": float(totals[0]) / count, "ssim": float(totals[1]) / count,
@@ -290,14 +304,14 @@ class RestoreTask:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            y = self.operator(x)
-            out = model(y).float().clamp(0, 1)
+            y, size = self.observe(x)
+            out = self.restore(model, y, size).float().clamp(0, 1)
         model.train(was_training)
         c = min(self.cfg.data.figure_crop, x.shape[-1], x.shape[-2])
         top, left = (x.shape[-2] - c) // 2, (x.shape[-1] - c) // 2
         crop = lambda t: t[0, :, top:top + c, left:left + c].detach().cpu().permute(1, 2, 0).numpy()  # noqa: E731
-        observed = self.operator.adjoint(y) if self.cfg.task == "demosaic" else \
-            F.interpolate(y, scale_factor=2, mode="nearest")
+        observed = crop_to(self.operator.adjoint(y) if self.cfg.task == "demosaic" else
+                           F.interpolate(y, scale_factor=2, mode="nearest"), size)
         psnr = image_metrics(out, x, self.cfg.data.border)[0]
         tmp = Path(run_dir) / "restoration_samples.tmp.npz"
         np.savez(tmp, target=crop(x), output=crop(out), observed=crop(observed.float()), psnr=psnr,

@@ -9,6 +9,7 @@ import torch
 from recipes import restore
 from unrollattn.cli import ablate
 from unrollattn.train import DistState, read_metrics
+from unrollattn.vision.photos import load_photos
 
 
 def test_metrics_known_values():
@@ -96,3 +97,14 @@ def test_resume_is_exact(tmp_path):
     restore.run(restore.load_config("tiny", common + ["loop.run_name=part", "loop.max_steps=2"]))
     resumed = restore.run(restore.load_config("tiny", common + ["loop.run_name=part"], resume=True))
     assert resumed["start_step"] == 2 and resumed["psnr"] == pytest.approx(full["psnr"], abs=1e-9)
+
+
+def test_x2_evaluation_of_an_odd_sized_photo_pads_and_crops():
+    """An odd eval crop (33x33): the x2 samples need even sizes, so the photo is padded and the output cropped back."""
+    photos = load_photos(eval_crop=33, test_names=("chelsea",), train_names=("rocket",))
+    cfg = restore.load_config("tiny", ["task=sr2", "model.variant=bicubic", "data.eval_crop=33"])
+    task = restore.RestoreTask(cfg, photos=photos)
+    y, size = task.observe(photos.test_images()[0])
+    assert size == (33, 33) and y.shape[-2:] == (17, 17)
+    metrics = task.evaluate(task.build_model(), DistState())
+    assert math.isfinite(metrics["psnr"]) and metrics["psnr"] > 20
