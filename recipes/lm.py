@@ -47,7 +47,8 @@ import unrollattn
 import unrollattn.language  # noqa: F401  (registers the causal-LM presets)
 from unrollattn.language.corpora import TokenCorpus, prepare_corpus, resolve_corpus
 from unrollattn.language.evaluation import (
-    ICLData, ICLRegressionTask, last_word_accuracy, last_word_passages, window_loss, write_icl_curves,
+    ICLData, ICLRegressionTask, contaminated_loss, junk_token_id, last_word_accuracy, last_word_passages,
+    token_word_table, window_loss, write_icl_curves,
 )
 from unrollattn.language.tokenizer import ByteTokenizer, get_tokenizer
 from unrollattn.registry import MODELS, Registry
@@ -62,18 +63,21 @@ __all__ = [
     "ablation_metric", "build_lm", "load_config", "main", "model_kwargs", "registry_name", "run",
 ]
 
-VARIANTS = ("gpt2", "aot_mhsa", "aot_mssa", "crate")
+VARIANTS = ("gpt2", "aot_mhsa", "aot_mssa", "crate", "bilateral", "gaussian", "twicing")
 VARIANT_KEY = "model.variant"
 TASKS = ("lm", "icl")
 TOKENIZER_NAMES = ("byte", "gpt2", "gpt2-files", "gpt2-hub")
 # Layers per GPT-2 layer at equal non-embedding parameters (weights per layer: 12 d^2 / 4 d^2 / 2 d^2 / 3 d^2).
-LAYERS_PER_GPT2_LAYER = {"gpt2": 1, "aot_mhsa": 3, "aot_mssa": 6, "crate": 4}
+# The kernel variants are GPT-2-shaped (attention + MLP): one layer per GPT-2 layer.
+LAYERS_PER_GPT2_LAYER = {"gpt2": 1, "aot_mhsa": 3, "aot_mssa": 6, "crate": 4, "bilateral": 1, "gaussian": 1, "twicing": 1}
 _REGISTRY_PATTERN = {"gpt2": "gpt2_{size}", "aot_mhsa": "aot_mhsa_lm_{size}", "aot_mssa": "aot_mssa_lm_{size}",
-                     "crate": "crate_lm_{size}"}
+                     "crate": "crate_lm_{size}", "bilateral": "bilateral_lm_{size}", "gaussian": "gaussian_lm_{size}",
+                     "twicing": "twicing_lm_{size}"}
 
 # summary key -> column header of the ablation table
 _LM_COLUMNS = {"params": "params", "params_non_embedding": "non-emb params", "n_layer": "layers",
                "val_loss": "val loss", "val_ppl": "val ppl", "shift_loss": "shift loss", "last_word_acc": "last-word acc",
+               "contam_loss": "contam. loss", "loss_ctx2x": "loss 2x ctx", "loss_ctx4x": "loss 4x ctx",
                "tokens_per_s": "train tok/s", "peak_mem_mb": "peak mem MB", "wall_s": "wall s"}
 _ICL_COLUMNS = {"params": "params", "params_non_embedding": "non-emb params", "n_layer": "layers",
                 "val_loss": "val loss (err/d)", "icl_err_k1": "err k=1", "icl_err_kd": "err k=d",
@@ -84,8 +88,19 @@ ablation_metric = "val_loss"
 
 
 def ablation_columns_for(cfg: "LMConfig") -> dict[str, str]:
-    """The ablation columns of ``cfg``'s task (language modelling or in-context regression)."""
-    return dict(_ICL_COLUMNS if cfg.task == "icl" else _LM_COLUMNS)
+    """The ablation columns of ``cfg``'s task (language modelling or in-context regression); the robustness
+    columns follow ``cfg.eval`` (contamination rate, context factors)."""
+    if cfg.task == "icl":
+        return dict(_ICL_COLUMNS)
+    columns = {k: v for k, v in _LM_COLUMNS.items() if not k.startswith(("contam_", "loss_ctx"))}
+    robust = {}
+    if cfg.eval.contamination > 0:
+        robust["contam_loss"] = f"loss {100 * cfg.eval.contamination:g}% words junk"
+    for f in cfg.eval.context_factors:
+        robust[f"loss_ctx{f}x"] = f"loss {f}x ctx"
+    keys = list(columns)
+    at = keys.index("last_word_acc") + 1
+    return {**{k: columns[k] for k in keys[:at]}, **robust, **{k: columns[k] for k in keys[at:]}}
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -150,14 +165,30 @@ class DataConfig:
 class EvalConfig:
     """Evaluation: ``windows`` fixed windows of the val split (and of the shift corpus) of ``block_size`` tokens,
     ``batch_size`` windows per forward; ``last_word_passages`` passages (0 disables) of which the model sees the last
-    ``last_word_context`` tokens."""
+    ``last_word_context`` tokens.
+
+    Robustness (issue 5, papers.md C.7): ``contamination`` = fraction of the words of the val windows replaced by a
+    fixed junk token (0 disables; summary ``contam_loss``: loss of the clean text given the contaminated context);
+    ``context_factors`` = evaluation at ``f * block_size`` tokens (summary ``loss_ctx{f}x``). Models are trained on
+    ``block_size`` windows only; when ``model.n_positions`` is left unset, the context is sized to
+    ``max(context_factors) * block_size`` so that the learned position embeddings of GPT-2-style models have rows
+    for the long windows (rows never trained: this measures length extrapolation, which learned absolute positions
+    are known not to do) and every variant is scored on the same windows."""
 
     windows: int = 64
     batch_size: int = 16
     last_word_passages: int = 200
     last_word_context: int = 64
+    contamination: float = 0.015
+    context_factors: tuple = (2, 4)
 
     def __post_init__(self):
+        if not 0.0 <= self.contamination <= 1.0:
+            raise ConfigError(f"contamination: expected a fraction in [0, 1], got {self.contamination!r}")
+        self.context_factors = tuple(self.context_factors)
+        if any(not isinstance(f, int) or isinstance(f, bool) or f < 2 for f in self.context_factors) or \
+                len(set(self.context_factors)) != len(self.context_factors):
+            raise ConfigError(f"context_factors: expected distinct ints >= 2, got {self.context_factors!r}")
         for key in ("windows", "batch_size", "last_word_context"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected an int >= 1, got {getattr(self, key)!r}")
@@ -196,6 +227,11 @@ class LMConfig:
             raise ConfigError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         context = self.model.n_positions
         need = self.data.block_size if self.task == "lm" else 2 * self.icl.n_points
+        if context is not None and self.task == "lm" and self.eval.context_factors and \
+                need * max(self.eval.context_factors) > context:
+            raise ConfigError(f"eval.context_factors={self.eval.context_factors} need a context of "
+                              f"{need * max(self.eval.context_factors)} tokens (data.block_size={need}); set "
+                              f"model.n_positions to at least that, leave it unset, or set eval.context_factors=()")
         if context is not None and need > context:
             what = f"data.block_size={need}" if self.task == "lm" else f"2 * icl.n_points = {need} tokens"
             raise ConfigError(f"{what} exceeds the model's context model.n_positions={context}")
@@ -241,7 +277,7 @@ def _embedding_params(model: nn.Module) -> int:
     """Token + position embedding parameters (the tied LM head shares the token embedding)."""
     model = unwrap_model(model)
     base = getattr(model, "transformer", model)  # a causal LM, or its base model (the ICL backbone)
-    return sum(getattr(base, name).weight.numel() for name in ("wte", "wpe") if hasattr(base, name))
+    return sum(getattr(base, name).weight.numel() for name in ("wte", "wpe") if getattr(base, name, None) is not None)
 
 
 # ----------------------------------------------------------------------------------------------------- LM task
@@ -276,7 +312,7 @@ class LMTask:
         self.state = init_distributed(cfg.loop.device)
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer(cfg.data.tokenizer)
         d = cfg.data
-        self.n_positions = cfg.model.n_positions or d.block_size
+        self.n_positions = cfg.model.n_positions or d.block_size * max((1, *cfg.eval.context_factors))
         if d.block_size > self.n_positions:
             raise ValueError(f"data.block_size={d.block_size} exceeds the model's context n_positions={self.n_positions}")
         self.vocab_size = int(cfg.model.extra.get("vocab_size", len(self.tokenizer)))
@@ -303,6 +339,17 @@ class LMTask:
         if len(self.corpus.train) < d.block_size + 2:
             raise ValueError(f"{self.corpus.describe()}: the train split is shorter than block_size + 2 = "
                              f"{d.block_size + 2} tokens")
+        longest = d.block_size * max((1, *cfg.eval.context_factors))
+        if longest > self.n_positions:
+            raise ValueError(f"eval.context_factors={cfg.eval.context_factors} need {longest} tokens of context, the "
+                             f"model has n_positions={self.n_positions}")
+        if len(self.corpus.val) < longest + 1:
+            raise ValueError(f"{self.corpus.describe()}: the val split ({len(self.corpus.val)} tokens) is shorter than "
+                             f"one {longest + 1}-token window of the long-context evaluation "
+                             f"(eval.context_factors={cfg.eval.context_factors}); raise data.val_fraction or drop factors")
+        if cfg.eval.contamination > 0:
+            self.word_table = token_word_table(self.tokenizer, self.vocab_size)
+            self.junk_id = junk_token_id(self.tokenizer)
         self.passages = []
         if cfg.eval.last_word_passages:
             ctx = cfg.eval.last_word_context
@@ -360,6 +407,14 @@ class LMTask:
             acc = last_word_accuracy(model, self.tokenizer, self.passages, context_tokens=e.last_word_context,
                                      batch_size=max(e.batch_size, 32), state=state)
             out["last_word_acc"] = acc["acc"]
+        if e.contamination > 0:
+            junk = contaminated_loss(model, self.corpus.val, block, self.word_table, self.junk_id, rate=e.contamination,
+                                     max_windows=e.windows, batch_size=e.batch_size, seed=self.cfg.loop.seed, state=state)
+            out.update(contam_loss=junk["loss"], contam_loss_junk_targets=junk["loss_junk_targets"])
+        for f in e.context_factors:  # trained on block_size windows, scored on f times longer ones
+            long = window_loss(model, self.corpus.val, f * block, max_windows=e.windows,
+                               batch_size=max(1, e.batch_size // f), state=state)
+            out[f"loss_ctx{f}x"] = long["loss"]
         return out
 
     def items_per_batch(self, batch: dict[str, torch.Tensor]) -> int:

@@ -15,6 +15,7 @@ from ..registry import ATTENTIONS, BLOCKS, list_attentions, list_blocks
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOS_TOKEN_ID = 50256  # "<|endoftext|>" of the GPT-2 BPE
+POSITION_EMBEDDINGS = ("learned", "none")
 
 
 class UnrollAttnConfig(PreTrainedConfig):
@@ -31,7 +32,13 @@ class UnrollAttnConfig(PreTrainedConfig):
         vocab_size: number of token ids the tokenizer produces (GPT-2 BPE: 50257). Larger ids raise ``ValueError``.
         pad_vocab_size_multiple: round the embedding table up to a multiple of this (nanoGPT pads 50257 to
             50304 with 64); logits are returned for the first ``vocab_size`` rows only.
-        n_positions: context length (learned position embeddings).
+        n_positions: context length: the longest sequence (cached + new tokens) the model accepts, and the rows of
+            the learned position embedding when ``position_embedding="learned"``.
+        position_embedding: ``"learned"`` (GPT-2's additive absolute embedding, added to the token embedding) or
+            ``"none"`` (no additive position signal: for attentions that model position themselves, e.g.
+            ``bilateral`` whose spatial kernel on 1-D token indices replaces the additive embedding, so no
+            token-position cross term enters the logits (papers.md C.2, C.5); with a causal mask only, ``"none"`` is
+            NoPE).
         use_layer_norm: LayerNorm before each AoT attention and a final LayerNorm (AoT language uses LN, B.3);
             ``False`` needs a block with a ``use_norm`` option (``aot``).
         mlp_ratio: MLP hidden width / n_embd for the ``transformer`` block.
@@ -62,6 +69,7 @@ class UnrollAttnConfig(PreTrainedConfig):
         vocab_size: int = GPT2_VOCAB_SIZE,
         pad_vocab_size_multiple: int = 1,
         n_positions: int = 1024,
+        position_embedding: str = "learned",
         use_layer_norm: bool = True,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
@@ -85,6 +93,7 @@ class UnrollAttnConfig(PreTrainedConfig):
         self.vocab_size = int(vocab_size)
         self.pad_vocab_size_multiple = int(pad_vocab_size_multiple)
         self.n_positions = int(n_positions)
+        self.position_embedding = position_embedding
         self.use_layer_norm = bool(use_layer_norm)
         self.mlp_ratio = float(mlp_ratio)
         self.dropout = float(dropout)
@@ -115,6 +124,8 @@ class UnrollAttnConfig(PreTrainedConfig):
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_dim)")
         if head_dim is not None and int(head_dim) < 1:
             raise ValueError(f"head_dim must be a positive integer or None, got {head_dim}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding: expected one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_ratio <= 0:
@@ -133,4 +144,4 @@ class UnrollAttnConfig(PreTrainedConfig):
         return int(math.ceil(self.vocab_size / m) * m)
 
 
-__all__ = ["UnrollAttnConfig", "GPT2_VOCAB_SIZE", "GPT2_EOS_TOKEN_ID"]
+__all__ = ["UnrollAttnConfig", "GPT2_VOCAB_SIZE", "GPT2_EOS_TOKEN_ID", "POSITION_EMBEDDINGS"]

@@ -7,6 +7,11 @@
   generates greedily; it is correct when the first word of its continuation equals the line's last word (the
   AoT/ToST protocol generates greedily and checks the target, papers.md B.8). These passages come from the
   training corpus's validation split, so the number is *not* LAMBADA accuracy.
+- :func:`contaminated_loss`: the same windows as the validation loss with a fraction (1.5%, papers.md C.7) of the
+  *words* replaced by a fixed junk token (every token of a chosen word, so a word is replaced whole under any
+  tokenizer; word boundaries from :func:`token_word_table`); the loss is that of predicting the *clean* text from
+  the contaminated context (also returned: the loss on the contaminated text itself, the TextAttack protocol).
+  Long sequences need no extra code: :func:`window_loss` with a larger ``block_size``.
 - In-context linear regression (Garg et al. 2022 style, used by AoT, papers.md B.8): prompts
   (x_1, w.x_1, ..., x_k, w.x_k) with x, w ~ N(0, I_d), read into the backbone through a linear map on
   ``inputs_embeds``, read out by a linear map at every x token; :class:`ICLRegressionTask` trains it with
@@ -29,9 +34,10 @@ from torch import Tensor, nn
 from ..train import DistState, all_reduce_tensor, step_seed, unwrap_model
 
 __all__ = [
-    "ICLData", "ICLRegressionTask", "ICLRegressor", "LastWordPassage", "first_word", "fixed_window_starts",
-    "icl_batch", "icl_error_curve", "last_word_accuracy", "last_word_passages", "least_squares_curve", "lm_logits",
-    "window_loss", "write_icl_curves",
+    "ICLData", "ICLRegressionTask", "ICLRegressor", "LastWordPassage", "TokenWordTable", "contaminate_word_windows",
+    "contaminated_loss", "first_word", "fixed_window_starts", "icl_batch", "icl_error_curve", "junk_token_id",
+    "last_word_accuracy", "last_word_passages", "least_squares_curve", "lm_logits", "token_word_table", "window_loss",
+    "word_masks", "write_icl_curves",
 ]
 
 
@@ -90,6 +96,121 @@ def window_loss(model: nn.Module, tokens: np.ndarray, block_size: int, *, max_wi
     loss_sum, count = all_reduce_tensor(totals, state, "sum").tolist()
     loss = loss_sum / max(count, 1.0)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+# ----------------------------------------------------------------------------------------------------- contamination
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenWordTable:
+    """Per token id (bool arrays of length vocab): ``space`` the text starts with whitespace, ``first_alpha`` its
+    first non-whitespace character is a letter, ``last_alpha`` its last character is a letter."""
+
+    space: np.ndarray
+    first_alpha: np.ndarray
+    last_alpha: np.ndarray
+
+
+def _token_texts(tokenizer: Any, vocab_size: int) -> list[str]:
+    from .tokenizer import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):  # single bytes: ASCII characters, anything else is not a letter
+        return [chr(i) if i < 128 else "\x00" for i in range(min(vocab_size, 256))] + [""] * max(0, vocab_size - 256)
+    batch = getattr(tokenizer, "batch_decode", None)
+    ids = [[i] for i in range(vocab_size)]
+    return list(batch(ids)) if callable(batch) else [tokenizer.decode(i) for i in ids]
+
+
+def token_word_table(tokenizer: Any, vocab_size: int | None = None) -> TokenWordTable:
+    """Where words begin and continue, read from the tokenizer's own token texts (byte-level and BPE alike)."""
+    vocab_size = len(tokenizer) if vocab_size is None else int(vocab_size)
+    texts = _token_texts(tokenizer, vocab_size)
+    space = np.array([t[:1].isspace() for t in texts], dtype=bool)
+    first = np.array([t.lstrip()[:1].isalpha() for t in texts], dtype=bool)
+    last = np.array([t[-1:].isalpha() for t in texts], dtype=bool)
+    return TokenWordTable(space, first, last)
+
+
+def word_masks(ids: Tensor, table: TokenWordTable) -> tuple[Tensor, Tensor]:
+    """Bool masks [B, T] of tokens that *start* a word and that *continue* the word of the previous token.
+
+    A token starts a word when its text begins (after optional whitespace) with a letter and either begins with
+    whitespace or follows a token that does not end in a letter; it continues a word when it begins with a letter,
+    without whitespace, right after a token ending in a letter. The first token of a row is neither (its left
+    neighbour is unknown).
+    """
+    if ids.ndim != 2:
+        raise ValueError(f"ids: expected token ids of shape [B, T], got {list(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(table.space)):
+        raise ValueError(f"ids: token ids must lie in [0, {len(table.space)}) (the word table's vocabulary)")
+    flat = ids.cpu().numpy()
+    space, first, last = (torch.from_numpy(a[flat]) for a in (table.space, table.first_alpha, table.last_alpha))
+    prev_last = torch.zeros_like(last)
+    prev_last[:, 1:] = last[:, :-1]
+    valid = torch.ones_like(space)
+    valid[:, 0] = False
+    start = valid & first & (space | ~prev_last)
+    cont = valid & first & ~space & prev_last
+    return start.to(ids.device), cont.to(ids.device)
+
+
+def junk_token_id(tokenizer: Any, candidates: Sequence[str] = (" AAA", "AAA", "@")) -> int:
+    """The fixed junk token: the first of ``candidates`` that the tokenizer encodes as one token (GPT-2 BPE: " AAA",
+    the word of the TextAttack protocol, papers.md C.7; byte-level: "@", which the training corpora hardly use)."""
+    for text in candidates:
+        ids = list(tokenizer.encode(text))
+        if len(ids) == 1:
+            return int(ids[0])
+    raise ValueError(f"none of {list(candidates)} is a single token of {type(tokenizer).__name__}; pass junk_id=")
+
+
+def contaminate_word_windows(ids: Tensor, table: TokenWordTable, rate: float, junk_id: int, *,
+                             seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Replace a fraction ``rate`` of the words of ``ids`` [B, T] (every token of each chosen word) by ``junk_id``.
+
+    The words are drawn by :func:`unrollattn.diagnostics.robustness.contaminate_words` among the word starts
+    (:func:`word_masks`) with a generator seeded by ``seed``, so a call is deterministic. Returns (contaminated ids,
+    bool mask of replaced tokens).
+    """
+    from ..diagnostics.robustness import contaminate_words
+
+    start, cont = word_masks(ids, table)
+    chosen = contaminate_words(torch.zeros_like(ids), rate, 1, word_start=start,
+                               generator=torch.Generator().manual_seed(seed)).bool()
+    # extend each chosen start over its continuation tokens: segment = index of the word run a token belongs to
+    row_offset = torch.arange(ids.shape[0], device=ids.device)[:, None] * (ids.shape[1] + 1)
+    segment = (~cont).long().cumsum(-1) + row_offset
+    replaced = torch.isin(segment, segment[chosen]) & (start | cont)
+    return ids.masked_fill(replaced, int(junk_id)), replaced
+
+
+def contaminated_loss(model: nn.Module, tokens: np.ndarray, block_size: int, table: TokenWordTable, junk_id: int, *,
+                      rate: float = 0.015, max_windows: int = 64, batch_size: int = 16, seed: int = 0,
+                      state: DistState | None = None) -> dict[str, float]:
+    """Next-token loss on the :func:`window_loss` windows after replacing ``rate`` of their words by ``junk_id``.
+
+    Returns ``{"loss"}`` (targets: the clean text, context: contaminated), ``"loss_junk_targets"`` (the
+    contaminated text scored as it is), ``"replaced"`` (fraction of tokens replaced) and ``"tokens"``. All ranks
+    contaminate all windows with the same seed, then score their shard.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate: expected a fraction in [0, 1], got {rate!r}")
+    state = state or DistState(device=next(model.parameters()).device)
+    clean = _windows(tokens, fixed_window_starts(len(tokens), block_size, max_windows), block_size)
+    dirty, replaced = contaminate_word_windows(clean, table, rate, junk_id, seed=seed)
+    totals = torch.zeros(4, dtype=torch.float64)
+    for i in range(state.rank * batch_size, len(clean), batch_size * state.world_size):
+        c, d = clean[i: i + batch_size].to(state.device), dirty[i: i + batch_size].to(state.device)
+        logits = lm_logits(model, d[:, :-1]).float()
+        flat = logits.reshape(-1, logits.shape[-1])
+        totals[0] += F.cross_entropy(flat, c[:, 1:].reshape(-1), reduction="sum").double().cpu()
+        totals[1] += F.cross_entropy(flat, d[:, 1:].reshape(-1), reduction="sum").double().cpu()
+        totals[2] += float(replaced[i: i + batch_size, 1:].sum())
+        totals[3] += c[:, 1:].numel()
+    clean_sum, junk_sum, n_replaced, count = all_reduce_tensor(totals, state, "sum").tolist()
+    count = max(count, 1.0)
+    return {"loss": clean_sum / count, "loss_junk_targets": junk_sum / count, "replaced": n_replaced / count,
+            "tokens": count}
 
 
 # ----------------------------------------------------------------------------------------------------- last word

@@ -39,7 +39,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from ..core.subspace import attention_weights, combine_masks, merge_heads, split_heads
 from ..core.validation import check_tokens
 from ..layers.attention import MultiHeadSelfAttention, MultiHeadSubspaceSelfAttention
-from ..layers.blocks import ISTA, AoTBlock, CrateBlock, TransformerBlock
+from ..layers.blocks import ISTA, AoTBlock, CrateBlock, TransformerBlock, attach_layer_zero_input
 from ..registry import MODELS, build_model, get_block, list_models, register_model
 from .configuration import UnrollAttnConfig
 
@@ -203,6 +203,9 @@ class UnrollAttnBlock(GradientCheckpointingLayer):
         n = hidden_states.shape[1]
         inputs, _ = _store(past_key_values, self.layer_idx, hidden_states[:, None], None)
         prefix = inputs[:, 0]
+        zero = getattr(block, "layer_zero", None)
+        if zero is not None and self.layer_idx == 0:  # B3 anchor: the layer-0 input of the whole prefix
+            zero.set(prefix)
         return block(prefix, attn_mask=full_prefix_mask(attention_mask, prefix.shape[1], prefix.device),
                      is_causal=True)[:, -n:]
 
@@ -237,12 +240,15 @@ class UnrollAttnModel(UnrollAttnPreTrainedModel):
     def __init__(self, config: UnrollAttnConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        # learned absolute positions, or none (attention that models position itself, e.g. bilateral's spatial kernel)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd) if config.position_embedding == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([UnrollAttnBlock(config, i) for i in range(config.n_layer)])
         self.ln_f = (nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
                      if config.use_layer_norm else nn.Identity())
         self.gradient_checkpointing = False
+        # B3 boosting rule (block "boost", rule "anchor"): the blocks pull toward the layer-0 input, set per forward
+        self.layer_zero = attach_layer_zero_input(self.h)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -302,7 +308,7 @@ class UnrollAttnModel(UnrollAttnPreTrainedModel):
             if attention_mask is not None:  # left padding: positions count real tokens only (as generate() does)
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -n:]
             else:
-                position_ids = torch.arange(past, total, device=self.wpe.weight.device)[None]
+                position_ids = torch.arange(past, total, device=self.wte.weight.device)[None]
         elif position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= cfg.n_positions):
             raise ValueError(f"position_ids must lie in [0, {cfg.n_positions}), got max {int(position_ids.max())}")
 
@@ -314,12 +320,18 @@ class UnrollAttnModel(UnrollAttnPreTrainedModel):
             mask = (k_pos <= q_pos) & attention_mask[:, None, None, :]
 
         hidden = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)
-        hidden = self.drop(hidden + self.wpe(position_ids))
+        hidden = self.drop(hidden + self.wpe(position_ids) if self.wpe is not None else hidden)
         all_hidden = (hidden,) if output_hidden_states else None
-        for layer in self.h:
-            hidden = layer(hidden, attention_mask=mask, past_key_values=past_key_values)
-            if output_hidden_states:
-                all_hidden += (hidden,)
+        if self.layer_zero is not None:  # uncached: the whole sequence; cached: layer 0 replaces it by its prefix
+            self.layer_zero.set(hidden)
+        try:
+            for layer in self.h:
+                hidden = layer(hidden, attention_mask=mask, past_key_values=past_key_values)
+                if output_hidden_states:
+                    all_hidden += (hidden,)
+        finally:
+            if self.layer_zero is not None:
+                self.layer_zero.set(None)  # don't keep activations alive
         hidden = self.ln_f(hidden)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
@@ -407,6 +419,21 @@ LM_PRESETS: dict[str, tuple[str, dict, int | None, str]] = {
     "crate_lm_base": ("crate", {"attention": "mssa", "block": "crate", "n_layer": 12, **BASE}, 60_000_000,
                       "Causal-CRATE-Base (60M)"),
 }
+# Kernel-regression attention (papers.md C) in a GPT-2-shaped transformer (pre-norm attention + MLP, GPT-2's depth and
+# width; the q/k/v and output maps are GPT-2's, plus one or two bandwidths per head). ``bilateral``: a range kernel on
+# q/k times a Laplacian spatial kernel on the 1-D token indices (ALiBi's form, C.3) *replacing* the additive learned
+# position embedding, so no token-position cross term; ``gaussian`` (RBF range kernel) and ``twicing`` ((2A - A^2)V,
+# C.4) keep GPT-2's learned positions, as the softmax attention they modify.
+KERNEL_LM = {
+    "bilateral": ({"attention": "bilateral", "attn_options": {"spatial_kernel": "laplacian"},
+                   "position_embedding": "none"}, "bilateral attention (range x Laplacian spatial kernel, no PE)"),
+    "gaussian": ({"attention": "gaussian"}, "Gaussian (RBF) attention, learned PE"),
+    "twicing": ({"attention": "twicing"}, "twicing attention (2A - A^2)V, learned PE"),
+}
+for _kernel, (_options, _summary) in KERNEL_LM.items():
+    for _size, _shape, _layers in (("tiny", TINY, 4), ("base", BASE, 12)):
+        LM_PRESETS[f"{_kernel}_lm_{_size}"] = ("kernel", {"block": "transformer", "n_layer": _layers, **_shape, **_options},
+                                               None, f"{_summary}, GPT-2 {_size} shape")
 
 
 def build_causal_lm(**config) -> UnrollAttnForCausalLM:

@@ -103,16 +103,19 @@ class CrateBlock(BlockBase):
     """CRATE layer: Z^{l+1/2} = Z + MSSA(LN(Z)); Z^{l+1} = ISTA(LN(Z^{l+1/2})) (B.5)."""
 
     default_attention = "mssa"
-    option_names = ("attn_options", "ista_step_size", "ista_lambda")
+    option_names = ("attn_options", "ista_step_size", "ista_lambda", "ista_residual")
 
     def __init__(self, dim, num_heads=8, mlp_ratio=4.0, **kwargs):
         super().__init__(dim, num_heads, mlp_ratio, **kwargs)
         self.norm1 = self.norm_layer(dim, **self.dd)
         self.norm2 = self.norm_layer(dim, **self.dd)
         self.ista = ISTA(dim, self.options.get("ista_step_size", 0.1), self.options.get("ista_lambda", 0.1), **self.dd)
+        self.ista_residual = bool(self.options.get("ista_residual", False))
 
     def forward(self, x, attn_mask=None, is_causal=False):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        if self.ista_residual:
+            return x + self.ista(self.norm2(x))
         return self.ista(self.norm2(x))
 
 
