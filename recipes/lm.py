@@ -63,15 +63,15 @@ __all__ = [
     "ablation_metric", "build_lm", "load_config", "main", "model_kwargs", "registry_name", "run",
 ]
 
-VARIANTS = ("gpt2", "aot_mhsa", "aot_mssa", "crate", "bilateral", "gaussian", "twicing")
+VARIANTS = ("gpt2", "aot_mhsa", "aot_mssa", "crate", "crate_alpha", "bilateral", "gaussian", "twicing")
 VARIANT_KEY = "model.variant"
 TASKS = ("lm", "icl")
 TOKENIZER_NAMES = ("byte", "gpt2", "gpt2-files", "gpt2-hub")
 # Layers per GPT-2 layer at equal non-embedding parameters (weights per layer: 12 d^2 / 4 d^2 / 2 d^2 / 3 d^2).
 # The kernel variants are GPT-2-shaped (attention + MLP): one layer per GPT-2 layer.
-LAYERS_PER_GPT2_LAYER = {"gpt2": 1, "aot_mhsa": 3, "aot_mssa": 6, "crate": 4, "bilateral": 1, "gaussian": 1, "twicing": 1}
+LAYERS_PER_GPT2_LAYER = {"gpt2": 1, "aot_mhsa": 3, "aot_mssa": 6, "crate": 4, "crate_alpha": 3, "bilateral": 1, "gaussian": 1, "twicing": 1}
 _REGISTRY_PATTERN = {"gpt2": "gpt2_{size}", "aot_mhsa": "aot_mhsa_lm_{size}", "aot_mssa": "aot_mssa_lm_{size}",
-                     "crate": "crate_lm_{size}", "bilateral": "bilateral_lm_{size}", "gaussian": "gaussian_lm_{size}",
+                     "crate": "crate_lm_{size}", "crate_alpha": "crate_alpha_lm_{size}", "bilateral": "bilateral_lm_{size}", "gaussian": "gaussian_lm_{size}",
                      "twicing": "twicing_lm_{size}"}
 
 # summary key -> column header of the ablation table

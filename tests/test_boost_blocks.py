@@ -63,3 +63,46 @@ def test_kernel_vits_match_timm_vit_except_attention(name):
     assert {k for k in vit.state_dict()} <= {k for k in ours.state_dict()}
     assert ours(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert name in unrollattn.list_models(family="kernel")
+
+
+# ----------------------------------------------------------------------------------- CRATE-alpha sparse coding
+
+
+def test_sparse_coding_step_matches_explicit_ista_from_zero():
+    """SparseCodingStep = decoder @ (steps of A <- ReLU(A - eta D^T (D A - z) - eta lambda) from A = 0), float64."""
+    from unrollattn.layers.blocks import SparseCodingStep
+
+    torch.manual_seed(0)
+    layer = SparseCodingStep(6, expansion=3, steps=4, step_size=0.3, lambd=0.05).double()
+    z = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    d = layer.encoder.weight.t()  # D in R^{d x m}
+    a = torch.zeros(2, 5, 18, dtype=torch.float64)
+    for _ in range(4):
+        a = torch.relu(a - 0.3 * (a @ d.t() - z) @ d - 0.3 * 0.05)
+    reference = a @ layer.decoder.weight.t()
+    out = layer(z)
+    torch.testing.assert_close(out, reference)
+    g_out, g_ref = torch.autograd.grad(out.sum(), z)[0], torch.autograd.grad(reference.sum(), z)[0]
+    torch.testing.assert_close(g_out, g_ref)
+
+
+def test_crate_block_ista_kinds_and_bad_options():
+    from unrollattn.layers.blocks import ISTA, CrateBlock, SparseCodingStep
+
+    x = torch.randn(2, 5, 16)
+    plain = CrateBlock(16, 4)
+    assert isinstance(plain.ista, ISTA) and not plain.ista_residual
+    h = x + plain.attn(plain.norm1(x), is_causal=True)
+    torch.testing.assert_close(plain(x, is_causal=True), plain.ista(plain.norm2(h)))  # no residual around ISTA
+    alpha = CrateBlock(16, 4, ista="alpha", ista_expansion=2)
+    assert isinstance(alpha.ista, SparseCodingStep) and alpha.ista.encoder.out_features == 32
+    h = x + alpha.attn(alpha.norm1(x), is_causal=True)
+    torch.testing.assert_close(alpha(x, is_causal=True), h + alpha.ista(alpha.norm2(h)))
+    residual = CrateBlock(16, 4, ista_residual=True)
+    h = x + residual.attn(residual.norm1(x))
+    torch.testing.assert_close(residual(x), h + residual.ista(residual.norm2(h)))
+    for bad, match in ((dict(ista="fista"), "ista"), (dict(ista_expansion=2), "alpha"),
+                       (dict(ista="alpha", ista_residual=False), "residual"),
+                       (dict(ista="alpha", ista_steps=0), "steps"), (dict(ista="alpha", ista_step_size=0.0), "step_size")):
+        with pytest.raises(ValueError, match=match):
+            CrateBlock(16, 4, **bad)

@@ -317,7 +317,8 @@ PAPER_NAMES = {"aot_mssa_lm_base", "aot_mssa_lm_medium", "aot_mhsa_lm_base", "cr
 def test_presets_registered_with_families():
     assert set(list_models(task="causal-lm", family="aot")) == {
         "aot_mssa_lm_tiny", "aot_mssa_lm_base", "aot_mssa_lm_medium", "aot_mhsa_lm_tiny", "aot_mhsa_lm_base"}
-    assert set(list_models(task="causal-lm", family="crate")) == {"crate_lm_tiny", "crate_lm_base"}
+    assert set(list_models(task="causal-lm", family="crate")) == {"crate_lm_tiny", "crate_lm_base", "crate_alpha_lm_tiny",
+                                                                  "crate_alpha_lm_base"}
     assert set(list_models(task="causal-lm", family="gpt2")) == {"gpt2_tiny", "gpt2_base"}
 
 
@@ -328,7 +329,7 @@ def test_parameter_table_matches_paper_sizes():
         assert abs(rows[name].params / rows[name].paper_params - 1) < 0.02, rows[name]
     assert rows["gpt2_base"].params == 124_439_808  # HF's GPT-2 base exactly
     tiny_counts = [rows[n].params for n in rows if n.endswith("_tiny") and MODELS.meta(n)["family"] != "kernel"]
-    assert len(tiny_counts) == 4 and max(tiny_counts) / min(tiny_counts) < 1.01
+    assert len(tiny_counts) == 5 and max(tiny_counts) / min(tiny_counts) < 1.01
     assert MODELS.meta("aot_mssa_lm_base")["paper_params"] == 102_000_000
 
 

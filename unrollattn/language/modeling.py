@@ -178,7 +178,8 @@ class UnrollAttnBlock(GradientCheckpointingLayer):
             act_layer=partial(nn.GELU, approximate="tanh"), mlp_layer=partial(Mlp, bias=config.bias),
             attn_layer=config.attention, attn_options={**config.attn_options, "head_dim": config.head_dim}, **options)
         # Output maps that write into the residual stream: N(0, std / sqrt(#branches)) as GPT-2 (tag read by _init_weights).
-        residual = [getattr(self.block.attn, "proj", None), getattr(getattr(self.block, "mlp", None), "fc2", None)]
+        residual = [getattr(self.block.attn, "proj", None), getattr(getattr(self.block, "mlp", None), "fc2", None),
+                    getattr(getattr(self.block, "ista", None), "decoder", None)]  # CRATE-alpha's decoder D_hat
         residual = [m for m in residual if isinstance(m, nn.Linear)]
         for proj in residual:
             proj.residual_init_scale = 1.0 / math.sqrt(config.n_layer * len(residual))
@@ -418,6 +419,12 @@ LM_PRESETS: dict[str, tuple[str, dict, int | None, str]] = {
                       "causal CRATE, CPU size"),
     "crate_lm_base": ("crate", {"attention": "mssa", "block": "crate", "n_layer": 12, **BASE}, 60_000_000,
                       "Causal-CRATE-Base (60M)"),
+    # CRATE-alpha's residual sparse coding (papers.md B.9) with a complete dictionary: 4 d^2 per layer, so 3 layers per
+    # GPT-2 layer. Deep causal CRATE with the paper's non-residual ISTA stays at the unigram loss on the quick preset.
+    "crate_alpha_lm_tiny": ("crate", {"attention": "mssa", "block": "crate", "block_options": {"ista": "alpha"},
+                                      "n_layer": 12, **TINY}, None, "causal CRATE, CRATE-alpha sparse coding, CPU size"),
+    "crate_alpha_lm_base": ("crate", {"attention": "mssa", "block": "crate", "block_options": {"ista": "alpha"},
+                                      "n_layer": 12, **BASE}, None, "causal CRATE, CRATE-alpha sparse coding, 12 layers"),
 }
 # Kernel-regression attention (papers.md C) in a GPT-2-shaped transformer (pre-norm attention + MLP, GPT-2's depth and
 # width; the q/k/v and output maps are GPT-2's, plus one or two bandwidths per head). ``bilateral``: a range kernel on
