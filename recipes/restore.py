@@ -9,6 +9,10 @@ DDP (``loop.batch_size`` is the global batch; evaluation photos are sharded over
 
     torchrun --standalone --nproc_per_node=2 -m recipes.restore --preset demosaic_quick loop.device=cpu
 
+Where the noise-shift loss comes from (noise gain on the samples vs the interpolated pixels of trained runs)::
+
+    python -m recipes.restore noise-gain runs/ablate-restore-demosaic_quick/uglr runs/ablate-restore-demosaic_quick/transformer
+
 Ablation, one table + plots::
 
     unrollattn ablate restore --variants uglr,ugtv,transformer,bicubic,malvar --preset demosaic_quick
@@ -63,7 +67,7 @@ from unrollattn.vision.sampling import build_operator, crop_to, pad_to_even
 __all__ = [
     "DataConfig", "ModelConfig", "PRESETS", "RestoreConfig", "RestoreTask", "VARIANTS", "VARIANT_KEY",
     "ablation_columns", "ablation_metric", "evaluate_only", "image_metrics", "load_config", "load_model", "main",
-    "model_name", "plot_restorations", "run",
+    "model_name", "noise_gain_table", "plot_restorations", "run",
 ]
 
 VARIANTS = ("uglr", "ugtv", "transformer", "bilinear", "bicubic", "malvar", "menon")
@@ -294,6 +298,31 @@ class RestoreTask:
             out[f"psnr_drop_sigma{_sigma_key(sigma)}"] = out["psnr"] - noisy
         return out
 
+    @torch.no_grad()
+    def noise_gain(self, model: nn.Module, sigma: float = 25.0) -> dict[str, float]:
+        """Where the noise-shift loss comes from, on the test photos (noise seeded as in :meth:`evaluate`):
+        ``gain_observed`` / ``gain_unobserved`` = mean (out(y + n) − out(y))² / σ² over the observed / the
+        interpolated entries (1.0 on the samples for any model that copies them), and the noisy MSE split into
+        ``mse_observed`` + ``mse_unobserved`` (shares of the total, summed over entries / all entries)."""
+        sums = torch.zeros(4, dtype=torch.float64)
+        count = 0
+        images = self.photos.test_images()
+        for i, x in enumerate(images):
+            y, size = self.observe(x)
+            gen = torch.Generator().manual_seed(self.cfg.data.noise_seed + 1009 * i + int(round(sigma * 100)))
+            noisy_y = y + sigma / 255.0 * torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.dtype)
+            clean = self.restore(model, y, size).double()
+            noisy = self.restore(model, noisy_y, size).double()
+            mask = self.operator.observed_mask(*size).expand_as(clean)
+            diff, err = (noisy - clean).square(), (noisy.clamp(0, 1) - x.double()).square()
+            sums += torch.stack([diff[mask].mean(), diff[~mask].mean(), err[mask].sum() / err.numel(),
+                                 err[~mask].sum() / err.numel()]).cpu()
+            count += 1
+        s = sums / max(count, 1)
+        var = (sigma / 255.0) ** 2
+        return {"gain_observed": float(s[0] / var), "gain_unobserved": float(s[1] / var),
+                "mse_observed": float(s[2]), "mse_unobserved": float(s[3])}
+
     def export(self, model: nn.Module, run_dir: Path) -> None:
         """Write ``restoration_samples.npz`` (figure crop) and refresh the figure of the runs in ``loop.out_dir``."""
         images = self.photos.test_images()
@@ -502,8 +531,27 @@ def load_model(run_dir: str | Path) -> tuple[nn.Module, RestoreConfig]:
     return model.eval(), cfg
 
 
+def noise_gain_table(run_dirs: Sequence[str | Path], sigma: float = 25.0) -> str:
+    """Markdown table of :meth:`RestoreTask.noise_gain` for finished run directories."""
+    lines = [f"Noise σ = {sigma:g}/255 on the samples, test photos; gain = mean (out(y+n) − out(y))² / σ²; noisy MSE "
+             f"= the squared error summed over those entries / all entries.", "",
+             "| run | params | noise gain on samples | noise gain interpolated | noisy MSE on samples | "
+             "noisy MSE interpolated |", "|---|---:|---:|---:|---:|---:|"]
+    for run_dir in run_dirs:
+        model, cfg = load_model(run_dir)
+        g = RestoreTask(cfg).noise_gain(model, sigma)
+        lines.append(f"| {Path(run_dir).name} | {count_params(model):,} | {g['gain_observed']:.3f} | "
+                     f"{g['gain_unobserved']:.3f} | {g['mse_observed']:.2e} | {g['mse_unobserved']:.2e} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``[--preset NAME] [--resume] [key=value ...]``; prints the summary as JSON."""
+    """Command line: ``[--preset NAME] [--resume] [key=value ...]``; prints the summary as JSON.
+    ``noise-gain RUN_DIR [RUN_DIR ...]`` prints :func:`noise_gain_table` (σ = 25) instead of training."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["noise-gain"]:
+        print(noise_gain_table(argv[1:]))
+        return 0
     return recipe_main(argv, prog="python -m recipes.restore", description=__doc__.split("\n\n")[0], presets=PRESETS,
                        default_preset="demosaic_quick", load_config=load_config, run=run)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import unrollattn
 from recipes import restore
 from unrollattn.cli import ablate
 from unrollattn.train import DistState, read_metrics
@@ -80,6 +81,13 @@ def test_run_end_to_end_and_ablation(tmp_path):
     with np.load(tmp_path / "bicubic" / "restoration_samples.npz") as z:
         assert z["target"].shape == z["output"].shape == (24, 24, 3)
     assert (tmp_path / "restorations_demosaic_tiny.png").stat().st_size > 0
+
+    # noise analysis: bicubic copies the samples (gain 1 there, up to the noise's sample variance) and
+    # averages them elsewhere (gain < 1)
+    gain = restore.RestoreTask(restore.load_config("tiny")).noise_gain(unrollattn.build_model("bicubic_demosaic"))
+    assert abs(gain["gain_observed"] - 1) < 0.2 and 0 < gain["gain_unobserved"] < 1
+    table = restore.noise_gain_table([tmp_path / "uglr", tmp_path / "bicubic"])
+    assert "| uglr |" in table and "| bicubic | 0 | " in table
 
 
 def test_ablation_command_writes_table_and_figure(tmp_path):
