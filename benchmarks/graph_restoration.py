@@ -1,6 +1,7 @@
 """Forward time and peak memory of uGLR / uGTV vs the Swin transformer baseline, against image size.
 
-    python -m benchmarks.graph_restoration                         # CPU: 128, 256, 512 (1024 is slow on 2 cores)
+    python -m benchmarks.graph_restoration                         # CPU: 128, 256, 512
+    python -m benchmarks.graph_restoration --sizes 256,512,1024 --threads 1 --repeats 1 --warmup 0 --quick
     python -m benchmarks.graph_restoration --sizes 256,512,1024 --device cuda
 
 One RGB image (batch 1), Bayer RGGB demosaicking (``--task sr2``: ×2 interpolation of an image of half
@@ -13,6 +14,7 @@ time and memory ("linear" column). Writes ``benchmarks/results/graph_restoration
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +36,7 @@ def build(variant: str, task: str, quick: bool):
     return unrollattn.build_model(name, **(QUICK.get(variant, {}) if quick else {})), name
 
 
-def measure(model, task: str, size: int, device, repeats: int) -> dict:
+def measure(model, task: str, size: int, device, repeats: int, warmup: int = 1) -> dict:
     torch.manual_seed(0)
     x = torch.rand(1, 3, size, size, device=device)
     y = build_operator(task)(x)
@@ -43,7 +45,7 @@ def measure(model, task: str, size: int, device, repeats: int) -> dict:
         with torch.no_grad():
             model(y)
 
-    seconds = time_call(forward, device, warmup=1, repeats=repeats)
+    seconds = time_call(forward, device, warmup=warmup, repeats=repeats)
     return {"size": f"{size}x{size}", "megapixels": size * size / 1e6, "seconds": seconds,
             "s_per_mp": seconds / (size * size / 1e6), "peak_mem_mb": peak_memory_mb(forward, device)}
 
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--task", default="demosaic", choices=["demosaic", "sr2"])
     parser.add_argument("--quick", action="store_true", help="the demosaic_quick preset's model sizes")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -66,13 +69,15 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in (args.sizes or ("256,512,1024" if device.type == "cuda" else "128,256,512")).split(",")]
     unrollattn.set_finite_checks(False)  # the NaN guard is a host sync; measure the models themselves
     rows, verdicts = [], []
+    load_start = os.getloadavg()[0]
     for variant in args.variants.split(","):
         model, name = build(variant, args.task, args.quick)
         model = model.to(device).eval()
         params = sum(p.numel() for p in model.parameters())
         previous = None
         for size in sizes:
-            row = {"model": name, "params": params, **measure(model, args.task, size, device, args.repeats)}
+            row = {"model": name, "params": params,
+                   **measure(model, args.task, size, device, args.repeats, args.warmup)}
             if previous is not None:
                 scale = row["megapixels"] / previous["megapixels"]
                 row["time_ratio"] = row["seconds"] / previous["seconds"]
@@ -91,9 +96,12 @@ def main(argv=None) -> int:
              f"torch {torch.__version__}{', quick-preset model sizes' if args.quick else ', default model sizes'}")
     table = markdown_table(rows, COLUMNS)
     command = "python -m benchmarks.graph_restoration " + " ".join(argv if argv is not None else sys.argv[1:])
+    load_end = os.getloadavg()[0]
     note = (f"time_ratio / mem_ratio: against the previous size (4x the pixels for doubling sizes); linear = both "
             f"ratios <= {LINEAR_LIMIT} per 4x pixels. CPU peak memory counts live tensor storages created during the "
-            f"call (benchmarks/common.py).")
+            f"call (benchmarks/common.py). Machine load (1-min load average, {os.cpu_count()} cores) at start / end: "
+            f"{load_start:.2f} / {load_end:.2f}" + (" - the CPU was shared, timings are noisy." if max(load_start, load_end)
+                                                     > 1.5 else "."))
     tag = "cuda" if device.type == "cuda" else "cpu"
     write_atomic(Path(args.out) / f"graph_restoration_{tag}.md",
                  f"# {title}\n\nCommand: `{command.strip()}`\n\n{table}\n\n{note}\n")
