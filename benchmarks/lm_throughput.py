@@ -1,4 +1,5 @@
-"""Training throughput and MFU of the causal LMs: GPT-2 vs AoT-MHSA vs AoT-MSSA vs CRATE at equal parameters.
+"""Training throughput and MFU of the causal LMs at equal parameters: GPT-2 vs AoT-MHSA vs AoT-MSSA vs CRATE (paper
+ISTA and CRATE-alpha sparse coding) vs the GPT-2-shaped kernel-attention LMs (bilateral, gaussian, twicing).
 
     python -m benchmarks.lm_throughput                      # CPU, the quick preset's sizes; writes benchmarks/results/
     python -m benchmarks.lm_throughput --device cuda --dtype bfloat16 --width 768 --heads 12 --depth 12 \\
@@ -73,10 +74,16 @@ def peak_gflops(device: torch.device, given_tflops: float | None) -> tuple[float
     return cpu_peak_estimate()
 
 
+def _position_params(model) -> int:
+    """Learned position-embedding parameters (0 for ``position_embedding="none"``, e.g. bilateral attention)."""
+    wpe = getattr(model.transformer, "wpe", None)
+    return 0 if wpe is None else wpe.weight.numel()
+
+
 def flops_per_token_6n(model, seq_len: int) -> tuple[float, int]:
     """(6N + 12 L d_attn T, N) with N = all parameters but the position embedding."""
     cfg = model.config
-    wpe = model.transformer.wpe.weight.numel()
+    wpe = _position_params(model)
     n = sum(p.numel() for p in model.parameters()) - wpe
     d_attn = cfg.n_head * (getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head)
     return 6 * n + 12 * cfg.n_layer * d_attn * seq_len, n
@@ -115,7 +122,7 @@ def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: 
     counted = counted_flops_per_token(model, x[:1]) if args.count_flops else float("nan")
     tokens_per_s = args.batch * args.seq_len / seconds
     params = sum(p.numel() for p in model.parameters())
-    emb = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    emb = model.transformer.wte.weight.numel() + _position_params(model)
     return {
         "variant": variant, "layers": model.config.n_layer, "width": args.width, "heads": args.heads,
         "params": params, "non_emb_params": params - emb, "seq_len": args.seq_len, "batch": args.batch,

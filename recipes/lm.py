@@ -13,13 +13,28 @@ of processes to keep it)::
 
 Ablation (one table + plot)::
 
-    unrollattn ablate lm --variants gpt2,aot_mhsa,aot_mssa,crate --preset quick
+    unrollattn ablate lm --variants gpt2,aot_mhsa,aot_mssa,crate,crate_alpha --preset quick
+    unrollattn ablate lm --variants gpt2,bilateral,gaussian,twicing --preset quick --out runs/ablate-lm-quick-kernel
 
-Variants (papers.md B.3, B.5): ``gpt2`` = HF ``GPT2LMHeadModel``; ``aot_mhsa`` = softmax attention + skip, no MLP;
-``aot_mssa`` = subspace attention (Q = K = V = U_k^T z) + skip; ``crate`` = MSSA + ISTA. ``model.depth`` is a
-GPT-2-equivalent depth: each variant gets ``depth * LAYERS_PER_GPT2_LAYER[variant]`` layers, which equalises the
-non-embedding parameters at any width (a GPT-2 layer has ~12 d^2 weights, AoT-MHSA 4 d^2, AoT-MSSA 2 d^2,
-CRATE 3 d^2); left at None, the registered size (``gpt2_base``, ``aot_mssa_lm_base``, ...) decides.
+Variants (papers.md B.3, B.5, B.9, C): ``gpt2`` = HF ``GPT2LMHeadModel``; ``aot_mhsa`` = softmax attention + skip, no
+MLP; ``aot_mssa`` = subspace attention (Q = K = V = U_k^T z) + skip; ``crate`` = MSSA + the CRATE paper's ISTA
+(ReLU(LN(.)) with no residual: a deep causal LM collapses to the unigram loss, kept as the paper's form);
+``crate_alpha`` = MSSA + CRATE-alpha's residual sparse coding (complete dictionary, untied decoder), the causal CRATE
+that trains; ``bilateral`` / ``gaussian`` / ``twicing`` = GPT-2-shaped transformers (attention + MLP, GPT-2's depth,
+width and q/k/v/output maps) with kernel-regression attention on 1-D causal positions; ``bilateral`` has *no* learned
+absolute position embedding (``position_embedding="none"``): its Laplacian spatial kernel on token distances (ALiBi's
+form) is the only position signal, so no token-position cross term (C.2, C.5); ``gaussian`` and ``twicing`` keep
+GPT-2's learned positions. ``model.depth`` is a GPT-2-equivalent depth: each variant gets
+``depth * LAYERS_PER_GPT2_LAYER[variant]`` layers, which equalises the non-embedding parameters at any width (a GPT-2
+layer has ~12 d^2 weights, AoT-MHSA 4 d^2, AoT-MSSA 2 d^2, CRATE 3 d^2, CRATE-alpha 4 d^2); left at None, the
+registered size (``gpt2_base``, ``aot_mssa_lm_base``, ...) decides.
+
+Robustness (issue 5): ``contam_loss`` = loss of the clean val text when 1.5% of its words (word boundaries from the
+tokenizer's token texts; every token of a chosen word) are replaced by a fixed junk token ("@" byte-level, " AAA"
+GPT-2 BPE) in the context; ``loss_ctx2x`` / ``loss_ctx4x`` = val loss on windows 2x / 4x the training block. Every
+variant trains on ``data.block_size`` windows; unless ``model.n_positions`` is set, the context is sized to 4x the
+block so learned position tables have (never trained) rows for the long windows: the 4x numbers measure length
+extrapolation on equal terms.
 
 Presets: ``quick`` (CPU, a few minutes per variant: byte-level KJV, width 160, GPT-2-equivalent depth 4),
 ``gpt2_scale`` (GPU: the paper's base sizes, GPT-2 BPE, context 1024, bf16, torch.compile, grad accumulation,
@@ -227,14 +242,14 @@ class LMConfig:
             raise ConfigError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         context = self.model.n_positions
         need = self.data.block_size if self.task == "lm" else 2 * self.icl.n_points
+        if context is not None and need > context:
+            what = f"data.block_size={need}" if self.task == "lm" else f"2 * icl.n_points = {need} tokens"
+            raise ConfigError(f"{what} exceeds the model's context model.n_positions={context}")
         if context is not None and self.task == "lm" and self.eval.context_factors and \
                 need * max(self.eval.context_factors) > context:
             raise ConfigError(f"eval.context_factors={self.eval.context_factors} need a context of "
                               f"{need * max(self.eval.context_factors)} tokens (data.block_size={need}); set "
                               f"model.n_positions to at least that, leave it unset, or set eval.context_factors=()")
-        if context is not None and need > context:
-            what = f"data.block_size={need}" if self.task == "lm" else f"2 * icl.n_points = {need} tokens"
-            raise ConfigError(f"{what} exceeds the model's context model.n_positions={context}")
 
 
 # ----------------------------------------------------------------------------------------------------- model

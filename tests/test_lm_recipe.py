@@ -184,7 +184,7 @@ def test_token_ids_outside_the_model_vocabulary_are_rejected(corpus_files):
     with pytest.raises(ValueError, match=r"token ids up to 256 .*do not fit the model's vocab_size=100"):
         lm.LMTask(_tiny(corpus_files, "model.extra={'vocab_size': 100}"))
     with pytest.raises(ValueError, match="last_word_context=64 must be smaller than the model's context n_positions=64"):
-        lm.LMTask(_tiny(corpus_files, "data.block_size=64", "eval.last_word_context=64"))
+        lm.LMTask(_tiny(corpus_files, "data.block_size=64", "eval.last_word_context=64", "eval.context_factors=()"))
 
 
 def test_recipe_end_to_end_byte_level(corpus_files):
@@ -262,3 +262,38 @@ def test_ablate_lm_through_the_cli(corpus_files):
         assert column in header
     assert (corpus_files / "ablate" / "comparison.png").is_file()
     assert runs["crate"]["n_layer"] == 4 and runs["gpt2"]["n_layer"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------- robustness
+
+
+def test_robustness_config_and_columns():
+    cfg = lm.load_config("quick", ["model.variant=bilateral"])
+    assert cfg.eval.contamination == 0.015 and cfg.eval.context_factors == (2, 4)
+    columns = lm.ablation_columns_for(cfg)
+    assert list(columns)[list(columns).index("last_word_acc") + 1:][:3] == ["contam_loss", "loss_ctx2x", "loss_ctx4x"]
+    assert columns["contam_loss"] == "loss 1.5% words junk"
+    none = lm.ablation_columns_for(lm.load_config("quick", ["eval.contamination=0", "eval.context_factors=()"]))
+    assert not any(k.startswith(("contam", "loss_ctx")) for k in none)
+    with pytest.raises(ConfigError, match=r"context_factors=\(2, 4\) need a context of 512 tokens"):
+        lm.load_config("quick", ["model.n_positions=256"])
+    lm.load_config("quick", ["model.n_positions=256", "eval.context_factors=(2,)"])  # 2 x 128 fits
+    with pytest.raises(ConfigError, match="contamination"):
+        lm.load_config("quick", ["eval.contamination=1.5"])
+    with pytest.raises(ConfigError, match="context_factors"):
+        lm.load_config("quick", ["eval.context_factors=(1, 4)"])
+
+
+def test_recipe_reports_contamination_and_long_context(corpus_files):
+    cfg = _tiny(corpus_files, "model.variant=bilateral", "loop.max_steps=4", "eval.last_word_passages=0",
+                "eval.contamination=0.2", "loop.run_name=robust")
+    task = lm.LMTask(cfg)
+    assert task.n_positions == 4 * cfg.data.block_size  # sized for the 4x evaluation; trained on block_size
+    summary = lm.run(cfg)
+    for key in ("contam_loss", "loss_ctx2x", "loss_ctx4x"):
+        assert math.isfinite(summary[key]), key
+    assert summary["contam_loss"] != summary["val_loss"]
+    gpt2 = _tiny(corpus_files, "model.variant=gpt2", "eval.context_factors=(2,)")
+    assert lm.LMTask(gpt2).build_model().config.n_positions == 2 * gpt2.data.block_size
+    with pytest.raises(ValueError, match="val split .* shorter than one"):
+        lm.LMTask(_tiny(corpus_files, "eval.context_factors=(400,)", "data.block_size=32"))
