@@ -1,8 +1,11 @@
 """HF causal language model over any registered attention and block (docs/integration.md 2.2).
 
-``UnrollAttnForCausalLM`` = token + learned position embeddings -> ``n_layer`` registry blocks (causal)
--> final LayerNorm -> LM head tied to the token embedding. The same scaffold gives AoT-MSSA, AoT-MHSA,
-causal CRATE and an in-house softmax transformer, so variants differ only in the block/attention.
+``UnrollAttnForCausalLM`` = token + learned position embeddings (or none: ``position_embedding="none"``, for
+attentions that model position themselves, e.g. bilateral) -> ``n_layer`` registry blocks (causal) -> final
+LayerNorm -> LM head tied to the token embedding. The same scaffold gives AoT-MSSA, AoT-MHSA, causal CRATE, the
+kernel-regression transformers (bilateral, gaussian, twicing) and an in-house softmax transformer, so variants differ
+only in the block/attention. ``boost`` blocks with rule ``anchor`` (B3) pull toward the layer-0 input (the
+embeddings), which the model hands them on every forward (with a KV cache: layer 0's cached prefix).
 
 KV cache (HF ``DynamicCache``, one cache layer per block):
 
