@@ -9,14 +9,12 @@ so every row does the same amount of projection work.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from timm.layers import Attention as TimmAttention
 
 import unrollattn
-from benchmarks.common import device_name, markdown_table, peak_memory_mb, time_call, write_atomic
+from benchmarks.common import device_name, peak_memory_mb, print_row, publish_table, time_call
 
 VARIANTS = {
     "mssa": lambda dim, heads: unrollattn.build_attention("mssa", dim, heads),
@@ -66,15 +64,11 @@ def main(argv=None) -> int:
             base = next(r for r in group if r["variant"] == "mhsa")["tokens_per_s"]
             for r in group:
                 r["speedup_vs_mhsa"] = r["tokens_per_s"] / base
-                print(" ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in COLUMNS), flush=True)
+                print_row(r, COLUMNS)
             rows.extend(group)
     title = (f"Attention layer forward+backward, {device_name(device)}, {args.dtype}, torch {torch.__version__}, "
              f"{args.tokens_per_batch} tokens per batch")
-    table = markdown_table(rows, COLUMNS)
-    command = "python -m benchmarks.attention_throughput " + " ".join(argv if argv is not None else sys.argv[1:])
-    tag = "cuda" if device.type == "cuda" else "cpu"
-    write_atomic(Path(args.out) / f"attention_throughput_{tag}.md", f"# {title}\n\nCommand: `{command.strip()}`\n\n{table}\n")
-    print(f"\n{title}\n\n{table}")
+    publish_table(rows, COLUMNS, name="attention_throughput", title=title, argv=argv, out_dir=args.out, device=device)
     return 0
 
 

@@ -53,3 +53,20 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def print_row(row: dict, columns: list[str]) -> None:
+    """One measurement as ``key=value`` pairs, flushed, so a long run shows progress."""
+    print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in columns), flush=True)
+
+
+def publish_table(rows: list[dict], columns: list[str], *, name: str, title: str, argv, out_dir, device: torch.device) -> str:
+    """Print the markdown table and write it, with the command that made it, to ``out_dir/<name>_<cpu|cuda>.md``."""
+    import sys
+
+    table = markdown_table(rows, columns)
+    command = f"python -m benchmarks.{name} " + " ".join(argv if argv is not None else sys.argv[1:])
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    write_atomic(Path(out_dir) / f"{name}_{tag}.md", f"# {title}\n\nCommand: `{command.strip()}`\n\n{table}\n")
+    print(f"\n{title}\n\n{table}")
+    return table

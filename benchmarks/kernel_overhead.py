@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import torch
 
 import unrollattn
-from benchmarks.common import device_name, markdown_table, peak_memory_mb, time_call, write_atomic
+from benchmarks.common import device_name, peak_memory_mb, print_row, publish_table, time_call
 
 VARIANTS = ("mhsa", "gaussian", "mahalanobis", "bilateral", "twicing")
 COLUMNS = ["width", "heads", "seq_len", "batch", "variant", "params", "fwd_bwd_ms", "tokens_per_s",
@@ -102,15 +100,11 @@ def main(argv=None) -> int:
             for r in group:
                 r["time_vs_mhsa"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
                 r["mem_vs_mhsa"] = r["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] > 0 else math.nan
-                print(" ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in COLUMNS), flush=True)
+                print_row(r, COLUMNS)
             rows.extend(group)
     title = (f"Kernel attention overhead vs SDPA softmax (mhsa), one layer forward+backward, {device_name(device)}, "
              f"{args.dtype}, torch {torch.__version__}, {args.tokens_per_batch} tokens per batch")
-    table = markdown_table(rows, COLUMNS)
-    command = "python -m benchmarks.kernel_overhead " + " ".join(argv if argv is not None else sys.argv[1:])
-    tag = "cuda" if device.type == "cuda" else "cpu"
-    write_atomic(Path(args.out) / f"kernel_overhead_{tag}.md", f"# {title}\n\nCommand: `{command.strip()}`\n\n{table}\n")
-    print(f"\n{title}\n\n{table}")
+    publish_table(rows, COLUMNS, name="kernel_overhead", title=title, argv=argv, out_dir=args.out, device=device)
     return 0
 
 
