@@ -14,7 +14,7 @@ import torch
 from timm.layers import Attention as TimmAttention
 
 import unrollattn
-from benchmarks.common import device_name, peak_memory_mb, print_row, publish_table, time_call
+from benchmarks.common import device_name, measure_layer, print_row, publish_table
 
 VARIANTS = {
     "mssa": lambda dim, heads: unrollattn.build_attention("mssa", dim, heads),
@@ -27,20 +27,7 @@ COLUMNS = ["width", "heads", "seq_len", "batch", "variant", "params", "fwd_bwd_m
 
 def measure(variant: str, dim: int, heads: int, seq_len: int, batch: int, device, dtype, repeats: int) -> dict:
     torch.manual_seed(0)
-    layer = VARIANTS[variant](dim, heads).to(device=device, dtype=dtype)
-    x = torch.randn(batch, seq_len, dim, device=device, dtype=dtype, requires_grad=True)
-
-    def step():
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        layer(x).float().square().mean().backward()
-
-    seconds = time_call(step, device, warmup=2, repeats=repeats)
-    return {
-        "width": dim, "heads": heads, "seq_len": seq_len, "batch": batch, "variant": variant,
-        "params": sum(p.numel() for p in layer.parameters()), "fwd_bwd_ms": seconds * 1e3,
-        "tokens_per_s": batch * seq_len / seconds, "peak_mem_mb": peak_memory_mb(step, device),
-    }
+    return measure_layer(VARIANTS[variant](dim, heads), variant, dim, heads, seq_len, batch, device, dtype, repeats)
 
 
 def main(argv=None) -> int:

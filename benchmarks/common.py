@@ -70,3 +70,22 @@ def publish_table(rows: list[dict], columns: list[str], *, name: str, title: str
     write_atomic(Path(out_dir) / f"{name}_{tag}.md", f"# {title}\n\nCommand: `{command.strip()}`\n\n{table}\n")
     print(f"\n{title}\n\n{table}")
     return table
+
+
+def measure_layer(layer: torch.nn.Module, variant: str, dim: int, heads: int, seq_len: int, batch: int, device, dtype,
+                  repeats: int) -> dict:
+    """Forward + backward time and peak memory of one token-mixing ``layer`` on a [batch, seq_len, dim] input."""
+    layer = layer.to(device=device, dtype=dtype)
+    x = torch.randn(batch, seq_len, dim, device=device, dtype=dtype, requires_grad=True)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).float().square().mean().backward()
+
+    seconds = time_call(step, device, warmup=2, repeats=repeats)
+    return {
+        "width": dim, "heads": heads, "seq_len": seq_len, "batch": batch, "variant": variant,
+        "params": sum(p.numel() for p in layer.parameters()), "fwd_bwd_ms": seconds * 1e3,
+        "tokens_per_s": batch * seq_len / seconds, "peak_mem_mb": peak_memory_mb(step, device),
+    }

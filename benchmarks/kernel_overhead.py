@@ -20,7 +20,7 @@ import math
 import torch
 
 import unrollattn
-from benchmarks.common import device_name, peak_memory_mb, print_row, publish_table, time_call
+from benchmarks.common import device_name, measure_layer, print_row, publish_table
 
 VARIANTS = ("mhsa", "gaussian", "mahalanobis", "bilateral", "twicing")
 COLUMNS = ["width", "heads", "seq_len", "batch", "variant", "params", "fwd_bwd_ms", "tokens_per_s",
@@ -39,20 +39,8 @@ def build_layer(variant: str, dim: int, heads: int, seq_len: int) -> torch.nn.Mo
 
 def measure(variant: str, dim: int, heads: int, seq_len: int, batch: int, device, dtype, repeats: int) -> dict:
     torch.manual_seed(0)
-    layer = build_layer(variant, dim, heads, seq_len).to(device=device, dtype=dtype)
-    x = torch.randn(batch, seq_len, dim, device=device, dtype=dtype, requires_grad=True)
-
-    def step():
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        layer(x).float().square().mean().backward()
-
-    seconds = time_call(step, device, warmup=2, repeats=repeats)
-    return {
-        "width": dim, "heads": heads, "seq_len": seq_len, "batch": batch, "variant": variant,
-        "params": sum(p.numel() for p in layer.parameters()), "fwd_bwd_ms": seconds * 1e3,
-        "tokens_per_s": batch * seq_len / seconds, "peak_mem_mb": peak_memory_mb(step, device),
-    }
+    return measure_layer(build_layer(variant, dim, heads, seq_len), variant, dim, heads, seq_len, batch, device, dtype,
+                         repeats)
 
 
 def parse_widths(text: str) -> list[tuple[int, int]]:
