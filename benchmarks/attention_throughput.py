@@ -14,7 +14,7 @@ import torch
 from timm.layers import Attention as TimmAttention
 
 import unrollattn
-from benchmarks.common import device_name, measure_layer, print_row, publish_table
+from benchmarks.common import device_name, measure_layer, print_row, publish_table, without_finite_checks
 
 VARIANTS = {
     "mssa": lambda dim, heads: unrollattn.build_attention("mssa", dim, heads),
@@ -30,6 +30,7 @@ def measure(variant: str, dim: int, heads: int, seq_len: int, batch: int, device
     return measure_layer(VARIANTS[variant](dim, heads), variant, dim, heads, seq_len, batch, device, dtype, repeats)
 
 
+@without_finite_checks
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -41,7 +42,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    unrollattn.set_finite_checks(False)  # the NaN guard is a host sync; measure the operators themselves
     rows = []
     for pair in args.widths.split(","):
         dim, heads = (int(v) for v in pair.split(":"))

@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import functools
 import time
 from pathlib import Path
 
 import torch
 
+from unrollattn.core.validation import finite_checks_enabled, set_finite_checks
 from unrollattn.diagnostics.memory import peak_memory_mb  # noqa: F401  (re-exported for the benchmarks)
 
 
@@ -89,3 +91,17 @@ def measure_layer(layer: torch.nn.Module, variant: str, dim: int, heads: int, se
         "params": sum(p.numel() for p in layer.parameters()), "fwd_bwd_ms": seconds * 1e3,
         "tokens_per_s": batch * seq_len / seconds, "peak_mem_mb": peak_memory_mb(step, device),
     }
+
+
+def without_finite_checks(main):
+    """Run a benchmark's ``main`` with the NaN/inf input guard off (it is a host sync: measure the operators
+    themselves) and restore the previous setting afterwards, so calling it in-process leaves no trace."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        previous = finite_checks_enabled()
+        set_finite_checks(False)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            set_finite_checks(previous)
+    return wrapper

@@ -22,7 +22,9 @@ import torch
 
 import unrollattn
 import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
-from benchmarks.common import device_name, markdown_table, peak_memory_mb, time_call, write_atomic
+from benchmarks.common import (
+    device_name, markdown_table, peak_memory_mb, time_call, without_finite_checks, write_atomic,
+)
 from unrollattn.vision.sampling import build_operator
 
 QUICK = {"uglr": dict(blocks=3, heads=2, iters=4), "ugtv": dict(blocks=3, heads=2, iters=2, cg_iters=2)}
@@ -50,6 +52,7 @@ def measure(model, task: str, size: int, device, repeats: int, warmup: int = 1) 
             "s_per_mp": seconds / (size * size / 1e6), "peak_mem_mb": peak_memory_mb(forward, device)}
 
 
+@without_finite_checks
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -67,7 +70,6 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in (args.sizes or ("256,512,1024" if device.type == "cuda" else "128,256,512")).split(",")]
-    unrollattn.set_finite_checks(False)  # the NaN guard is a host sync; measure the models themselves
     rows, verdicts = [], []
     load_start = os.getloadavg()[0]
     for variant in args.variants.split(","):

@@ -20,7 +20,7 @@ import math
 import torch
 
 import unrollattn
-from benchmarks.common import device_name, measure_layer, print_row, publish_table
+from benchmarks.common import device_name, measure_layer, print_row, publish_table, without_finite_checks
 
 VARIANTS = ("mhsa", "gaussian", "mahalanobis", "bilateral", "twicing")
 COLUMNS = ["width", "heads", "seq_len", "batch", "variant", "params", "fwd_bwd_ms", "tokens_per_s",
@@ -56,6 +56,7 @@ def parse_widths(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
+@without_finite_checks
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -78,7 +79,6 @@ def main(argv=None) -> int:
         seq_lens = [int(n) for n in args.seq_lens.split(",")]
     except ValueError as err:
         parser.error(str(err))
-    unrollattn.set_finite_checks(False)  # the NaN guard is a host sync; measure the operators themselves
     rows = []
     for dim, heads in widths:
         for seq_len in seq_lens:

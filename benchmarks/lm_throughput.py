@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import unrollattn
-from benchmarks.common import device_name, markdown_table, peak_memory_mb, time_call, write_atomic
+import unrollattn  # noqa: F401 (registers the models)
+from benchmarks.common import (
+    device_name, markdown_table, peak_memory_mb, time_call, without_finite_checks, write_atomic,
+)
 from recipes.lm import LAYERS_PER_GPT2_LAYER, VARIANTS, ModelConfig, build_lm
 
 COLUMNS = ["variant", "layers", "width", "heads", "params", "non_emb_params", "seq_len", "batch", "step_ms",
@@ -132,6 +134,7 @@ def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: 
     }
 
 
+@without_finite_checks
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -155,7 +158,6 @@ def main(argv=None) -> int:
     unknown = [v for v in args.variants.split(",") if v not in LAYERS_PER_GPT2_LAYER]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    unrollattn.set_finite_checks(False)  # the NaN guard is a host sync; measure the models themselves
     peak, peak_text = peak_gflops(device, args.peak_tflops)
     rows = []
     for variant in args.variants.split(","):

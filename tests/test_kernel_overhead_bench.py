@@ -2,6 +2,7 @@
 import pytest
 
 from benchmarks import kernel_overhead
+from unrollattn.core.validation import finite_checks_enabled
 
 
 def test_kernel_overhead_writes_a_row_per_variant_and_shape(tmp_path, capsys):
@@ -12,6 +13,7 @@ def test_kernel_overhead_writes_a_row_per_variant_and_shape(tmp_path, capsys):
     rows = [line for line in text.splitlines() if line.startswith("| 16 ")]
     assert len(rows) == 2 * len(kernel_overhead.VARIANTS)
     assert all(" 1.00 |" in line for line in rows if "| mhsa |" in line)  # the baseline's own ratios
+    assert finite_checks_enabled()  # the benchmark turned the NaN guard off only while it ran
 
 
 def test_bilateral_gets_the_square_grid_and_bad_widths_fail():
