@@ -25,7 +25,6 @@ directory. ``robust.num_images=0`` or ``robust.eps=()`` turns it off.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -42,8 +41,8 @@ import unrollattn  # noqa: F401  (registers the aot_* / crate_* timm models)
 from unrollattn.diagnostics.robustness import ATTACKS, adversarial_counts, check_eps, eps_label
 from unrollattn.registry import Registry
 from unrollattn.train import (
-    DistState, LoopConfig, OptimConfig, RunDir, all_reduce_tensor, apply_overrides, config_from_dict,
-    epoch_batch_indices, fit, init_distributed, latest_checkpoint, load_checkpoint, recipe_main, step_seed,
+    DistState, LoopConfig, OptimConfig, RunDir, all_reduce_tensor, apply_overrides, epoch_batch_indices, fit,
+    init_distributed, load_checkpoint, load_latest_weights, read_run_config, recipe_main, step_seed,
 )
 from unrollattn.vision.datasets import ImageClassificationData, load_classification_data
 
@@ -433,17 +432,9 @@ def run(cfg: ClassifyConfig) -> dict[str, Any]:
 
 def load_model(run_dir: str | Path) -> tuple[nn.Module, ClassifyConfig]:
     """The trained model of a finished (or checkpointed) run directory, in eval mode, with its config."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: expected a classify run directory")
-    cfg = config_from_dict(ClassifyConfig, json.loads(config_path.read_text()))
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
+    cfg = read_run_config(run_dir, ClassifyConfig, "classify")
     model = ClassifyTask(cfg).build_model()  # the data fixes classes, channels and image size
-    load_checkpoint(ckpt, model=model)
-    return model.eval(), cfg
+    return load_latest_weights(run_dir, model).eval(), cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:

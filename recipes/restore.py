@@ -40,7 +40,6 @@ of all methods next to the ground truth).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -57,9 +56,8 @@ import unrollattn
 import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
 from unrollattn.registry import Registry
 from unrollattn.train import (
-    DistState, LoopConfig, OptimConfig, RunDir, add_config_arguments, recipe_main, all_reduce_tensor, apply_overrides,
-    broadcast_object, config_from_dict, count_params, fit, init_distributed, latest_checkpoint, load_checkpoint,
-    micro_batch_size, step_seed,
+    DistState, LoopConfig, OptimConfig, RunDir, all_reduce_tensor, apply_overrides, broadcast_object, count_params, fit,
+    init_distributed, load_latest_weights, micro_batch_size, read_run_config, recipe_main, step_seed,
 )
 from unrollattn.vision.photos import PhotoDataset, load_photos
 from unrollattn.vision.sampling import build_operator, crop_to, pad_to_even
@@ -517,17 +515,10 @@ def run(cfg: RestoreConfig) -> dict[str, Any]:
 
 def load_model(run_dir: str | Path) -> tuple[nn.Module, RestoreConfig]:
     """The model of a finished run directory (trained weights from its latest checkpoint), in eval mode."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: expected a restore run directory")
-    cfg = config_from_dict(RestoreConfig, json.loads(config_path.read_text()))
+    cfg = read_run_config(run_dir, RestoreConfig, "restore")
     model = unrollattn.build_model(model_name(cfg.task, cfg.model.variant), **cfg.model.options())
     if cfg.model.variant in LEARNED:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
-        load_checkpoint(ckpt, model=model)
+        load_latest_weights(run_dir, model)
     return model.eval(), cfg
 
 
@@ -550,6 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``noise-gain RUN_DIR [RUN_DIR ...]`` prints :func:`noise_gain_table` (σ = 25) instead of training."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["noise-gain"]:
+        if len(argv) < 2:
+            raise ValueError("noise-gain: expected one or more restore run directories, e.g. "
+                             "python -m recipes.restore noise-gain runs/ablate-restore-demosaic_quick/uglr")
         print(noise_gain_table(argv[1:]))
         return 0
     return recipe_main(argv, prog="python -m recipes.restore", description=__doc__.split("\n\n")[0], presets=PRESETS,

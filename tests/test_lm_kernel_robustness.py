@@ -14,6 +14,21 @@ from unrollattn.registry import build_model, list_models
 V = 97
 
 
+
+def assert_cached_matches_uncached(model, ids, full, cuts):
+    """Feeding ``ids`` in chunks split at ``cuts`` through the KV cache gives the uncached logits ``full``, and
+    greedy generation from the first chunk is the same with and without the cache."""
+    bounds = (0, *cuts, ids.shape[1])
+    cache, logits = None, []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        out = model(ids[:, lo:hi], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-5)
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    prompt = ids[:, :cuts[0]]
+    assert torch.equal(model.generate(prompt, use_cache=True, **gen), model.generate(prompt, use_cache=False, **gen))
+
 def tiny(**kw):
     cfg = dict(attention="mhsa", block="transformer", n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=64)
     cfg.update(kw)
@@ -52,14 +67,7 @@ def test_kernel_lm_is_causal_and_caches(kw):
     changed = ids.clone()
     changed[:, 7:] = (changed[:, 7:] + 1) % V
     torch.testing.assert_close(model(changed).logits[:, :7], full[:, :7], rtol=0, atol=1e-6)
-    cache, logits = None, []
-    for lo, hi in ((0, 5), (5, 6), (6, 12)):
-        out = model(ids[:, lo:hi], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits.append(out.logits)
-    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-5)
-    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(ids[:, :5], use_cache=True, **gen), model.generate(ids[:, :5], use_cache=False, **gen))
+    assert_cached_matches_uncached(model, ids, full, cuts=(5, 6))
 
 
 def test_bilateral_without_positions_still_sees_order():
@@ -118,14 +126,7 @@ def test_anchor_rule_cached_generation_matches_full_forward():
     model = tiny(block="boost", block_options={"rule": "anchor", "strength": 0.5})
     ids = torch.randint(0, V, (2, 11))
     full = model(ids, use_cache=False).logits
-    cache, logits = None, []
-    for lo, hi in ((0, 4), (4, 5), (5, 11)):
-        out = model(ids[:, lo:hi], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits.append(out.logits)
-    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-5)
-    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(ids[:, :4], use_cache=True, **gen), model.generate(ids[:, :4], use_cache=False, **gen))
+    assert_cached_matches_uncached(model, ids, full, cuts=(4, 5))
 
 
 # ------------------------------------------------------------------------------------------- word contamination

@@ -228,3 +228,16 @@ def test_unsafe_extra_is_rejected_at_save_time(tmp_path):
     with pytest.raises(CheckpointError, match=r"extra\['obj'\]"):
         save_checkpoint(tmp_path, model=TiedNet(), step=0, extra={"obj": object()})
     assert not (tmp_path / "checkpoint.json").exists()
+
+
+def test_run_directory_readers_name_what_is_missing(tmp_path):
+    from unrollattn.train import LoopConfig, load_latest_weights, read_run_config
+
+    with pytest.raises(FileNotFoundError, match="expected a classify run directory"):
+        read_run_config(tmp_path, LoopConfig, "classify")
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        load_latest_weights(tmp_path, torch.nn.Linear(2, 2))
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(checkpoint_dir_for_step(tmp_path, 3), model=model, step=3)
+    fresh = torch.nn.Linear(2, 2)
+    assert torch.equal(load_latest_weights(tmp_path, fresh).weight, model.weight)

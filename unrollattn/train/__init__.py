@@ -8,12 +8,13 @@ functions in a :class:`unrollattn.registry.Registry`, and a :class:`Task`; :func
 """
 from .ablate import compare, format_value, plot_comparison
 from .checkpoint import (
-    CheckpointError, checkpoint_dir_for_step, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
+    CheckpointError, checkpoint_dir_for_step, latest_checkpoint, list_checkpoints, load_checkpoint, load_latest_weights,
+    prune_checkpoints,
     save_checkpoint, verify_checkpoint,
 )
 from .config import (
     ConfigError, LoopConfig, OptimConfig, add_config_arguments, recipe_main, apply_overrides, config_from_dict, config_to_dict,
-    load_preset,
+    load_preset, read_run_config,
 )
 from .distributed import (
     DistState, all_reduce_mean, all_reduce_sum, all_reduce_tensor, barrier, broadcast_object, cleanup,
@@ -28,8 +29,9 @@ __all__ = [
     "add_config_arguments", "recipe_main", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "apply_overrides", "barrier",
     "broadcast_object", "build_optimizer", "build_scheduler", "checkpoint_dir_for_step", "cleanup", "compare",
     "config_from_dict", "config_to_dict", "count_params", "env_info", "epoch_batch_indices", "fit", "format_value",
-    "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_preset", "lr_factor",
+    "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_latest_weights", "load_preset",
+    "lr_factor",
     "micro_batch_size", "param_groups", "plot_comparison", "plot_curves", "progress_bar", "prune_checkpoints",
-    "read_metrics", "resolve_device", "save_checkpoint", "step_seed", "to_device", "unwrap_model",
+    "read_metrics", "read_run_config", "resolve_device", "save_checkpoint", "step_seed", "to_device", "unwrap_model",
     "verify_checkpoint", "wrap_model",
 ]

@@ -35,6 +35,7 @@ from ._io import atomic_path, atomic_write_json, sha256_file
 from .distributed import unwrap_model
 
 __all__ = [
+    "load_latest_weights",
     "CheckpointError", "checkpoint_dir_for_step", "latest_checkpoint", "list_checkpoints",
     "load_checkpoint", "prune_checkpoints", "save_checkpoint", "verify_checkpoint",
 ]
@@ -348,3 +349,12 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed
+
+
+def load_latest_weights(run_dir: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Load the weights of ``run_dir``'s latest checkpoint into ``model`` (no optimizer state) and return it."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
+    load_checkpoint(ckpt, model=model)
+    return model

@@ -20,12 +20,12 @@ import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Callable, Literal, Union
 
 __all__ = [
     "ConfigError", "LoopConfig", "OptimConfig", "add_config_arguments", "apply_overrides",
-    "config_from_dict", "config_to_dict", "load_preset",
+    "config_from_dict", "config_to_dict", "load_preset", "read_run_config",
 ]
 
 OPTIMIZERS = ("adamw", "sgd", "lion")
@@ -508,3 +508,11 @@ def recipe_main(argv, *, prog: str, description: str, presets: Any, default_pres
 def load_preset(presets: Any, name: str, overrides: Sequence[str] | Mapping[str, Any] | None = None) -> Any:
     """Build preset ``name`` from the registry ``presets`` and apply ``overrides`` to it."""
     return apply_overrides(presets.get(name)(), overrides)
+
+
+def read_run_config(run_dir: str | os.PathLike, cls: type, recipe: str) -> Any:
+    """The ``cls`` config that a ``recipe`` run directory was trained with (its ``config.json``)."""
+    config_path = Path(run_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: expected a {recipe} run directory")
+    return config_from_dict(cls, json.loads(config_path.read_text()))

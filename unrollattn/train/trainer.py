@@ -19,7 +19,6 @@ import hashlib
 import math
 import random
 import re
-import sys
 import time
 import warnings
 from pathlib import Path
