@@ -241,3 +241,68 @@ def test_run_directory_readers_name_what_is_missing(tmp_path):
     save_checkpoint(checkpoint_dir_for_step(tmp_path, 3), model=model, step=3)
     fresh = torch.nn.Linear(2, 2)
     assert torch.equal(load_latest_weights(tmp_path, fresh).weight, model.weight)
+
+
+def test_prune_keeps_all_when_fewer_than_keep(tmp_path):
+    model, _, _ = _trained(steps=1)
+    save_checkpoint(checkpoint_dir_for_step(tmp_path, 5), model=model, step=5)
+    assert prune_checkpoints(tmp_path, keep=2) == []  # first checkpoint of a run with keep_checkpoints=2
+    assert prune_checkpoints(tmp_path, keep=3) == []
+    save_checkpoint(checkpoint_dir_for_step(tmp_path, 10), model=model, step=10)
+    assert prune_checkpoints(tmp_path, keep=2) == []
+    assert [p.name for p in prune_checkpoints(tmp_path, keep=1)] == ["step_00000005"]
+
+
+def _rewrite_index(directory, edit):
+    index = json.loads((directory / "checkpoint.json").read_text())
+    edit(index["files"])
+    (directory / "checkpoint.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_index_names_are_confined_to_the_checkpoint_directory(tmp_path, verify):
+    model, _, _ = _trained()
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, model=model, step=1)
+    index = json.loads((ck / "checkpoint.json").read_text())
+    assert index["files"]["model.safetensors"]["bytes"] == (ck / "model.safetensors").stat().st_size
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"x" * 10)
+    good = dict(index["files"])
+    cases = {
+        "/dev/zero": "absolute",  # would hang the sha256 of an unchecked loader
+        str(outside): "absolute",
+        "../outside.bin": r"'\.\.'",
+        "sub/../../outside.bin": r"'\.\.'",
+        "": "empty",
+    }
+    for name, why in cases.items():
+        _rewrite_index(ck, lambda files, name=name: (files.clear(), files.update(good), files.update({name: {"sha256": "0"}})))
+        with pytest.raises(CheckpointError, match=why):
+            load_checkpoint(ck, model=_fresh()[0], verify=verify)
+    _rewrite_index(ck, lambda files: (files.clear(), files.update(good)))
+    load_checkpoint(ck, model=_fresh()[0], verify=verify)  # the repaired index loads again
+
+
+def test_index_files_must_be_regular_files_of_the_recorded_size(tmp_path):
+    model, _, _ = _trained()
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, model=model, step=1)
+    real = ck / "model.safetensors"
+    moved = tmp_path / "elsewhere.safetensors"
+    os.replace(real, moved)
+    os.symlink(moved, real)  # a symlink escaping the directory
+    with pytest.raises(CheckpointError, match="outside"):
+        load_checkpoint(ck, model=_fresh()[0], verify=False)
+    real.unlink()
+    os.replace(moved, real)
+
+    (ck / "fifo").mkdir()  # a directory (or a device) where the index promises a file
+    _rewrite_index(ck, lambda files: files.update({"fifo": {"sha256": "0", "bytes": 0}}))
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(ck, model=_fresh()[0])
+    _rewrite_index(ck, lambda files: files.pop("fifo"))
+
+    _rewrite_index(ck, lambda files: files["model.safetensors"].update(bytes=files["model.safetensors"]["bytes"] + 1))
+    with pytest.raises(CheckpointError, match="bytes"):
+        load_checkpoint(ck, model=_fresh()[0], verify=False)

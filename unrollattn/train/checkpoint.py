@@ -8,7 +8,10 @@ A checkpoint is a directory holding
 - ``trainer_state.pt``: optimizer / scheduler state dicts, step, ``extra`` and RNG states, read
   back with ``torch.load(weights_only=True)``;
 - ``checkpoint.json``: step, file names, sizes and sha256, written last. Its presence marks the
-  checkpoint complete; the hashes catch a corrupt or mixed directory.
+  checkpoint complete; the hashes catch a corrupt or mixed directory. The names it lists must be
+  regular files inside the checkpoint directory (no absolute path, no ``..``, no symlink leading
+  out) of the recorded size, checked before anything is read, so a crafted index cannot make the
+  loader read another path.
 
 Every file goes to a temporary sibling first. All temporary files are complete before the first
 one is moved into place, so a failure while serializing leaves the previous checkpoint in the
@@ -24,8 +27,9 @@ import os
 import random
 import re
 import shutil
+import stat
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -243,17 +247,51 @@ def _read_index(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"corrupt checkpoint at {directory}: cannot parse {INDEX_FILE}: {err}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("files"), dict):
         raise CheckpointError(f"{index_path} is not an unrollattn checkpoint index")
+    for name, info in index["files"].items():
+        _listed_file(directory, name, info)
     return index
 
 
+def _listed_file(directory: Path, name: Any, info: Any) -> Path:
+    """The path of file ``name`` listed in ``directory``'s index, after checking that it is a relative name inside
+    the directory (no absolute path, no ``..``, no symlink leading out), a regular file, and of the recorded size."""
+    where = f"{directory / INDEX_FILE} lists"
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointError(f"{where} an invalid file name {name!r}: expected a non-empty relative file name")
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where} {name!r} with {info!r}: expected {{'sha256': ..., 'bytes': ...}}")
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or os.path.isabs(name) or PureWindowsPath(name).drive:
+        raise CheckpointError(f"{where} the absolute path {name!r}: expected a name relative to the checkpoint directory")
+    if ".." in pure.parts:
+        raise CheckpointError(f"{where} {name!r}, which contains '..': expected a name inside the checkpoint directory")
+    path = directory / name
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"incomplete checkpoint at {directory}: {name} is listed in {INDEX_FILE} but missing") from None
+    except (OSError, RuntimeError) as err:  # symlink loop, permission
+        raise CheckpointError(f"cannot resolve {path}: {err}") from None
+    if not resolved.is_relative_to(directory.resolve()):
+        raise CheckpointError(f"{where} {name!r}, which leads outside the checkpoint directory (to {resolved}); "
+                              "expected a file inside it")
+    st = resolved.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{where} {name!r}, which is not a regular file ({resolved})")
+    expected = info.get("bytes")
+    if expected is not None and expected != st.st_size:
+        raise CheckpointError(f"corrupt checkpoint file {path}: {st.st_size} bytes, {INDEX_FILE} records {expected!r} "
+                              "(modified, truncated or an interrupted save)")
+    return path
+
+
 def verify_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
-    """Check that every file listed in ``checkpoint.json`` exists with the recorded sha256; return the index."""
+    """Check that every file listed in ``checkpoint.json`` is a regular file inside ``directory`` with the recorded
+    size and sha256; return the index."""
     directory = Path(directory)
     index = _read_index(directory)
     for name, info in index["files"].items():
-        path = directory / name
-        if not path.exists():
-            raise CheckpointError(f"incomplete checkpoint at {directory}: {name} is listed in {INDEX_FILE} but missing")
+        path = directory / name  # checked by _read_index: inside the directory, a regular file of the recorded size
         digest = sha256_file(path)
         if digest != info.get("sha256"):
             raise CheckpointError(f"corrupt checkpoint file {path}: sha256 {digest[:16]}... does not match "
@@ -339,13 +377,18 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
     complete = list_checkpoints(run_dir)
     if not complete:
         return []
-    kept = {p for _, p in complete[-keep:]}
-    oldest_kept = complete[-keep][0]
+    newest = complete[-keep:]  # fewer than ``keep`` complete ones: all of them stay
+    kept = {p for _, p in newest}
+    oldest_kept = newest[0][0]
     removed = []
     root = Path(run_dir) / CHECKPOINTS_SUBDIR
-    for child in root.iterdir():
+    for child in sorted(root.iterdir()):
         match = _STEP_DIR.match(child.name)
         if match and child.is_dir() and child not in kept and int(match.group(1)) < oldest_kept:
+            # The index goes first: a deletion cut short leaves an incomplete directory, never a "complete"
+            # one with missing files.
+            with contextlib.suppress(FileNotFoundError):
+                (child / INDEX_FILE).unlink()
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed
