@@ -23,6 +23,16 @@ def test_attention_contract(name):
 
 
 @pytest.mark.parametrize("name", ATTENTIONS)
+def test_wrong_token_dtype_is_a_clear_error(name):
+    layer = unrollattn.get_attention(name)(32, num_heads=4)
+    with pytest.raises(ValueError, match="floating-point token tensor \\(torch.float32\\), got torch.int64"):
+        layer(torch.randint(0, 5, (2, 9, 32)))
+    with pytest.raises(ValueError, match="expected dtype torch.float32 \\(the parameters' dtype\\), got torch.float64"):
+        layer(torch.randn(2, 9, 32, dtype=torch.float64))
+    assert layer.double()(torch.randn(2, 9, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ATTENTIONS)
 def test_attention_plugs_into_timm_vit(name):
     model = timm.create_model("vit_tiny_patch16_224", attn_layer=unrollattn.get_attention(name), depth=2,
                               num_classes=5, img_size=32, patch_size=8)
@@ -139,6 +149,15 @@ def test_aot_block_without_norm_is_plain_skip_plus_attention():
     assert not hasattr(build_block("aot", 16, 2), "mlp")
 
 
-def test_unknown_layer_keywords_warn():
-    with pytest.warns(UserWarning, match="nonlinearty"):
+def test_unknown_layer_keywords_raise_with_the_closest_option():
+    """A typo must not silently keep the default (it used to warn only)."""
+    with pytest.raises(ValueError, match="unknown option.*'nonlinearty' \\(did you mean 'nonlinearity'\\?\\)"):
         build_attention("mssa", 8, 2, nonlinearty="relu")
+    from unrollattn.layers.base import UnknownOptionError
+
+    with pytest.raises(UnknownOptionError, match="'use_nrom' \\(did you mean 'use_norm'\\?\\)"):
+        build_block("aot", 8, 2, use_nrom=False)
+    with pytest.raises(TypeError, match="unknown option"):  # also a TypeError, like any unexpected keyword
+        unrollattn.get_attention("mssa").with_options(tresholds=0.1)(8, 2)
+    # timm's own keywords stay accepted
+    build_attention("mssa", 8, 2, qk_norm=False, scale_norm=False, norm_layer=torch.nn.LayerNorm, depth=3)

@@ -1,10 +1,16 @@
 """The constructor/forward contract shared by every attention layer and block (DESIGN.md, Contracts)."""
 from __future__ import annotations
 
-import warnings
+import difflib
 from typing import Any
 
+import torch
 import torch.nn as nn
+
+class UnknownOptionError(TypeError, ValueError):
+    """A keyword no layer option matches (a typo would otherwise silently keep the default). A TypeError like
+    any unexpected keyword argument, and a ValueError like every other bad option of the project."""
+
 
 # Keywords timm's VisionTransformer / Block pass that a layer may not use; accepted and ignored.
 TIMM_PASSTHROUGH = frozenset({
@@ -35,8 +41,23 @@ class Configurable(nn.Module):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
 
+    @property
+    def param_dtype(self) -> torch.dtype | None:
+        """dtype of the module's floating-point parameters (what its inputs must have); None without any."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+
     @staticmethod
     def _drop_passthrough(owner: str, extra: dict[str, Any], used: set[str] = frozenset()) -> None:
+        """Accept (and ignore) timm's keywords (TIMM_PASSTHROUGH); any other keyword not in ``used`` (the
+        owner's own options) raises UnknownOptionError naming the closest valid option."""
         unknown = sorted(k for k in extra if k not in TIMM_PASSTHROUGH and k not in used)
-        if unknown:
-            warnings.warn(f"{owner}: ignoring unknown keyword(s) {unknown}", stacklevel=3)
+        if not unknown:
+            return
+        valid = sorted(used)
+        candidates = valid + sorted(TIMM_PASSTHROUGH)  # a misspelt qkv_bias is worth a hint too
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise UnknownOptionError(f"{owner}: unknown option(s) {', '.join(hints)}; valid options: "
+                                 f"{', '.join(valid) if valid else '(none)'}")
