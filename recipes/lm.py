@@ -65,7 +65,7 @@ from unrollattn.language.evaluation import (
     ICLData, ICLRegressionTask, contaminated_loss, junk_token_id, last_word_accuracy, last_word_passages,
     token_word_table, window_loss, write_icl_curves,
 )
-from unrollattn.language.tokenizer import ByteTokenizer, get_tokenizer
+from unrollattn.language.tokenizer import get_tokenizer, is_byte_level
 from unrollattn.registry import MODELS, Registry
 from unrollattn.train import (
     ConfigError, DistState, LoopConfig, OptimConfig, add_config_arguments, recipe_main, apply_overrides, broadcast_object, fit,
@@ -75,7 +75,8 @@ from unrollattn.train import (
 __all__ = [
     "DataConfig", "EvalConfig", "ICLConfig", "LAYERS_PER_GPT2_LAYER", "LMConfig", "LMTask", "ModelConfig", "PRESETS",
     "TASKS", "TOKENIZER_NAMES", "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for",
-    "ablation_metric", "build_lm", "load_config", "main", "model_kwargs", "registry_name", "run",
+    "ablation_metric", "build_lm", "export_hf_model", "load_config", "main", "model_kwargs", "registry_name",
+    "run",
 ]
 
 VARIANTS = ("gpt2", "aot_mhsa", "aot_mssa", "crate", "crate_alpha", "bilateral", "gaussian", "twicing")
@@ -295,6 +296,28 @@ def _embedding_params(model: nn.Module) -> int:
     return sum(getattr(base, name).weight.numel() for name in ("wte", "wpe") if getattr(base, name, None) is not None)
 
 
+def export_hf_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike) -> Path:
+    """Write ``model`` (``save_pretrained``: config.json, model.safetensors, generation_config.json) and the
+    ``tokenizer`` it was trained with (byte-level or GPT-2 BPE: tokenizer.json, tokenizer_config.json) into
+    ``directory``. After ``import unrollattn`` the directory loads offline, without ``trust_remote_code``, with
+    ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` and ``pipeline("text-generation", model=...)``.
+
+    The generation config gets the tokenizer's eos / pad ids, so ``generate`` stops at ``<|endoftext|>`` and pads
+    with it without a warning."""
+    if not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(f"tokenizer: expected a transformers tokenizer (with save_pretrained), "
+                        f"got {type(tokenizer).__name__}")
+    model = unwrap_model(model)
+    out = Path(directory)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        generation.eos_token_id = tokenizer.eos_token_id
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- LM task
 
 
@@ -372,7 +395,7 @@ class LMTask:
                 raise ValueError(f"eval.last_word_context={ctx} must be smaller than the model's context "
                                  f"n_positions={self.n_positions} (room is needed for the generated word)")
             self.passages = last_word_passages(self._val_documents(), cfg.eval.last_word_passages,
-                                               min_context_chars=ctx * (1 if isinstance(self.tokenizer, ByteTokenizer) else 6))
+                                               min_context_chars=ctx * (1 if is_byte_level(self.tokenizer) else 6))
 
     def _check_ids(self, corpus: TokenCorpus) -> None:
         """Token ids must fit the model's vocabulary (checked on meta, the val split and the first 1M train ids)."""
@@ -436,15 +459,8 @@ class LMTask:
         return int(batch["input_ids"].numel())
 
     def export(self, model: nn.Module, run_dir: Path) -> None:
-        """A ``save_pretrained`` directory ``hf_model/`` (loadable with ``AutoModelForCausalLM`` after
-        ``import unrollattn.language``), with the GPT-2 tokenizer files when that tokenizer was used."""
-        out = Path(run_dir) / "hf_model"
-        unwrap_model(model).save_pretrained(out)
-        if hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(out)
-        else:
-            (out / "tokenizer.json.txt").write_text("byte-level: UTF-8 bytes are ids 0..255, id 256 is <|endoftext|> "
-                                                    "(unrollattn.language.tokenizer.ByteTokenizer)\n")
+        """``run_dir/hf_model``: the model and the run's tokenizer (:func:`export_hf_model`)."""
+        export_hf_model(model, self.tokenizer, Path(run_dir) / "hf_model")
 
     def describe(self) -> dict[str, Any]:
         return {"corpus": self.corpus.name, "corpus_tokens": {"train": len(self.corpus.train), "val": len(self.corpus.val)},

