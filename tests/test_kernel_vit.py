@@ -44,6 +44,26 @@ def test_bilateral_vit_sees_position_only_through_the_spatial_kernel():
 
 
 @pytest.mark.parametrize("name", KERNEL_VITS)
+def test_bad_images_and_sizes_are_clear_errors(name):
+    model = timm.create_model(name, **SMALL)
+    with pytest.raises(ValueError, match=r"expected an image batch \[B, 1, H, W\], got shape \[1, 28, 28\]"):
+        model(torch.randn(1, 28, 28))  # [C, H, W]: one image without its batch axis
+    with pytest.raises(ValueError, match=r"expected an image batch \[B, 1, H, W\], got shape \[2, 28, 28\]"):
+        model(torch.randn(2, 28, 28))  # [B, H, W]: grey images without the channel axis
+    with pytest.raises(ValueError, match=r"expected a float image tensor \[B, 1, H, W\] \(normalised.*torch.uint8"):
+        model(torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8))
+    with pytest.raises(ValueError, match="expected dtype torch.float32"):
+        model(torch.randn(2, 1, 28, 28, dtype=torch.float64))
+    with pytest.raises(ValueError, match="expected 28x28 images, got 32x32"):
+        model(torch.randn(2, 1, 32, 32))
+    for option, value, message in (("patch_size", 0, "patch_size: expected an integer >= 1, got 0"),
+                                   ("embed_dim", -8, "embed_dim: expected an integer >= 1, got -8"),
+                                   ("depth", "2", "depth: expected an integer >= 1, got '2' \\(str\\)")):
+        with pytest.raises(ValueError, match=message):
+            timm.create_model(name, **{**SMALL, option: value})
+
+
+@pytest.mark.parametrize("name", KERNEL_VITS)
 def test_kernel_vits_build_on_meta_and_counts_match_real_builds(name):
     with torch.device("meta"):
         meta = build_model(name)

@@ -84,6 +84,18 @@ def test_bad_image_inputs():
         model(torch.randn(2, 3, 28, 28))
     with pytest.raises(ValueError, match="28x28"):
         model(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"float image tensor \[B, 1, H, W\] \(normalised"):
+        model(torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\], got shape \[1, 28, 28\]"):
+        model(torch.randn(1, 28, 28))
+
+
+@pytest.mark.parametrize("name", ["crate_tiny_patch16_224", "aot_mssa_tiny_patch16_224", "aot_mhsa_tiny_patch16_224"])
+@pytest.mark.parametrize("option,value", [("patch_size", 0), ("patch_size", (4, -1)), ("embed_dim", -8),
+                                          ("num_heads", 0), ("img_size", 0), ("in_chans", "1")])
+def test_bad_sizes_name_the_option(name, option, value):
+    with pytest.raises(ValueError, match=f"{option}: expected an integer >= 1"):
+        timm.create_model(name, **{**SMALL, option: value}, depth=1)
 
 
 def test_ista_dictionary_initialised_by_timm_init():

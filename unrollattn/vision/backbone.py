@@ -16,12 +16,33 @@ import sys
 from timm.models import build_model_with_cfg, register_model as timm_register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from ..core.validation import check_float, check_images, check_int, check_size_pair
 from ..layers.blocks import attach_layer_zero_input
 from ..registry import get_attention, get_block
 from ..registry import register_model as register_unrollattn_model
 
 
-class NormalizedPatchEmbed(PatchEmbed):
+class CheckedPatchEmbed(PatchEmbed):
+    """timm's patch embedding with clear errors for what it would otherwise fail on deep inside: images that are
+    not a float batch [B, in_chans, H, W] of the model's dtype (uint8 pixels, a single [C, H, W] image), of
+    another size than ``img_size`` (with ``strict_img_size``), or not divisible by the patch size."""
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_images(x, self.proj.in_channels, dtype=self.proj.weight.dtype)
+        h, w = x.shape[-2:]
+        ph, pw = self.patch_size
+        if self.img_size is not None and self.strict_img_size and (h, w) != tuple(self.img_size):
+            raise ValueError(f"expected {self.img_size[0]}x{self.img_size[1]} images, got {h}x{w} "
+                             "(pass img_size= or dynamic_img_size=True)")
+        if not self.dynamic_img_pad and (h % ph or w % pw):
+            raise ValueError(f"image size {h}x{w} is not divisible by patch size {ph}x{pw}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return super().forward(x)
+
+
+class NormalizedPatchEmbed(CheckedPatchEmbed):
     """CRATE's patch embedding: LayerNorm over each flattened patch, linear map, LayerNorm (``norm_layer``)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, *, device=None, dtype=None, **kwargs):
@@ -30,17 +51,11 @@ class NormalizedPatchEmbed(PatchEmbed):
         self.patch_norm = nn.LayerNorm(in_chans * self.patch_size[0] * self.patch_size[1], device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.proj.in_channels:
-            raise ValueError(f"expected images [B, {self.proj.in_channels}, H, W], got {list(x.shape)}")
+        self.check_input(x)
         b, _, h, w = x.shape
         ph, pw = self.patch_size
-        if self.img_size is not None and self.strict_img_size and (h, w) != tuple(self.img_size):
-            raise ValueError(f"expected {self.img_size[0]}x{self.img_size[1]} images, got {h}x{w} "
-                             "(pass img_size= or dynamic_img_size=True)")
         if self.dynamic_img_pad:
             x = F.pad(x, (0, (pw - w % pw) % pw, 0, (ph - h % ph) % ph))
-        elif h % ph or w % pw:
-            raise ValueError(f"image size {h}x{w} is not divisible by patch size {ph}x{pw}")
         gh, gw = x.shape[-2] // ph, x.shape[-1] // pw
         c = x.shape[1]
         patches = (x.view(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)  # [B, L, C*ph*pw], the conv weight's order
@@ -74,6 +89,7 @@ def create_unrolled_vit(variant: str, pretrained: bool = False, *, block="aot", 
     """
     if "block_fn" in kwargs or "attn_layer" in kwargs:
         raise ValueError("pass block= and attention= (registry names or classes), not block_fn=/attn_layer=")
+    check_vit_sizes(kwargs)
     block_cls = get_block(block).with_options(**(block_options or {}))
     attn_cls = get_attention(attention).with_options(**(attn_options or {}))
     out_indices = kwargs.pop("out_indices", 3)
@@ -90,6 +106,22 @@ def create_unrolled_vit(variant: str, pretrained: bool = False, *, block="aot", 
     set_token_geometry(model, tuple(vit.patch_embed.grid_size), vit.num_prefix_tokens)
     attach_layer_zero_input(vit.blocks)
     return model
+
+
+VIT_INT_OPTIONS = {"embed_dim": 1, "depth": 1, "num_heads": 1, "in_chans": 1, "num_classes": 0, "reg_tokens": 0}
+
+
+def check_vit_sizes(options: dict) -> None:
+    """ValueError naming the option for a size timm would fail on obscurely (patch_size=0: a division by zero;
+    a negative embed_dim: a negative tensor dimension)."""
+    for name, minimum in VIT_INT_OPTIONS.items():
+        if name in options:
+            check_int(name, options[name], minimum)
+    for name in ("img_size", "patch_size"):
+        if options.get(name) is not None:
+            check_size_pair(name, options[name])
+    if "mlp_ratio" in options:
+        check_float("mlp_ratio", options["mlp_ratio"], 0.0, open_min=True)
 
 
 def set_token_geometry(model: nn.Module, grid: tuple[int, int], num_prefix_tokens: int) -> nn.Module:

@@ -1,7 +1,8 @@
-"""ViTs with kernel-regression attention (docs/papers.md family C): timm's ViT layout (patch embedding,
-pre-norm attention + MLP blocks, LayerNorm eps 1e-6, qkv bias) with the softmax attention replaced by
-``gaussian``, ``mahalanobis``, ``bilateral`` (2-D patch positions) or ``twicing``. ``block="boost"`` with
-``block_options={"rule": "sos" | "twicing" | "anchor", "strength": ...}`` adds a boosting residual.
+"""ViTs with kernel-regression attention (docs/papers.md family C): timm's ViT layout (patch embedding, with the
+input checks of ``CheckedPatchEmbed``; pre-norm attention + MLP blocks, LayerNorm eps 1e-6, qkv bias) with the
+softmax attention replaced by ``gaussian``, ``mahalanobis``, ``bilateral`` (2-D patch positions) or ``twicing``.
+``block="boost"`` with ``block_options={"rule": "sos" | "twicing" | "anchor", "strength": ...}`` adds a boosting
+residual.
 
 Positions. ``gaussian``, ``mahalanobis`` and ``twicing`` are range-only kernels, so they keep ViT's learned
 absolute position embedding added to the tokens. ``bilateral`` takes position from its spatial kernel on the
@@ -17,10 +18,9 @@ from __future__ import annotations
 from functools import partial
 
 import torch.nn as nn
-from timm.layers import PatchEmbed
 from timm.models import generate_default_cfgs
 
-from .backbone import create_unrolled_vit, model_cfg, register_vision_model
+from .backbone import CheckedPatchEmbed, create_unrolled_vit, model_cfg, register_vision_model
 
 VIT_SIZES = {  # timm's vit_{tiny,small,base}_patch16_224
     "tiny": dict(embed_dim=192, num_heads=3, depth=12),
@@ -36,7 +36,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_kernel_vit(attention: str, size: str, pretrained: bool = False, **kwargs):
-    args = dict(patch_size=16, qkv_bias=True, block="transformer", attention=attention, embed_layer=PatchEmbed,
+    args = dict(patch_size=16, qkv_bias=True, block="transformer", attention=attention, embed_layer=CheckedPatchEmbed,
                 norm_layer=partial(nn.LayerNorm, eps=1e-6), pos_embed=DEFAULT_POS_EMBED.get(attention, "learn"),
                 **VIT_SIZES[size])
     return create_unrolled_vit(f"vit_{attention}_{size}_patch16_224", pretrained, **dict(args, **kwargs))
