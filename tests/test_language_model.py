@@ -14,9 +14,10 @@ from unrollattn.registry import BLOCKS, MODELS, build_model, list_models
 
 V = 97
 COMBOS = [(a, b) for a in ("mhsa", "mssa") for b in ("aot", "crate", "transformer")]
-# every cache path: O(T) mhsa / mssa (softmax, relu, tied output), generic attention (gaussian), generic block
+# every cache path: O(T) mhsa / mssa (softmax, relu, tied output) / kernel (gaussian), recomputing attention (twicing),
+# a block that calls its attention twice (tests/test_decoding.py covers every registered attention)
 CACHE_CASES = COMBOS + [("mssa", "aot", {"nonlinearity": "relu"}), ("mssa", "crate", {"tied_output": True}),
-                        ("gaussian", "aot"), ("mssa", "test_lm_twice")]
+                        ("gaussian", "aot"), ("twicing", "aot"), ("mssa", "test_lm_twice")]
 # generation end to end on one case per cache path (the step test above covers every case's logits)
 GENERATE_CASES = [("mssa", "aot"), ("mhsa", "aot"), ("mssa", "crate"), ("mhsa", "transformer"),
                   ("mssa", "aot", {"nonlinearity": "relu"}), ("gaussian", "aot"), ("mssa", "test_lm_twice")]
@@ -205,7 +206,9 @@ def test_cache_layout_per_attention():
     assert mssa.layers[0].keys.shape == (2, 4, 7, 8) and mssa.layers[0].values.shape == (2, 4, 7, 0)  # U^T z, once
     mhsa = tiny("mhsa", "aot")(ids, use_cache=True).past_key_values
     assert mhsa.layers[0].keys.shape == mhsa.layers[0].values.shape == (2, 4, 7, 8)
-    generic = tiny("gaussian", "aot")(ids, use_cache=True).past_key_values
+    kernel = tiny("gaussian", "aot")(ids, use_cache=True).past_key_values
+    assert kernel.layers[0].keys.shape == kernel.layers[0].values.shape == (2, 4, 7, 8)
+    generic = tiny("twicing", "aot")(ids, use_cache=True).past_key_values
     assert generic.layers[0].keys.shape == (2, 1, 7, 32)  # attention inputs, recomputed over the prefix
 
 

@@ -56,36 +56,47 @@ def attention_weights(scores: torch.Tensor, nonlinearity: str = "softmax", thres
     raise ValueError(f"unknown nonlinearity {nonlinearity!r}; expected one of {NONLINEARITIES}")
 
 
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False, *, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """SDPA whose causal flag aligns the Tq queries with the *last* Tq of the Tk keys (cached decoding), and which
+    combines a causal flag with an explicit mask (SDPA itself accepts only one of them)."""
+    n_query, n_key = q.shape[-2], k.shape[-2]
+    if is_causal and (attn_mask is not None or n_query != n_key):
+        attn_mask, is_causal = combine_masks(attn_mask, True, n_query, n_key, q.device, q.dtype), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=scale)
+
+
+def tied_attention(queries: torch.Tensor, keys: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+                   is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+                   nonlinearity: str = "softmax", threshold: float | None = None) -> torch.Tensor:
+    """phi(U^T z_i . U^T z_j) U^T z_j per head with the keys as values (B.2-B.3): [B, H, Tq, p] x [B, H, Tk, p]."""
+    if nonlinearity == "softmax":
+        return causal_sdpa(queries, keys, keys, attn_mask, is_causal, dropout_p=dropout_p, scale=scale)
+    scale = queries.shape[-1] ** -0.5 if scale is None else scale
+    scores = queries @ keys.transpose(-2, -1) * scale
+    bias = combine_masks(attn_mask, is_causal, queries.shape[-2], keys.shape[-2], queries.device, scores.dtype)
+    if bias is not None:
+        scores = scores + bias
+    weights = attention_weights(scores, nonlinearity, threshold)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ keys
+
+
 def subspace_self_attention(
     x: torch.Tensor,
     subspace_weight: torch.Tensor,
     num_heads: int,
     *,
     subspace_bias: torch.Tensor | None = None,
-    attn_mask: torch.Tensor | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    nonlinearity: str = "softmax",
-    threshold: float | None = None,
+    **attention_options,
 ) -> torch.Tensor:
-    """Per head SA(U_k^T z, U_k^T z, U_k^T z) with tied query = key = value; returns heads concatenated [B, N, K*p]."""
+    """Per head SA(U_k^T z, U_k^T z, U_k^T z) with tied query = key = value; returns heads concatenated [B, N, K*p].
+
+    ``attention_options``: those of :func:`tied_attention` (mask, causal flag, scale, dropout, nonlinearity)."""
     heads = split_heads(F.linear(x, subspace_weight, subspace_bias), num_heads)  # U_k^T Z (B.2)
-    if nonlinearity == "softmax":
-        if attn_mask is not None and is_causal:
-            attn_mask, is_causal = combine_masks(attn_mask, True, x.shape[1], x.shape[1], x.device, heads.dtype), False
-        out = F.scaled_dot_product_attention(heads, heads, heads, attn_mask=attn_mask, dropout_p=dropout_p,
-                                             is_causal=is_causal, scale=scale)
-        return merge_heads(out)
-    scale = heads.shape[-1] ** -0.5 if scale is None else scale
-    scores = heads @ heads.transpose(-2, -1) * scale
-    bias = combine_masks(attn_mask, is_causal, x.shape[1], x.shape[1], x.device, scores.dtype)
-    if bias is not None:
-        scores = scores + bias
-    weights = attention_weights(scores, nonlinearity, threshold)
-    if dropout_p > 0:
-        weights = F.dropout(weights, dropout_p)
-    return merge_heads(weights @ heads)
+    return merge_heads(tied_attention(heads, heads, **attention_options))
 
 
 def mssa(

@@ -13,28 +13,21 @@ import torch.nn as nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import Cache, EncoderDecoderCache
 
+from ..core.masks import as_bool_mask, nonempty_rows
 from ..layers.attention import MultiHeadSelfAttention
 from ..registry import get_attention, register_model
-from .modeling import cached_attention, nonempty_rows
+from .hf_compat import check_keywords, take_cache
 
-
-def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """HF's 4-D mask (bool from ``sdpa_mask`` or additive float from ``eager_mask``) as bool [B, 1, Tq, Tk]
-    (True = attend). Its key length is the cache's: past + new for ``DynamicCache``, the buffer for ``StaticCache``."""
-    if mask is None:
-        return None
-    if mask.ndim != 4:
-        raise ValueError(f"attention_mask: expected a 4-D mask [B, 1, Tq, Tk] from GPT2Model, got {list(mask.shape)}")
-    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+# keywords GPT2Block hands its attention that the swapped module does not need
+GPT2_BLOCK_KEYWORDS = ("use_cache", "position_ids", "encoder_attention_mask", "num_items_in_batch")
 
 
 class GPT2UnrollAttention(nn.Module):
     """Drop-in for ``GPT2Attention`` (self-attention only) backed by a registry attention layer ``self.layer``.
 
-    KV cache: ``past_key_values.update(k, v, layer_idx)`` with per-head keys/values for ``mhsa``, the shared
-    projection U_k^T z as both keys and values for ``mssa`` (a second copy, so fixed-size caches such as
-    ``cache_implementation="static"`` work too), and the attention input for any other attention (recomputed
-    over the prefix; growing caches only).
+    With a KV cache it calls ``self.layer.decode``: the layer decides what it stores (per-head keys and values for
+    ``mhsa``, U_k^T z for ``mssa``, its inputs for attentions that recompute the prefix), in a ``DynamicCache`` or a
+    fixed-size cache (``cache_implementation="static"``).
     """
 
     is_causal = True
@@ -47,16 +40,21 @@ class GPT2UnrollAttention(nn.Module):
             config.n_embd, config.n_head, qkv_bias=True, proj_bias=True, attn_drop=config.attn_pdrop,
             proj_drop=config.resid_pdrop, device=device, dtype=dtype, **options)
 
-    def forward(self, hidden_states: torch.Tensor, past_key_values: Cache | None = None,
+    def forward(self, hidden_states: torch.Tensor, cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
-                **kwargs) -> tuple[torch.Tensor, None]:
+                past_key_values: Cache | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+        """``GPT2Attention.forward``: ``cache`` (``past_key_values`` before transformers 5.24) and HF's 4-D mask
+        (bool from ``sdpa_mask`` or additive float from ``eager_mask``; a fixed-size cache's spans its buffer)."""
+        check_keywords(type(self).__name__, kwargs, GPT2_BLOCK_KEYWORDS)
         if encoder_hidden_states is not None:
             raise ValueError("GPT2UnrollAttention replaces self-attention only; cross-attention is not supported")
-        if past_key_values is None:
-            return self.layer(hidden_states, attn_mask=nonempty_rows(_bool_mask(attention_mask)), is_causal=True), None
-        cache = past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache) else past_key_values
-        return cached_attention(self.layer, hidden_states, cache, self.layer_idx, _bool_mask(attention_mask),
-                                compact=False), None
+        cache = take_cache(cache, past_key_values)
+        if cache is None:
+            return self.layer(hidden_states, attn_mask=nonempty_rows(as_bool_mask(attention_mask)), is_causal=True), None
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        n_key = int(cache.get_seq_length(self.layer_idx)) + hidden_states.shape[1]
+        return self.layer.decode(hidden_states, cache, self.layer_idx, as_bool_mask(attention_mask, n_key)), None
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, attention={self.attention!r}"

@@ -7,20 +7,12 @@ kernel-regression transformers (bilateral, gaussian, twicing) and an in-house so
 only in the block/attention. ``boost`` blocks with rule ``anchor`` (B3) pull toward the layer-0 input (the
 embeddings), which the model hands them on every forward (with a KV cache: layer 0's cached prefix).
 
-KV cache (HF ``DynamicCache``, one cache layer per block):
-
-- ``mhsa``: the per-head keys and values, as in any transformer; a new token costs O(T d) per layer.
-- ``mssa``: the shared projection U_k^T z (query = key = value, papers.md B.2) is stored once as the keys;
-  the cache's value slot holds a zero-width tensor, so the cache costs d numbers per token per layer
-  (half of MHSA's 2d) and a new token costs O(T d) per layer.
-- any other attention inside a ``transformer`` / ``aot`` / ``crate`` block: the attention *input*
-  (normalised hidden states) is cached and the layer recomputes attention over the whole prefix for the
-  new queries (O(T^2) per new token), since a generic layer exposes no query/key split.
-- any other block (one that calls its attention more than once, e.g. a boosting residual): the *block
-  input* is cached and the whole block is recomputed over the prefix (O(T^2) per new token).
-
-The non-attention parts of the known blocks (LayerNorm, MLP, ISTA) act per token, so a cached step runs
-them on the new tokens only. All paths give the same logits as the uncached forward (tested).
+KV cache: any HF ``Cache`` (``DynamicCache`` by default, ``StaticCache`` with ``cache_implementation="static"``), one
+cache layer per block, which each block fills through its own ``decode`` (``unrollattn.layers.decoding``): ``mhsa``
+stores per-head keys and values, ``mssa`` the shared projection U_k^T z once (keys = values), the kernel attentions
+their keys and values; a new token then costs O(T d) per layer. Attentions that recompute their prefix (twicing,
+``glr``/``gtv``) and blocks that call their attention more than once (``boost``) store their inputs instead
+(O(T^2) per new token). Every path gives the logits of the uncached forward (tested).
 """
 from __future__ import annotations
 
@@ -30,7 +22,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import Mlp
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -39,130 +30,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
-from ..core.subspace import attention_weights, combine_masks, merge_heads, split_heads
-from ..core.validation import check_tokens
-from ..layers.attention import MultiHeadSelfAttention, MultiHeadSubspaceSelfAttention
-from ..layers.blocks import ISTA, AoTBlock, CrateBlock, TransformerBlock, attach_layer_zero_input
+from ..core.masks import as_bool_mask, nonempty_rows
+from ..layers.blocks import ISTA, attach_layer_zero_input
+from ..layers.decoding import decode_by_recompute
 from ..registry import MODELS, build_model, get_block, list_models, register_model
 from .configuration import UnrollAttnConfig
+from .hf_compat import CACHE_FIELD, LOSS_KEYWORDS, check_keywords, take_cache, with_cache
 
-# Blocks whose forward calls ``self.attn`` exactly once and is otherwise per-token: the cached step may run
-# them on the new tokens only, with a cache-aware stand-in for ``self.attn``.
-SINGLE_ATTENTION_BLOCKS = (TransformerBlock, AoTBlock, CrateBlock)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# cached attention (shared with the GPT-2 module swap in gpt2.py)
-# --------------------------------------------------------------------------------------------------------------
-
-def _uses_attend_of(layer: nn.Module, cls: type) -> bool:
-    """True when ``layer`` is ``cls`` or a subclass that keeps ``cls``'s token mixing (e.g. ``with_options``)."""
-    return isinstance(layer, cls) and type(layer).attend is cls.attend
-
-
-def offset_causal_mask(n_query: int, n_key: int, device) -> torch.Tensor:
-    """Bool [Tq, Tk]: query i (absolute position n_key - n_query + i) sees keys j <= its position."""
-    return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(n_key - n_query)
-
-
-def _sdpa(q, k, v, mask, dropout_p: float, scale: float | None):
-    """SDPA of new queries against all cached keys; ``mask`` None means plain causal (with the cache offset)."""
-    n_query, n_key = q.shape[-2], k.shape[-2]
-    is_causal = False
-    if mask is None and n_query > 1:
-        if n_query == n_key:
-            is_causal = True
-        else:
-            mask = offset_causal_mask(n_query, n_key, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-
-
-def _store(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append to the cache; ``values=None`` stores a zero-width value tensor (keys only)."""
-    return cache.update(keys, keys[..., :0] if values is None else values, layer_idx)
-
-
-def nonempty_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Let a query that may see no key (a padding token) see every key instead.
-
-    Its output is never read by valid tokens (they never attend to padding), while an empty row would give NaN
-    that reaches them through 0 * NaN in the value average of the next layer.
-    """
-    return None if mask is None else mask | ~mask.any(dim=-1, keepdim=True)
-
-
-def full_prefix_mask(mask: torch.Tensor | None, n_key: int, device) -> torch.Tensor | None:
-    """Bool [B, 1, Tk, Tk] causal + key-padding mask of the whole prefix, rebuilt from the new queries' raw mask.
-
-    ``mask`` [B, 1, Tq, Tk] is causal & key-is-a-token (HF's masks and ours, before ``nonempty_rows``): a key is
-    a token exactly when some new query attends to it.
-    """
-    if mask is None:
-        return None
-    keys_valid = mask.to(torch.bool).any(dim=-2, keepdim=True)
-    return nonempty_rows(offset_causal_mask(n_key, n_key, device) & keys_valid)
-
-
-def cached_attention(layer: nn.Module, x: torch.Tensor, cache: Cache, layer_idx: int,
-                     mask: torch.Tensor | None = None, *, compact: bool = True) -> torch.Tensor:
-    """Causal attention of the new tokens ``x`` [B, Tq, C] against the cached prefix, updating ``cache``.
-
-    ``mask``: raw bool [B, 1, Tq, Tk] = causal & key-is-a-token (True = attend; padded queries may have empty rows)
-    or None for plain causal attention (new queries are the last Tq positions).
-    ``compact``: store keys only where values equal keys (MSSA) or are not needed (generic fallback);
-    ``False`` stores a second copy as values, which fixed-size caches (``StaticCache``) require.
-    """
-    check_tokens(x, layer.dim)
-    b, n, _ = x.shape
-    dropout_p = layer.attn_drop_p if layer.training else 0.0
-    raw_mask, mask = mask, nonempty_rows(mask)
-    if _uses_attend_of(layer, MultiHeadSelfAttention):
-        q, k, v = layer.qkv(x).view(b, n, 3, layer.num_heads, layer.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        k, v = cache.update(k, v, layer_idx)
-        return layer.proj_drop(layer.proj(merge_heads(_sdpa(q, k, v, mask, dropout_p, None))))
-    if _uses_attend_of(layer, MultiHeadSubspaceSelfAttention):
-        u = split_heads(F.linear(x, layer.subspace.weight, layer.subspace.bias), layer.num_heads)  # U_k^T z (B.2)
-        keys, _ = _store(cache, layer_idx, u, None if compact else u)
-        if layer.nonlinearity == "softmax":
-            heads = _sdpa(u, keys, keys, mask, dropout_p, layer.scale)  # SA(U^T z, U^T Z, U^T Z) per head (B.3)
-        else:
-            scale = layer.head_dim ** -0.5 if layer.scale is None else layer.scale
-            scores = u @ keys.transpose(-2, -1) * scale
-            scores = scores + combine_masks(mask, mask is None, n, keys.shape[-2], x.device, scores.dtype)
-            weights = attention_weights(scores, layer.nonlinearity, layer.threshold)
-            heads = F.dropout(weights, dropout_p) @ keys if dropout_p > 0 else weights @ keys
-        heads = merge_heads(heads)
-        if layer.tied_output:  # U_out = [U_1, ..., U_K] scaled by eta (B.2)
-            return layer.proj_drop(layer.step_size * F.linear(heads, layer.subspace.weight.t()))
-        return layer.proj_drop(layer.proj(heads))
-    # Generic layer: cache its inputs and recompute over the prefix (O(T^2) per new token).
-    past = cache.get_seq_length(layer_idx)
-    inputs, _ = _store(cache, layer_idx, x[:, None], None if compact else x[:, None])
-    if inputs.shape[-2] != past + n:
-        raise ValueError(f"{type(layer).__name__} recomputes attention over the cached prefix and needs a growing "
-                         f"cache (DynamicCache); got {type(cache).__name__} holding {inputs.shape[-2]} slots")
-    prefix = inputs[:, 0]
-    out = layer(prefix, attn_mask=full_prefix_mask(raw_mask, prefix.shape[1], x.device), is_causal=True)
-    return out[:, -n:]
-
-
-class _CachedAttentionCall:
-    """Stands in for ``block.attn`` during one cached block call (keeps the block's own residual/MLP/ISTA code)."""
-
-    def __init__(self, layer: nn.Module, cache: Cache, layer_idx: int, mask: torch.Tensor | None):
-        self.layer, self.cache, self.layer_idx, self.mask = layer, cache, layer_idx, mask
-        self.calls = 0
-
-    def __call__(self, x, attn_mask=None, is_causal=False, **kwargs):
-        self.calls += 1
-        if self.calls > 1:
-            raise RuntimeError("a single-attention block called its attention twice; the cache would be corrupted")
-        return cached_attention(self.layer, x, self.cache, self.layer_idx, self.mask)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# model
-# --------------------------------------------------------------------------------------------------------------
 
 class UnrollAttnBlock(GradientCheckpointingLayer):
     """One layer: a registry block (``config.block``) with a registry attention (``config.attention``), causal."""
@@ -186,32 +60,16 @@ class UnrollAttnBlock(GradientCheckpointingLayer):
         residual = [m for m in residual if isinstance(m, nn.Linear)]
         for proj in residual:
             proj.residual_init_scale = 1.0 / math.sqrt(config.n_layer * len(residual))
-        self.incremental = isinstance(self.block, SINGLE_ATTENTION_BLOCKS) and type(self.block).forward in {
-            cls.forward for cls in SINGLE_ATTENTION_BLOCKS}
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: Cache | None = None, **kwargs) -> torch.Tensor:
-        """``attention_mask``: raw bool [B, 1, Tq, Tk] = causal & key-is-a-token, or None (plain causal)."""
-        block = self.block
-        if past_key_values is None:
-            return block(hidden_states, attn_mask=nonempty_rows(attention_mask), is_causal=True)
-        if self.incremental:
-            modules = block._modules
-            layer = modules["attn"]
-            modules["attn"] = _CachedAttentionCall(layer, past_key_values, self.layer_idx, attention_mask)
-            try:
-                return block(hidden_states, attn_mask=None, is_causal=True)
-            finally:
-                modules["attn"] = layer
-        # Generic block: cache its input, recompute it over the prefix (O(T^2) per new token).
-        n = hidden_states.shape[1]
-        inputs, _ = _store(past_key_values, self.layer_idx, hidden_states[:, None], None)
-        prefix = inputs[:, 0]
-        zero = getattr(block, "layer_zero", None)
-        if zero is not None and self.layer_idx == 0:  # B3 anchor: the layer-0 input of the whole prefix
-            zero.set(prefix)
-        return block(prefix, attn_mask=full_prefix_mask(attention_mask, prefix.shape[1], prefix.device),
-                     is_causal=True)[:, -n:]
+                cache: Cache | None = None) -> torch.Tensor:
+        """``attention_mask``: bool [B, 1, Tq, Tk] = causal & key-is-a-token, or None (plain causal)."""
+        if cache is None:
+            return self.block(hidden_states, attn_mask=nonempty_rows(attention_mask), is_causal=True)
+        decode = getattr(self.block, "decode", None)
+        if decode is None:  # a user's block without the decode method: exact, by recomputation over its inputs
+            return decode_by_recompute(self.block, hidden_states, cache, self.layer_idx, attention_mask)
+        return decode(hidden_states, cache, self.layer_idx, attention_mask)
 
 
 class UnrollAttnPreTrainedModel(PreTrainedModel):
@@ -220,7 +78,7 @@ class UnrollAttnPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["UnrollAttnBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_attention_backend = False
@@ -275,53 +133,68 @@ class UnrollAttnModel(UnrollAttnPreTrainedModel):
             raise ValueError(f"inputs_embeds: expected shape [B, T, {self.config.n_embd}], got {list(inputs_embeds.shape)}")
         return inputs_embeds.shape[:2]
 
+    def _attention_mask(self, attention_mask, batch: int, past: int, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(2-D padding mask [B, T] or None, bool [B, 1, Tq, Tk] causal & key-is-a-token mask or None = plain causal).
+
+        Accepts the 2-D padding mask of the cached + new tokens (1 = token, 0 = padding) or a 4-D mask prepared by
+        HF (``generate`` with a fixed-size cache builds one over the whole buffer; only the filled keys are kept).
+        """
+        total = past + n
+        if attention_mask is None:
+            return None, None
+        if attention_mask.ndim == 4:
+            if attention_mask.shape[0] != batch or attention_mask.shape[-2] != n:
+                raise ValueError(f"attention_mask: a 4-D mask must be [{batch}, 1, {n}, >= {total}], got "
+                                 f"{list(attention_mask.shape)}")
+            return None, as_bool_mask(attention_mask, total)
+        if attention_mask.ndim != 2 or tuple(attention_mask.shape) != (batch, total):
+            raise ValueError(f"attention_mask: expected a 2-D padding mask of shape [{batch}, {total}] "
+                             f"(cached + new tokens, 1 = token, 0 = padding), got {list(attention_mask.shape)}")
+        padding = attention_mask.to(torch.bool)
+        if bool(padding.all()):
+            return padding, None
+        q_pos = torch.arange(past, total, device=padding.device)[:, None]
+        k_pos = torch.arange(total, device=padding.device)[None]
+        # causal & key-is-a-token; a padded query's empty row is filled by nonempty_rows where it is used
+        return padding, (k_pos <= q_pos) & padding[:, None, None, :]
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """``cache`` (``past_key_values`` before transformers 5.24): any HF ``Cache``; a new ``DynamicCache`` when
+        ``use_cache`` and none is given. Unknown keywords raise TypeError (see ``hf_compat``)."""
+        check_keywords(type(self).__name__, kwargs)
         cfg = self.config
         batch, n = self._check_inputs(input_ids, inputs_embeds)
+        cache = take_cache(cache, past_key_values)
         use_cache = cfg.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
-            use_cache = False
+            use_cache, cache = False, None
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=cfg)
-        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
-            raise ValueError(f"past_key_values: expected a transformers DynamicCache, got {type(past_key_values).__name__}")
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=cfg)
+        past = int(cache.get_seq_length()) if cache is not None else 0
         total = past + n
         if total > cfg.n_positions:
             raise ValueError(f"sequence length {total} (cached {past} + new {n}) exceeds the context n_positions="
                              f"{cfg.n_positions}")
-
-        if attention_mask is not None:
-            if attention_mask.ndim != 2 or tuple(attention_mask.shape) != (batch, total):
-                raise ValueError(f"attention_mask: expected a 2-D padding mask of shape [{batch}, {total}] "
-                                 f"(cached + new tokens, 1 = token, 0 = padding), got {list(attention_mask.shape)}")
-            attention_mask = attention_mask.to(torch.bool)
+        padding, mask = self._attention_mask(attention_mask, batch, past, n)
         if position_ids is None:
-            if attention_mask is not None:  # left padding: positions count real tokens only (as generate() does)
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -n:]
+            if padding is not None:  # left padding: positions count real tokens only (as generate() does)
+                position_ids = (padding.long().cumsum(-1) - 1).clamp_min(0)[:, -n:]
             else:
                 position_ids = torch.arange(past, total, device=self.wte.weight.device)[None]
         elif position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= cfg.n_positions):
             raise ValueError(f"position_ids must lie in [0, {cfg.n_positions}), got max {int(position_ids.max())}")
-
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            q_pos = torch.arange(past, total, device=attention_mask.device)[:, None]
-            k_pos = torch.arange(total, device=attention_mask.device)[None]
-            # causal & key-is-a-token; a padded query's empty row is filled by nonempty_rows where it is used
-            mask = (k_pos <= q_pos) & attention_mask[:, None, None, :]
 
         hidden = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)
         hidden = self.drop(hidden + self.wpe(position_ids) if self.wpe is not None else hidden)
@@ -330,7 +203,7 @@ class UnrollAttnModel(UnrollAttnPreTrainedModel):
             self.layer_zero.set(hidden)
         try:
             for layer in self.h:
-                hidden = layer(hidden, attention_mask=mask, past_key_values=past_key_values)
+                hidden = layer(hidden, attention_mask=mask, cache=cache)
                 if output_hidden_states:
                     all_hidden += (hidden,)
         finally:
@@ -339,8 +212,8 @@ class UnrollAttnModel(UnrollAttnPreTrainedModel):
         hidden = self.ln_f(hidden)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None,
-                                       hidden_states=all_hidden)
+        return with_cache(BaseModelOutputWithPast, cache if use_cache else None, last_hidden_state=hidden,
+                          hidden_states=all_hidden)
 
 
 class UnrollAttnForCausalLM(UnrollAttnPreTrainedModel, GenerationMixin):
@@ -371,29 +244,29 @@ class UnrollAttnForCausalLM(UnrollAttnPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        loss_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in LOSS_KEYWORDS}
+        check_keywords(type(self).__name__, kwargs)
         out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                               output_hidden_states=output_hidden_states)
+                               cache=take_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
+                               use_cache=use_cache, output_hidden_states=output_hidden_states)
         hidden = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden)
         if logits.shape[-1] != self.config.vocab_size:  # drop the rows added by pad_vocab_size_multiple
             logits = logits[..., : self.config.vocab_size]
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states)
-
-
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        return with_cache(CausalLMOutputWithPast, out.get(CACHE_FIELD), loss=loss, logits=logits,
+                          hidden_states=out.hidden_states)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -488,5 +361,5 @@ def parameter_table(pattern: str | None = None) -> list[ParamRow]:
 
 __all__ = [
     "LM_PRESETS", "ParamRow", "UnrollAttnBlock", "UnrollAttnForCausalLM", "UnrollAttnModel", "UnrollAttnPreTrainedModel",
-    "build_causal_lm", "cached_attention", "count_parameters", "parameter_table",
+    "build_causal_lm", "count_parameters", "parameter_table",
 ]

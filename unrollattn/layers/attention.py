@@ -4,6 +4,7 @@ Every class follows one contract, so it can be handed to ``timm.create_model(...
 
     layer = cls(dim, num_heads=8, *, qkv_bias=False, attn_drop=0., proj_drop=0., **options)
     y = layer(x, attn_mask=None, is_causal=False)          # x, y: [B, N, C]
+    y_new = layer.decode(x_new, cache, layer_idx, attn_mask=None)   # cached causal decoding (layers/decoding.py)
 """
 from __future__ import annotations
 
@@ -13,16 +14,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.subspace import NONLINEARITIES, merge_heads, split_heads, subspace_self_attention
+from ..core.masks import nonempty_rows
+from ..core.subspace import NONLINEARITIES, causal_sdpa, merge_heads, split_heads, tied_attention
 from ..core.validation import check_heads, check_mask, check_tokens
 from ..registry import register_attention
 from .base import Configurable
+from .decoding import append_to_cache, decode_by_recompute
 
 
 class AttentionLayer(Configurable, metaclass=ABCMeta):
-    """Common constructor: width, heads, dropout, device/dtype; timm's extra keywords are ignored."""
+    """Common constructor: width, heads, dropout, device/dtype; timm's extra keywords are ignored.
+
+    ``decode`` (cached causal decoding of new tokens) defaults to storing the inputs and recomputing the layer over
+    the prefix; a layer that extends its output from stored keys/values overrides it and sets
+    ``decode_recomputes_prefix = False``.
+    """
 
     option_names: tuple[str, ...] = ()
+    decode_recomputes_prefix: bool = True
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, proj_bias: bool = True, head_dim: int | None = None,
@@ -56,6 +65,35 @@ class AttentionLayer(Configurable, metaclass=ABCMeta):
         check_mask(attn_mask, x.shape[0], self.num_heads, x.shape[1], x.shape[1])
         return self.proj_drop(self.attend(x, attn_mask, is_causal, grid or self.grid))
 
+    def decode(self, x: torch.Tensor, cache, layer_idx: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal output [B, Tq, C] of the new tokens ``x`` given what ``cache`` (an HF ``Cache``) holds for
+        ``layer_idx``, which this call extends. ``attn_mask``: bool [B, 1, Tq, Tk] = causal & key-is-a-token over
+        the cached + new keys, or None (plain causal). See ``unrollattn.layers.decoding``."""
+        check_tokens(x, self.dim)
+        if self.decode_recomputes_prefix:
+            return decode_by_recompute(self, x, cache, layer_idx, attn_mask)
+        return self.proj_drop(self.decode_step(x, cache, layer_idx, nonempty_rows(attn_mask)))
+
+    def decode_step(self, x: torch.Tensor, cache, layer_idx: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Token mixing of one cached step (layers with ``decode_recomputes_prefix = False``); ``attn_mask`` has no
+        empty rows, None means plain causal."""
+        raise NotImplementedError(f"{type(self).__name__} sets decode_recomputes_prefix=False but has no decode_step")
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values [B, H, N, p] from the fused ``self.qkv`` map (layers that have one)."""
+        b, n, _ = x.shape
+        return self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a subclass that changes the token mixing but not the cached step falls back to the exact recomputation
+        if "attend" in cls.__dict__ and "decode_step" not in cls.__dict__ and "decode_recomputes_prefix" not in cls.__dict__:
+            cls.decode_recomputes_prefix = True
+
+    @property
+    def attn_dropout(self) -> float:
+        return self.attn_drop_p if self.training else 0.0
+
     @abstractmethod
     def attend(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
                grid: tuple[int, int] | None) -> torch.Tensor:
@@ -75,16 +113,16 @@ class MultiHeadSelfAttention(AttentionLayer):
         self.qkv = nn.Linear(self.dim, 3 * self.inner_dim, bias=self.qkv_bias, **self.factory)
         self.proj = nn.Linear(self.inner_dim, self.dim, bias=self.proj_bias, **self.factory)
 
+    decode_recomputes_prefix = False  # caches per-head keys and values: O(T d) per new token
+
     def attend(self, x, attn_mask, is_causal, grid=None):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if attn_mask is not None and is_causal:
-            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-            attn_mask = (attn_mask & causal) if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~causal, float("-inf"))
-            is_causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                             dropout_p=self.attn_drop_p if self.training else 0.0)
-        return self.proj(merge_heads(out))
+        q, k, v = self.project_qkv(x)
+        return self.proj(merge_heads(causal_sdpa(q, k, v, attn_mask, is_causal, dropout_p=self.attn_dropout)))
+
+    def decode_step(self, x, cache, layer_idx, attn_mask):
+        q, k, v = self.project_qkv(x)
+        k, v = append_to_cache(cache, layer_idx, k, v)
+        return self.proj(merge_heads(causal_sdpa(q, k, v, attn_mask, attn_mask is None, dropout_p=self.attn_dropout)))
 
 
 @register_attention("mssa", params_per_layer="2 d^2 (1 d^2 with tied_output)",
@@ -111,14 +149,29 @@ class MultiHeadSubspaceSelfAttention(AttentionLayer):
         self.subspace = nn.Linear(self.dim, self.inner_dim, bias=self.qkv_bias, **self.factory)  # U^T
         self.proj = None if self.tied_output else nn.Linear(self.inner_dim, self.dim, bias=self.proj_bias, **self.factory)
 
-    def attend(self, x, attn_mask, is_causal, grid=None):
-        heads = subspace_self_attention(
-            x, self.subspace.weight, self.num_heads, subspace_bias=self.subspace.bias, attn_mask=attn_mask,
-            is_causal=is_causal, scale=self.scale, dropout_p=self.attn_drop_p if self.training else 0.0,
-            nonlinearity=self.nonlinearity, threshold=self.threshold)
+    decode_recomputes_prefix = False  # caches U_k^T z once (keys = values): d numbers per token, O(T d) per new token
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """U_k^T z per head [B, H, N, p] (B.2)."""
+        return split_heads(F.linear(x, self.subspace.weight, self.subspace.bias), self.num_heads)
+
+    def mix(self, queries: torch.Tensor, keys: torch.Tensor, attn_mask, is_causal: bool) -> torch.Tensor:
+        """SA(U^T z_i, U^T Z, U^T Z) per head, then the output map: U_out, or [U_1, ..., U_K] scaled by eta (B.2)."""
+        heads = merge_heads(tied_attention(queries, keys, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                           dropout_p=self.attn_dropout, nonlinearity=self.nonlinearity,
+                                           threshold=self.threshold))
         if self.tied_output:
             return self.step_size * F.linear(heads, self.subspace.weight.t())
         return self.proj(heads)
+
+    def attend(self, x, attn_mask, is_causal, grid=None):
+        heads = self.project(x)
+        return self.mix(heads, heads, attn_mask, is_causal)
+
+    def decode_step(self, x, cache, layer_idx, attn_mask):
+        heads = self.project(x)
+        keys, _ = append_to_cache(cache, layer_idx, heads)
+        return self.mix(heads, keys, attn_mask, attn_mask is None)
 
 
 __all__ = ["AttentionLayer", "MultiHeadSelfAttention", "MultiHeadSubspaceSelfAttention", "split_heads"]

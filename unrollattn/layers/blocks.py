@@ -15,6 +15,7 @@ from timm.layers import DropPath, LayerScale, Mlp
 from ..core.subspace import ista_step
 from ..registry import get_attention, register_block
 from .base import Configurable
+from .decoding import cached_prefix, decode_by_recompute
 
 
 class ISTA(nn.Module):
@@ -39,7 +40,13 @@ class ISTA(nn.Module):
 
 
 class BlockBase(Configurable):
-    """Shared constructor for blocks; accepts exactly what timm's ``block_fn`` is called with."""
+    """Shared constructor for blocks; accepts exactly what timm's ``block_fn`` is called with.
+
+    A block that calls its attention once, with per-token maps around it, defines ``update(x, attend)`` (its forward
+    given a token-mixing callable): ``forward`` runs it with the attention over all tokens and ``decode`` (cached causal
+    decoding, see ``unrollattn.layers.decoding``) with ``attn.decode`` on the new tokens. Any other block recomputes
+    itself over its cached inputs.
+    """
 
     default_attention = "mhsa"
     option_names: tuple[str, ...] = ("attn_options",)
@@ -65,6 +72,28 @@ class BlockBase(Configurable):
         self.mlp_ratio, self.proj_drop, self.drop_path, self.init_values = mlp_ratio, proj_drop, drop_path, init_values
         self.act_layer, self.mlp_layer = act_layer or nn.GELU, mlp_layer or Mlp
 
+    update = None  # (x, attend) -> output, for blocks that call their attention exactly once
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__ and "update" not in cls.__dict__:  # own forward: update() no longer describes it
+            cls.update = None
+
+    @property
+    def decode_recomputes_prefix(self) -> bool:
+        return self.update is None or self.attn.decode_recomputes_prefix
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        if self.update is None:
+            raise NotImplementedError(f"{type(self).__name__} defines neither update() nor forward()")
+        return self.update(x, lambda h: self.attn(h, attn_mask=attn_mask, is_causal=is_causal))
+
+    def decode(self, x: torch.Tensor, cache, layer_idx: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal output of the new tokens ``x`` [B, Tq, C], extending ``cache`` at ``layer_idx``."""
+        if self.update is None:
+            return decode_by_recompute(self, x, cache, layer_idx, attn_mask)
+        return self.update(x, lambda h: self.attn.decode(h, cache, layer_idx, attn_mask))
+
 
 @register_block("transformer", summary="x + attn(LN(x)); x + MLP(LN(x))")
 class TransformerBlock(BlockBase):
@@ -79,8 +108,8 @@ class TransformerBlock(BlockBase):
         self.ls2 = LayerScale(dim, init_values=self.init_values, **self.dd) if self.init_values else nn.Identity()
         self.drop_path2 = DropPath(self.drop_path) if self.drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x, attn_mask=None, is_causal=False):
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+    def update(self, x, attend):
+        x = x + self.drop_path1(self.ls1(attend(self.norm1(x))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -95,8 +124,8 @@ class AoTBlock(BlockBase):
         super().__init__(dim, num_heads, mlp_ratio, **kwargs)
         self.norm1 = self.norm_layer(dim, **self.dd) if self.options.get("use_norm", True) else nn.Identity()
 
-    def forward(self, x, attn_mask=None, is_causal=False):
-        return x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+    def update(self, x, attend):
+        return x + self.drop_path1(self.ls1(attend(self.norm1(x))))
 
 
 class SparseCodingStep(nn.Module):
@@ -173,8 +202,8 @@ class CrateBlock(BlockBase):
             self.ista = SparseCodingStep(dim, o.get("ista_expansion", 1), o.get("ista_steps", 1), step, lambd, **self.dd)
             self.ista_residual = True
 
-    def forward(self, x, attn_mask=None, is_causal=False):
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+    def update(self, x, attend):
+        x = x + self.drop_path1(self.ls1(attend(self.norm1(x))))
         if self.ista_residual:
             return x + self.ista(self.norm2(x))
         return self.ista(self.norm2(x))
@@ -256,3 +285,11 @@ class BoostBlock(BlockBase):
         if self.mlp is None:
             return x
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def decode(self, x, cache, layer_idx, attn_mask=None):
+        """Recomputes the block over its cached inputs (it calls its attention more than once). With rule='anchor'
+        the first block's cached inputs are the layer-0 input of the whole prefix, which every block pulls toward."""
+        prefix, prefix_mask = cached_prefix(cache, layer_idx, x, attn_mask)
+        if self.layer_zero is not None and layer_idx == 0:
+            self.layer_zero.set(prefix)
+        return self(prefix, attn_mask=prefix_mask, is_causal=True)[:, -x.shape[1]:]

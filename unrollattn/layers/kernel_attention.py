@@ -17,6 +17,7 @@ from ..core.kernel import (
 from ..core.subspace import merge_heads
 from ..registry import register_attention
 from .attention import AttentionLayer
+from .decoding import append_to_cache
 
 SMOOTHERS = ("single", "twicing", "boost")
 
@@ -28,7 +29,13 @@ class KernelAttention(AttentionLayer):
     (4d)^{1/4}, per head); ``spatial_bandwidth`` h_p (float, or None for per-head values spaced
     geometrically from 1 to 16 grid steps); ``spatial_kernel`` in {gaussian, laplacian};
     ``learn_bandwidth`` (default True); ``smoother`` in {single, twicing, boost} with ``boost_steps``.
+
+    Cached decoding (``decode``) stores the keys and values of every past token; their positions are their cache
+    slots (slot j holds token j), so the spatial kernel of the new queries needs no recomputation. The ``twicing`` /
+    ``boost`` smoothers apply the smoother to its own residual over all tokens and recompute the prefix instead.
     """
+
+    decode_recomputes_prefix = False
 
     option_names = ("kernel", "range_bandwidth", "spatial_bandwidth", "spatial_kernel", "learn_bandwidth",
                     "smoother", "boost_steps")
@@ -57,6 +64,7 @@ class KernelAttention(AttentionLayer):
             self.log_metric = nn.Parameter(torch.zeros(num_heads, self.head_dim, **self.factory))
         self.qkv = nn.Linear(self.dim, 3 * self.inner_dim, bias=self.qkv_bias, **self.factory)
         self.proj = nn.Linear(self.inner_dim, self.dim, bias=self.proj_bias, **self.factory)
+        self.decode_recomputes_prefix = self.smoother != "single"
 
     def _log_param(self, log_init: torch.Tensor, learn: bool) -> nn.Parameter:
         """A log-bandwidth parameter; the values were validated as Python floats, so this also runs on the meta
@@ -66,24 +74,38 @@ class KernelAttention(AttentionLayer):
     def init_weights(self) -> None:
         """Keep bandwidths and metric as constructed when timm re-initialises the model."""
 
-    def spatial_bias(self, n: int, grid, device, dtype) -> torch.Tensor | None:
+    def spatial_bias(self, n_query: int, n_key: int, grid, device, dtype) -> torch.Tensor | None:
+        """Spatial log-kernel [H, Tq, Tk] of the last ``n_query`` positions against all ``n_key`` (bilateral only)."""
         if self.kernel != "bilateral":
             return None
-        pos = token_positions(n, grid, self.num_prefix_tokens if grid is not None else 0, device=device, dtype=dtype)
-        return spatial_log_kernel(pos, pos, self.log_spatial_bandwidth.exp().to(dtype), self.spatial_kernel)
+        pos = token_positions(n_key, grid, self.num_prefix_tokens if grid is not None else 0, device=device, dtype=dtype)
+        return spatial_log_kernel(pos[n_key - n_query:], pos, self.log_spatial_bandwidth.exp().to(dtype),
+                                  self.spatial_kernel)
+
+    def smooth(self, q, keys, values, attn_mask, is_causal: bool, grid) -> torch.Tensor:
+        """Nadaraya-Watson average of ``values`` [B, H, Tk, p] for the queries [B, H, Tq, p] (C.9)."""
+        return kernel_attention(
+            q, keys, values, self.kernel, range_bandwidth=self.log_range_bandwidth.exp(),
+            spatial_bias=self.spatial_bias(q.shape[-2], keys.shape[-2], grid, q.device, q.dtype),
+            metric=self.log_metric.exp() if self.kernel == "mahalanobis" else None, attn_mask=attn_mask,
+            is_causal=is_causal, dropout_p=self.attn_dropout)
 
     def attend(self, x, attn_mask, is_causal, grid=None):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        options = dict(range_bandwidth=self.log_range_bandwidth.exp(), spatial_bias=self.spatial_bias(n, grid, x.device, x.dtype),
-                       metric=self.log_metric.exp() if self.kernel == "mahalanobis" else None, attn_mask=attn_mask,
-                       is_causal=is_causal, dropout_p=self.attn_drop_p if self.training else 0.0)
-        smooth = lambda values: kernel_attention(q, k, values, self.kernel, **options)  # noqa: E731
+        q, k, v = self.project_qkv(x)
+        smooth = lambda values: self.smooth(q, k, values, attn_mask, is_causal, grid)  # noqa: E731
         if self.smoother == "single":
             out = smooth(v)
         else:
             out = boosting(smooth, v, 1 if self.smoother == "twicing" else self.boost_steps)  # twicing = 1 boosting step
         return self.proj(merge_heads(out))
+
+    def decode_step(self, x, cache, layer_idx, attn_mask):
+        if self.grid is not None:
+            raise ValueError(f"{type(self).__name__}.decode: cached decoding is for 1-D sequences; this layer has the "
+                             f"2-D grid {self.grid} (set_geometry(grid=None) first)")
+        q, k, v = self.project_qkv(x)
+        keys, values = append_to_cache(cache, layer_idx, k, v)
+        return self.proj(merge_heads(self.smooth(q, keys, values, attn_mask, attn_mask is None, None)))
 
 
 def _positive(value, name: str) -> float:
@@ -114,4 +136,8 @@ class BilateralAttention(KernelAttention):
 
 @register_attention("twicing", summary="softmax attention smoother applied as twicing: (2A - A^2) V")
 class TwicingAttention(KernelAttention):
+    """Twicing needs the first smoothing A V at every past token to smooth its residual, so cached decoding stores the
+    layer's inputs and recomputes the prefix (O(T^2) per new token)."""
+
     bound_options = {"kernel": "dot", "smoother": "twicing"}
+    decode_recomputes_prefix = True
