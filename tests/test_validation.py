@@ -56,3 +56,35 @@ def test_int_and_float_options():
         check_size_pair("patch_size", 0)
     with pytest.raises(ValueError, match="patch_size: expected an integer >= 1 or an \\(H, W\\) pair"):
         check_size_pair("patch_size", (1, 2, 3))
+
+
+# ------------------------------------------------------------------------------ the checks where they are used
+@pytest.mark.parametrize("field,value,message", [
+    ("vocab_size", "abc", "vocab_size: expected an integer >= 1, got 'abc' \\(str\\)"),
+    ("n_layer", 2.5, "n_layer: expected an integer >= 1, got 2.5 \\(float\\)"),
+    ("n_embd", None, "n_embd: expected an integer >= 1, got None"),
+    ("n_positions", 0, "n_positions: expected an integer >= 1, got 0"),
+    ("pad_vocab_size_multiple", -64, "pad_vocab_size_multiple: expected an integer >= 1"),
+    ("head_dim", "8", "head_dim: expected an integer >= 1, got '8' \\(str\\)"),
+    ("dropout", "0.1", "dropout: expected a finite number, got '0.1' \\(str\\)"),
+    ("dropout", 1.0, "dropout: expected a number >= 0.0 and < 1.0, got 1.0"),
+    ("mlp_ratio", float("nan"), "mlp_ratio: expected a finite number"),
+    ("layer_norm_epsilon", 0.0, "layer_norm_epsilon: expected a number > 0.0"),
+    ("initializer_range", float("inf"), "initializer_range: expected a finite number"),
+    ("eos_token_id", -1, "eos_token_id: expected an integer >= 0, got -1"),
+    ("pad_token_id", "0", "pad_token_id: expected an integer >= 0, got '0' \\(str\\)"),
+])
+def test_lm_config_fields_name_the_field_and_type(field, value, message):
+    from unrollattn.language.configuration import UnrollAttnConfig
+
+    with pytest.raises(ValueError, match=message):
+        UnrollAttnConfig(**{"n_layer": 1, "n_embd": 16, "n_head": 2, field: value})
+
+
+def test_lm_config_keeps_valid_values_and_round_trips():
+    from unrollattn.language.configuration import UnrollAttnConfig
+
+    cfg = UnrollAttnConfig(n_layer=2.0, n_embd=16, n_head=2, dropout=0, eos_token_id=[3, 4], vocab_size=10)
+    assert cfg.n_layer == 2 and isinstance(cfg.n_layer, int) and cfg.dropout == 0.0 and cfg.eos_token_id == [3, 4]
+    back = UnrollAttnConfig.from_dict(cfg.to_dict())
+    assert (back.n_layer, back.n_embd, back.head_dim, back.vocab_size) == (2, 16, 8, 10)

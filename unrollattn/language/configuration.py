@@ -11,11 +11,16 @@ import math
 from transformers import PreTrainedConfig
 
 from .. import layers as _layers  # noqa: F401  (registers the attention variants and blocks)
+from ..core.validation import check_float, check_int
 from ..registry import ATTENTIONS, BLOCKS, list_attentions, list_blocks
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOS_TOKEN_ID = 50256  # "<|endoftext|>" of the GPT-2 BPE
 POSITION_EMBEDDINGS = ("learned", "none")
+INT_FIELDS = ("n_layer", "n_embd", "n_head", "vocab_size", "pad_vocab_size_multiple", "n_positions")  # all >= 1
+# name -> (minimum, maximum, open_min, open_max) of the float fields
+FLOAT_FIELDS = {"mlp_ratio": (0.0, None, True, False), "dropout": (0.0, 1.0, False, True),
+                "layer_norm_epsilon": (0.0, None, True, False), "initializer_range": (0.0, None, False, False)}
 
 
 class UnrollAttnConfig(PreTrainedConfig):
@@ -87,28 +92,26 @@ class UnrollAttnConfig(PreTrainedConfig):
         self.attn_options = dict(attn_options or {})
         self.block = block
         self.block_options = dict(block_options or {})
-        self.n_layer = int(n_layer)
-        self.n_embd = int(n_embd)
-        self.n_head = int(n_head)
-        self.vocab_size = int(vocab_size)
-        self.pad_vocab_size_multiple = int(pad_vocab_size_multiple)
-        self.n_positions = int(n_positions)
+        ints = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
+                    pad_vocab_size_multiple=pad_vocab_size_multiple, n_positions=n_positions)
+        floats = dict(mlp_ratio=mlp_ratio, dropout=dropout, layer_norm_epsilon=layer_norm_epsilon,
+                      initializer_range=initializer_range)
+        for name in INT_FIELDS:
+            setattr(self, name, check_int(name, ints[name]))
+        for name, (low, high, open_low, open_high) in FLOAT_FIELDS.items():
+            setattr(self, name, check_float(name, floats[name], low, high, open_min=open_low, open_max=open_high))
         self.position_embedding = position_embedding
         self.use_layer_norm = bool(use_layer_norm)
-        self.mlp_ratio = float(mlp_ratio)
-        self.dropout = float(dropout)
         self.bias = bool(bias)
         self.tie_word_embeddings = bool(tie_word_embeddings)
-        self.layer_norm_epsilon = float(layer_norm_epsilon)
-        self.initializer_range = float(initializer_range)
         self.use_cache = bool(use_cache)
         self._validate(head_dim)
-        self.head_dim = int(head_dim) if head_dim is not None else self.n_embd // self.n_head
+        self.head_dim = check_int("head_dim", head_dim) if head_dim is not None else self.n_embd // self.n_head
         # GPT-2's <|endoftext|> when the vocabulary is GPT-2's; otherwise no special ids unless given.
         default_eos = GPT2_EOS_TOKEN_ID if self.vocab_size == GPT2_VOCAB_SIZE else None
-        self.bos_token_id = default_eos if bos_token_id is None else bos_token_id
-        self.eos_token_id = default_eos if eos_token_id is None else eos_token_id
-        self.pad_token_id = pad_token_id
+        self.bos_token_id = default_eos if bos_token_id is None else _token_ids("bos_token_id", bos_token_id)
+        self.eos_token_id = default_eos if eos_token_id is None else _token_ids("eos_token_id", eos_token_id)
+        self.pad_token_id = None if pad_token_id is None else _token_ids("pad_token_id", pad_token_id)
         super().__init__(**kwargs)
 
     def _validate(self, head_dim: int | None) -> None:
@@ -117,19 +120,10 @@ class UnrollAttnConfig(PreTrainedConfig):
                              f"registered: {', '.join(list_attentions())}")
         if not isinstance(self.block, str) or self.block not in BLOCKS:
             raise ValueError(f"block={self.block!r} is not a registered block; registered: {', '.join(list_blocks())}")
-        for name in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "pad_vocab_size_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if head_dim is None and self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_dim)")
-        if head_dim is not None and int(head_dim) < 1:
-            raise ValueError(f"head_dim must be a positive integer or None, got {head_dim}")
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"position_embedding: expected one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if not self.use_layer_norm and "use_norm" not in getattr(BLOCKS.get(self.block), "option_names", ()):
             raise ValueError(f"use_layer_norm=False needs a block with a 'use_norm' option (e.g. 'aot'); "
                              f"block={self.block!r} always normalises")
@@ -142,6 +136,13 @@ class UnrollAttnConfig(PreTrainedConfig):
         """Rows of the embedding table: ``vocab_size`` rounded up to ``pad_vocab_size_multiple``."""
         m = self.pad_vocab_size_multiple
         return int(math.ceil(self.vocab_size / m) * m)
+
+
+def _token_ids(name: str, value):
+    """A special token id (an integer >= 0) or, as HF allows for eos_token_id, a list of them."""
+    if isinstance(value, (list, tuple)):
+        return [check_int(name, v, minimum=0) for v in value]
+    return check_int(name, value, minimum=0)
 
 
 __all__ = ["UnrollAttnConfig", "GPT2_VOCAB_SIZE", "GPT2_EOS_TOKEN_ID", "POSITION_EMBEDDINGS"]
