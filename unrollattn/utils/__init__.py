@@ -1,0 +1,1 @@
+"""Bottom floor of the package: helpers with no knowledge of models (dependency versions, ...)."""
