@@ -1,5 +1,6 @@
 """Image-classification data sources: digits, Fashion-MNIST (if installed), image folders, errors."""
 import gzip
+import re
 
 import numpy as np
 import pytest
@@ -124,6 +125,21 @@ def test_folder_errors(tmp_path):
         (tmp_path / c).mkdir()
         Image.fromarray(np.zeros(size, np.uint8)).save(tmp_path / c / "x.png")
     with pytest.raises(ValueError, match="pass img_size="):
+        load_classification_data(f"folder:{tmp_path}")
+
+
+def test_a_file_that_is_not_an_image_is_named(tmp_path):
+    _make_png_folder(tmp_path, per_class=2, size=(32, 32), mode="RGB")
+    (tmp_path / "dog" / "notes.txt").write_text("not an image, and not an image suffix: skipped")
+    data = load_classification_data(f"folder:{tmp_path}")
+    assert data.num_train + data.num_test == 6
+    bad = tmp_path / "dog" / "readme.png"
+    bad.write_text("a text file with an image suffix")
+    with pytest.raises(ValueError, match=f"{re.escape(str(bad))}: not a readable image"):
+        load_classification_data(f"folder:{tmp_path}")
+    good = (tmp_path / "cat" / "0.png").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])  # truncated PNG: PIL's error would not say which file
+    with pytest.raises(ValueError, match=f"{re.escape(str(bad))}: not a readable image"):
         load_classification_data(f"folder:{tmp_path}")
 
 

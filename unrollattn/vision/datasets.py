@@ -6,7 +6,8 @@ images ``[N, C, H, W]`` and int64 labels. Sources:
 - ``"fashion_mnist"``: the idx files of Debian's ``dataset-fashion-mnist`` (60k train / 10k test),
   or the same four files (gzipped or not) in ``root=``;
 - ``"digits"``: scikit-learn's 8x8 digits (1797 images), a seeded stratified 80/20 split;
-- ``"folder:/path"``: one sub-folder per class (or ``train/`` and ``test/`` each holding them);
+- ``"folder:/path"``: one sub-folder per class (or ``train/`` and ``test/`` each holding them); files with an
+  image suffix (``IMAGE_SUFFIXES``) are read, others skipped; one that does not decode is an error naming it;
 - ``"hf:<name>"``: a Hugging Face hub dataset (needs network or a cached copy with ``HF_HUB_OFFLINE=1``);
 - ``"auto"``: Fashion-MNIST when its files exist, else digits (with a warning).
 
@@ -295,15 +296,24 @@ def _list_class_folder(path: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def _read_images(files: list[Path], size: tuple[int, int] | None) -> tuple[list, str, tuple[int, int]]:
+def read_image_file(path: Path):
+    """The decoded PIL image at ``path``; ValueError naming the file when it is not a readable image (another
+    kind of file with an image suffix, a truncated or corrupt image)."""
     from PIL import Image
 
-    images = []
-    for f in files:
-        with Image.open(f) as im:
+    try:
+        with Image.open(path) as im:
             im.load()
-            images.append(im.copy())
-    return _images_to_tensors(images, size)
+            return im.copy()
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's decoder errors
+        raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err}); remove or replace the file") \
+            from None
+
+
+def _read_images(files: list[Path], size: tuple[int, int] | None) -> tuple[list, str, tuple[int, int]]:
+    return _images_to_tensors([read_image_file(f) for f in files], size)
 
 
 def _images_to_tensors(images: list, size: tuple[int, int] | None) -> tuple[list, str, tuple[int, int]]:
@@ -434,5 +444,5 @@ def _load_hf(name: str, size: tuple[int, int] | None, seed: int, max_train: int 
                                    class_names=class_names)
 
 
-__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "ImageClassificationData", "SOURCES",
-           "load_classification_data"]
+__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_SUFFIXES", "ImageClassificationData", "SOURCES",
+           "load_classification_data", "read_image_file"]

@@ -146,10 +146,9 @@ def _load_cached(name: str) -> np.ndarray:
         if path is None or not path.is_file():
             hint = {"opencv-doc": OPENCV_INSTALL, "pygame-ce": "pip install pygame-ce==2.5.8"}.get(spec.source, "")
             raise FileNotFoundError(f"photo {name!r} ({spec.source}) not found at {path}" + (f"; install: {hint}" if hint else ""))
-        from PIL import Image
+        from .datasets import read_image_file
 
-        with Image.open(path) as im:
-            image = np.asarray(im.convert("RGB"))
+        image = np.asarray(read_image_file(path).convert("RGB"))
     image = np.ascontiguousarray(image[..., :3])
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ValueError(f"photo {name!r}: expected uint8 H x W x 3, got {image.dtype} {image.shape}")
