@@ -71,14 +71,9 @@ def _init_like_gpt2(module: GPT2UnrollAttention, config: GPT2Config) -> None:
                 nn.init.zeros_(sub.bias)
 
 
-@torch.no_grad()
-def _copy_gpt2_weights(module: GPT2UnrollAttention, old: nn.Module) -> None:
-    """Copy ``c_attn``/``c_proj`` (Conv1D, weight [in, out]) into the ``mhsa`` layer's nn.Linear ([out, in])."""
-    layer = module.layer
-    layer.qkv.weight.copy_(old.c_attn.weight.t())
-    layer.qkv.bias.copy_(old.c_attn.bias)
-    layer.proj.weight.copy_(old.c_proj.weight.t())
-    layer.proj.bias.copy_(old.c_proj.bias)
+def _copy_gpt2_attention(layer: nn.Module, old: nn.Module) -> None:
+    """``c_attn``/``c_proj`` (Conv1D, weight [in, out]) into a layer with GPT-2's maps (nn.Linear, [out, in])."""
+    layer.load_projections(old.c_attn.weight.t(), old.c_attn.bias, old.c_proj.weight.t(), old.c_proj.bias)
 
 
 def patch_gpt2(model: GPT2LMHeadModel, attention="mssa", *, copy_weights: bool = False, **options) -> GPT2LMHeadModel:
@@ -103,7 +98,7 @@ def patch_gpt2(model: GPT2LMHeadModel, attention="mssa", *, copy_weights: bool =
         new = GPT2UnrollAttention(config, getattr(old, "layer_idx", i), attention, device=ref.device, dtype=ref.dtype,
                                   **options)
         if copy_weights:
-            _copy_gpt2_weights(new, old)
+            _copy_gpt2_attention(new.layer, old)
         else:
             _init_like_gpt2(new, config)
         new.train(old.training)
@@ -143,8 +138,8 @@ def transformer_from_gpt2(gpt2: GPT2LMHeadModel):
         for a, o in pairs:
             o.weight.copy_(a.weight)
             o.bias.copy_(a.bias)
-        for conv, lin in ((theirs.attn.c_attn, b.attn.qkv), (theirs.attn.c_proj, b.attn.proj),
-                          (theirs.mlp.c_fc, b.mlp.fc1), (theirs.mlp.c_proj, b.mlp.fc2)):
+        _copy_gpt2_attention(b.attn, theirs.attn)
+        for conv, lin in ((theirs.mlp.c_fc, b.mlp.fc1), (theirs.mlp.c_proj, b.mlp.fc2)):
             lin.weight.copy_(conv.weight.t())
             lin.bias.copy_(conv.bias)
     dst.ln_f.weight.copy_(src.ln_f.weight)

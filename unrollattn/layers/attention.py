@@ -115,6 +115,19 @@ class MultiHeadSelfAttention(AttentionLayer):
 
     decode_recomputes_prefix = False  # caches per-head keys and values: O(T d) per new token
 
+    @torch.no_grad()
+    def load_projections(self, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, proj_weight: torch.Tensor,
+                         proj_bias: torch.Tensor | None) -> None:
+        """Copy fused [W_Q; W_K; W_V] [3 H p, d] and output [d, H p] maps (nn.Linear layout) from another model."""
+        for linear, weight, bias in ((self.qkv, qkv_weight, qkv_bias), (self.proj, proj_weight, proj_bias)):
+            if tuple(weight.shape) != tuple(linear.weight.shape) or (bias is None) != (linear.bias is None):
+                raise ValueError(f"load_projections: expected weight {list(linear.weight.shape)} and "
+                                 f"{'a' if linear.bias is not None else 'no'} bias, got {list(weight.shape)}, "
+                                 f"{'no bias' if bias is None else 'a bias'}")
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+
     def attend(self, x, attn_mask, is_causal, grid=None):
         q, k, v = self.project_qkv(x)
         return self.proj(merge_heads(causal_sdpa(q, k, v, attn_mask, is_causal, dropout_p=self.attn_dropout)))
