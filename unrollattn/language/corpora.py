@@ -4,9 +4,10 @@ Corpus names (``prepare_corpus(name, tokenizer)``; a comma-separated list means 
 
 - ``kjv``: King James Bible from Debian ``bible-kjv`` (``bible -l100000 gen1:1-rev22:21``), one document per book
   (66), chapter headers and one numbered verse per line, as the ``bible`` program prints them.
-- ``austen``: the six novels of Debian ``r-cran-janeaustenr``. The .deb is fetched with ``apt-get download`` and
-  unpacked with ``dpkg-deb -x`` into ``<data root>/debian/r-cran-janeaustenr`` (R itself is never installed);
-  the R lazy-load database is read with the ``rdata`` package. One document per novel.
+- ``austen``: the six novels of Debian ``r-cran-janeaustenr``, unpacked by ``install.sh`` (``apt-get download`` +
+  ``dpkg-deb -x``, so R itself is never installed) into ``<data root>/debian/r-cran-janeaustenr`` (or installed
+  system-wide); the R lazy-load database is read with the ``rdata`` package. One document per novel. Nothing is
+  fetched at run time: a missing package is a :class:`CorpusUnavailable` naming the install step.
 - ``music21_en``: Austen's *Lady Susan* excerpt shipped by the ``music21`` wheel (optional, 127 kB).
 - ``text:<path or glob>``: local UTF-8 text files, one document per file (sorted by path).
 - ``hf:<dataset>[:<config>]``: a HF ``datasets`` corpus with a ``text`` column (``hf:openwebtext``,
@@ -35,7 +36,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -47,7 +47,8 @@ from ..train._io import atomic_path, atomic_write_json, sha256_file
 from .tokenizer import ByteTokenizer, get_tokenizer, hub_reachable, tokenizer_key
 
 __all__ = [
-    "AUSTEN_DEB", "CORPORA", "DATA_ENV", "FORMAT_VERSION", "CorpusUnavailable", "Document", "TokenCorpus",
+    "AUSTEN_DEB", "AUSTEN_INSTALL", "CORPORA", "DATA_ENV", "FORMAT_VERSION", "CorpusUnavailable", "Document",
+    "TokenCorpus",
     "austen_documents", "corpus_available", "corpus_key", "data_root", "kjv_documents", "list_corpora",
     "load_documents", "music21_documents", "prepare_corpus", "resolve_corpus", "split_document", "text_documents",
 ]
@@ -111,42 +112,31 @@ def _austen_candidates(root: Path) -> list[Path]:
     return [Path("/") / _AUSTEN_DATA, root / "debian" / AUSTEN_DEB / _AUSTEN_DATA]
 
 
-def austen_data_dir(root: Path | None = None, fetch: bool = True) -> Path:
-    """Directory holding janeaustenr's ``Rdata.rdx`` / ``Rdata.rdb``; fetched and unpacked when ``fetch``."""
+AUSTEN_INSTALL = (f"run `bash install.sh` as root (it unpacks the Debian package {AUSTEN_DEB} into the data root "
+                  f"without installing R, and pip-installs rdata)")
+
+
+def austen_data_dir(root: Path | None = None) -> Path:
+    """Directory holding janeaustenr's ``Rdata.rdx`` / ``Rdata.rdb`` (unpacked by install.sh, or installed)."""
     root = data_root() if root is None else Path(root)
-    for cand in _austen_candidates(root):
+    candidates = _austen_candidates(root)
+    for cand in candidates:
         if (cand / "Rdata.rdx").is_file() and (cand / "Rdata.rdb").is_file():
             return cand
-    instructions = (f"corpus 'austen' needs the Debian package {AUSTEN_DEB} unpacked (never apt-get install it: that "
-                    f"pulls all of R): cd \"$(mktemp -d)\" && apt-get download {AUSTEN_DEB} && dpkg-deb -x "
-                    f"{AUSTEN_DEB}_*.deb \"{root / 'debian' / AUSTEN_DEB}\"")
-    if not fetch or shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise CorpusUnavailable(instructions)
-    dest = root / "debian" / AUSTEN_DEB
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
-        dl = subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=tmp, capture_output=True, text=True, timeout=300)
-        debs = sorted(Path(tmp).glob(f"{AUSTEN_DEB}_*.deb"))
-        if dl.returncode != 0 or not debs:
-            raise CorpusUnavailable(f"apt-get download {AUSTEN_DEB} failed ({dl.stderr.strip()[-300:]}); "
-                                    f"run `apt-get update` first, or: {instructions}")
-        staged = Path(tmp) / "root"
-        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(staged)], check=True, capture_output=True, timeout=300)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staged, dest)  # the unpacked tree appears whole or not at all
-    return austen_data_dir(root, fetch=False)
+    raise CorpusUnavailable(f"corpus 'austen' needs the R data of {AUSTEN_DEB} (Rdata.rdx, Rdata.rdb) in one of "
+                            f"{', '.join(str(c) for c in candidates)}: {AUSTEN_INSTALL}")
 
 
-def austen_documents(root: Path | None = None, fetch: bool = True) -> list[Document]:
+def austen_documents(root: Path | None = None) -> list[Document]:
     """Jane Austen's six novels (one document each, lines joined by newlines) from janeaustenr's R data."""
     try:
         import rdata
     except ImportError:
-        raise CorpusUnavailable("corpus 'austen' reads R data with the rdata package: pip install rdata") from None
+        raise CorpusUnavailable(f"corpus 'austen' reads R data with the rdata package: pip install rdata, or "
+                                f"{AUSTEN_INSTALL}") from None
     import gzip
 
-    data = austen_data_dir(root, fetch)
+    data = austen_data_dir(root)
 
     def convert(raw: bytes) -> Any:
         return rdata.conversion.convert(rdata.parser.parse_data(raw, expand_altrep=True, extension=".rds"))
@@ -225,18 +215,10 @@ def _austen_available() -> bool:
     if find_spec("rdata") is None:
         return False
     try:
-        austen_data_dir(fetch=False)
+        austen_data_dir()
         return True
     except CorpusUnavailable:
-        return shutil.which("apt-get") is not None and shutil.which("dpkg-deb") is not None and _apt_knows_austen()
-
-
-def _apt_knows_austen() -> bool:
-    try:
-        out = subprocess.run(["apt-cache", "show", AUSTEN_DEB], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
         return False
-    return out.returncode == 0 and "Package:" in out.stdout
 
 
 def _music21_available() -> bool:
@@ -322,7 +304,7 @@ def _install_hint(spec: str) -> str:
     if spec == "kjv":
         return "apt-get install -y bible-kjv"
     if spec == "austen":
-        return f"pip install rdata, then apt-get download {AUSTEN_DEB} (unpacked automatically into the data root)"
+        return AUSTEN_INSTALL
     if spec == "music21_en":
         return "pip install --no-deps music21==10.5.0"
     if spec.startswith("hf:"):
