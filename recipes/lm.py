@@ -73,14 +73,15 @@ from unrollattn.train import (
 )
 
 __all__ = [
-    "DataConfig", "EvalConfig", "ICLConfig", "LAYERS_PER_GPT2_LAYER", "LMConfig", "LMTask", "ModelConfig", "PRESETS",
-    "TASKS", "TOKENIZER_NAMES", "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for",
+    "DEFAULT_PRESET", "DataConfig", "EvalConfig", "ICLConfig", "LAYERS_PER_GPT2_LAYER", "LMConfig", "LMTask",
+    "ModelConfig", "PRESETS", "TASKS", "TOKENIZER_NAMES", "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for",
     "ablation_metric", "build_lm", "export_hf_model", "load_config", "main", "model_kwargs", "registry_name",
     "run",
 ]
 
 VARIANTS = ("gpt2", "aot_mhsa", "aot_mssa", "crate", "crate_alpha", "bilateral", "gaussian", "twicing")
 VARIANT_KEY = "model.variant"
+DEFAULT_PRESET = "quick"  # what `python -m recipes.lm` and `unrollattn ablate lm` run without --preset
 TASKS = ("lm", "icl")
 TOKENIZER_NAMES = ("byte", "gpt2", "gpt2-files", "gpt2-hub")
 # Layers per GPT-2 layer at equal non-embedding parameters (weights per layer: 12 d^2 / 4 d^2 / 2 d^2 / 3 d^2).
@@ -595,7 +596,7 @@ def icl_quick() -> LMConfig:
 # ----------------------------------------------------------------------------------------------------- entry points
 
 
-def load_config(preset: str = "quick", overrides: Sequence[str] | None = None, *, resume: bool = False) -> LMConfig:
+def load_config(preset: str = DEFAULT_PRESET, overrides: Sequence[str] | None = None, *, resume: bool = False) -> LMConfig:
     """Preset ``preset`` with ``key=value`` overrides applied (``resume`` sets ``loop.resume``)."""
     cfg = apply_overrides(PRESETS.get(preset)(), list(overrides or []))
     return apply_overrides(cfg, ["loop.resume=true"]) if resume else cfg
@@ -636,7 +637,7 @@ def run(cfg: LMConfig) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``[--preset NAME] [--resume] [key=value ...]``; prints the summary as JSON."""
     return recipe_main(argv, prog="python -m recipes.lm", description=__doc__.split("\n\n")[0], presets=PRESETS,
-                       default_preset="quick", load_config=load_config, run=run)
+                       default_preset=DEFAULT_PRESET, load_config=load_config, run=run)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,94 @@ def test_ablate_keeps_other_variants_when_one_fails(tmp_path, capsys, monkeypatc
     rows = {r["variant"]: r for r in csv.DictReader((out_dir / "comparison.csv").open())}
     assert rows["aot_mssa"]["top1 %"] == "" and float(rows["vit"]["top1 %"]) >= 0
     assert "error" in json.loads((out_dir / "summaries.json").read_text())["aot_mssa"]
+
+
+# ----------------------------------------------------------------------------------------------- start-up and help
+
+HEAVY = ("torch", "timm", "transformers")
+
+
+def _command(tmp_path, *argv, via="script"):
+    """Run the command in a fresh interpreter, as pip's console script (a file named ``unrollattn`` doing
+    ``from unrollattn.cli import main``) or as ``python -m unrollattn.cli``, with ``-X importtime``."""
+    import os
+    import subprocess
+    import sys
+
+    if via == "script":
+        script = tmp_path / "unrollattn"
+        script.write_text("import sys\nfrom unrollattn.cli import main\nsys.exit(main())\n")
+        cmd = [sys.executable, "-X", "importtime", str(script), *argv]
+    else:
+        cmd = [sys.executable, "-X", "importtime", "-m", "unrollattn.cli", *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    errors = "\n".join(line for line in done.stderr.splitlines() if not line.startswith("import time:"))
+    return done.returncode, done.stdout, errors, imported
+
+
+@pytest.mark.parametrize("via", ["script", "module"])
+def test_help_does_not_import_torch_timm_or_transformers(tmp_path, via):
+    for argv in (("--help",), ("ablate", "--help"), ("train", "--help"), ("list", "--help")):
+        code, out, err, imported = _command(tmp_path, *argv, via=via)
+        assert code == 0 and out.startswith("usage: unrollattn"), (argv, err)
+        assert "unrollattn" in imported and not imported & set(HEAVY), (argv, sorted(imported & set(HEAVY)))
+    code, out, _, _ = _command(tmp_path, "ablate", "--help", via=via)
+    assert "recipe" in out and "classify, lm, restore" in out and "unrollattn ablate <recipe> --help" in out
+
+
+def test_a_subcommand_of_the_command_registers_everything(tmp_path):
+    code, out, err, imported = _command(tmp_path, "list", "aot_mssa_tiny", "--kind", "models")
+    assert code == 0, err
+    assert "aot_mssa_tiny_patch16_224" in out and {"torch", "timm"} <= imported
+
+
+def test_importing_the_package_registers_timm_and_hf_names():
+    import subprocess
+    import sys
+
+    script = ("import unrollattn, timm\n"
+              "from transformers import AutoConfig\n"
+              "assert timm.is_model('aot_mssa_tiny_patch16_224')\n"
+              "assert type(AutoConfig.for_model('unrollattn')).__name__ == 'UnrollAttnConfig'\n"
+              "assert unrollattn.build_attention and unrollattn.set_finite_checks and 'aot_mssa_lm_tiny' in unrollattn.MODELS\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_ablate_help_shows_the_recipes_own_variants_and_presets(capsys):
+    from recipes import classify, lm
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["ablate", "lm", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert f"from: {', '.join(lm.VARIANTS)}" in " ".join(out.split())
+    assert "vit" not in out.split("options:")[1] and "default: quick" in out and "gpt2_scale" in out
+    assert "unrollattn ablate lm --variants gpt2,aot_mhsa,aot_mssa,crate --preset quick" in out
+    with pytest.raises(SystemExit):
+        cli.main(["ablate", "--preset", "digits_debug", "classify", "-h"])  # the recipe after options
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"from: {', '.join(classify.VARIANTS)}; also:" in out and "bilateral" in out and "digits_debug" in out
+    with pytest.raises(SystemExit):
+        cli.main(["ablate", "restore", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "uglr" in out and "demosaic_quick" in out and "required: the recipe has no default" in out
+
+
+def test_ablate_without_preset_runs_the_recipes_default_or_names_the_presets(monkeypatch, tmp_path):
+    from recipes import lm, restore
+
+    assert cli.default_preset(lm) == lm.DEFAULT_PRESET == "quick"
+    seen = []
+    monkeypatch.setattr(lm, "run", lambda cfg: seen.append(cfg.preset) or {"variant": cfg.model.variant,
+                                                                            "run_dir": cfg.loop.out_dir})
+    cli.ablate("lm", ["gpt2"], out=tmp_path / "abl")
+    assert seen == ["quick"]
+    if getattr(restore, "DEFAULT_PRESET", None) is None:
+        with pytest.raises(ValueError, match="recipe 'restore' has no default preset; choose one with --preset: "
+                                             "demosaic, demosaic_quick, sr2, sr2_quick, tiny"):
+            cli.ablate("restore", ["bilinear"], out=tmp_path / "abl2")
+    else:
+        assert cli.default_preset(restore) == restore.DEFAULT_PRESET

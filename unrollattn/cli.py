@@ -2,12 +2,16 @@
 
     unrollattn list [pattern] [--kind models|attentions|blocks]
     unrollattn train <recipe> --preset NAME [--resume] key=value ...
-    unrollattn ablate <recipe> --variants a,b,c [--preset quick] [--out DIR] [--resume] key=value ...
+    unrollattn ablate <recipe> --variants a,b,c [--preset NAME] [--out DIR] [--resume] key=value ...
     unrollattn diagnose snr [args ...]
     unrollattn quickstart [key=value ...]
 
-Recipes are the modules of the top-level ``recipes`` package, imported on demand. Bad names and
-values end with ``error: ...`` and exit status 2 (set UNROLLATTN_TRACEBACK=1 to see the traceback).
+Recipes are the modules of the top-level ``recipes`` package, imported on demand; ``train <recipe> --help``
+and ``ablate <recipe> --help`` show that recipe's presets and variants. Bad names and values end with
+``error: ...`` and exit status 2 (set UNROLLATTN_TRACEBACK=1 to see the traceback).
+
+Start-up: the package's registration imports (torch, timm, transformers) wait until a subcommand runs,
+so help answers without them (see ``unrollattn.register_all``).
 """
 from __future__ import annotations
 
@@ -23,7 +27,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-__all__ = ["QUICKSTART_VARIANTS", "ablate", "exit_on_error", "import_recipe", "list_recipes", "main", "model_params"]
+from . import register_all
+
+__all__ = ["QUICKSTART_VARIANTS", "ablate", "default_preset", "exit_on_error", "import_recipe", "list_recipes", "main",
+           "model_params"]
 
 QUICKSTART_VARIANTS = ("vit", "aot_mssa", "aot_mhsa", "crate")
 USAGE_ERROR = 2
@@ -56,13 +63,33 @@ def list_recipes() -> list[str]:
 
 
 def import_recipe(name: str) -> ModuleType:
-    """``recipes.<name>``, with a clear error listing the recipes for an unknown name."""
+    """``recipes.<name>`` (after :func:`unrollattn.register_all`: recipes ask the registries for their variants),
+    with a clear error listing the recipes for an unknown name."""
     known = list_recipes()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ValueError(f"unknown recipe {name!r}; {hint}available: {', '.join(known) or '(none)'}")
+    register_all()
     return importlib.import_module(f"recipes.{name}")
+
+
+def default_preset(mod: ModuleType) -> str:
+    """The preset a recipe module runs when none is named: its ``DEFAULT_PRESET``, else ``quick`` when it has one;
+    otherwise a ValueError listing its presets."""
+    presets = mod.PRESETS.names()
+    name = getattr(mod, "DEFAULT_PRESET", None) or ("quick" if "quick" in presets else None)
+    if name is None:
+        recipe = mod.__name__.rsplit(".", 1)[-1]
+        raise ValueError(f"recipe {recipe!r} has no default preset; choose one with --preset: {', '.join(presets)}")
+    return name
+
+
+def _recipe_variants(mod: ModuleType) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the recipe's VARIANTS, the further names it accepts, e.g. other registered families)."""
+    main = tuple(mod.VARIANTS)
+    allowed = tuple(mod.available_variants()) if hasattr(mod, "available_variants") else main
+    return main, tuple(a for a in allowed if a not in main)
 
 
 # ----------------------------------------------------------------------------------------------- list
@@ -137,10 +164,11 @@ def _unique_dir(path: Path) -> Path:
     return candidate
 
 
-def ablate(recipe: str, variants: Sequence[str], *, preset: str = "quick", overrides: Sequence[str] = (),
+def ablate(recipe: str, variants: Sequence[str], *, preset: str | None = None, overrides: Sequence[str] = (),
            out: str | os.PathLike | None = None, resume: bool = False) -> tuple[str, dict[str, dict[str, Any]]]:
-    """Run ``recipe`` once per variant with the same preset and overrides; write comparison.md / .csv / .png
-    (and summaries.json) into ``out`` (default ``runs/ablate-<recipe>-<preset>``, suffixed -2, -3, ... if taken).
+    """Run ``recipe`` once per variant with the same preset (default: :func:`default_preset`) and overrides; write
+    comparison.md / .csv / .png (and summaries.json) into ``out`` (default ``runs/ablate-<recipe>-<preset>``,
+    suffixed -2, -3, ... if taken).
 
     Returns (markdown table, {variant: summary}). A variant that fails (e.g. diverges) does not stop the
     others: its row shows ``-`` and its error is in its summary (and summaries.json).
@@ -151,20 +179,19 @@ def ablate(recipe: str, variants: Sequence[str], *, preset: str = "quick", overr
     for attr in ("run", "load_config", "VARIANTS"):
         if not hasattr(mod, attr):
             raise ValueError(f"recipe {recipe!r} does not support ablations (it has no {attr})")
+    preset = default_preset(mod) if preset is None else preset
     variants = [v.strip() for v in variants if v.strip()]
     if not variants:
         raise ValueError(f"--variants: expected a comma-separated list, e.g. {','.join(mod.VARIANTS)}")
     if len(set(variants)) != len(variants):
         raise ValueError(f"--variants: duplicate names in {','.join(variants)}")
-    allowed = mod.available_variants() if hasattr(mod, "available_variants") else tuple(mod.VARIANTS)
-    unknown = [v for v in variants if v not in allowed]
+    main_variants, also = _recipe_variants(mod)
+    unknown = [v for v in variants if v not in main_variants + also]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], allowed, n=3, cutoff=0.4)
+        close = difflib.get_close_matches(unknown[0], main_variants + also, n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ValueError(f"unknown variant(s) {', '.join(map(repr, unknown))} for recipe {recipe!r}; {hint}"
-                         f"variants: {', '.join(mod.VARIANTS)}"
-                         + (f" (also: {', '.join(a for a in allowed if a not in mod.VARIANTS)})"
-                            if len(allowed) > len(mod.VARIANTS) else ""))
+                         f"variants: {', '.join(main_variants)}" + (f" (also: {', '.join(also)})" if also else ""))
     variant_key = getattr(mod, "VARIANT_KEY", "model.variant")
     reserved = {variant_key, "loop.out_dir", "loop.run_name", "out_dir", "run_name"}
     clash = [o for o in overrides if o.split("=", 1)[0].strip().lstrip("-") in reserved]
@@ -257,7 +284,66 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _recipe_choices() -> str:
+    try:
+        return f"one of: {', '.join(list_recipes())}"
+    except ValueError as err:
+        return str(err)
+
+
+def _ablate_arguments(p: argparse.ArgumentParser, mod: ModuleType | None, *, probe: bool = False) -> None:
+    """The arguments of ``ablate``, with the variants and presets of recipe ``mod`` in their help when given
+    (``probe``: everything optional, to find the recipe in a command line before the real parse)."""
+    if mod is None:
+        recipes = _recipe_choices()
+        variants = "comma-separated variants of the recipe (listed by: unrollattn ablate <recipe> --help)"
+        preset = "a preset of the recipe (default: the recipe's default preset)"
+    else:
+        main_variants, also = _recipe_variants(mod)
+        recipes = mod.__name__.rsplit(".", 1)[-1]
+        variants = f"comma-separated, from: {', '.join(main_variants)}" + (f"; also: {', '.join(also)}" if also else "")
+        try:
+            default = f"default: {default_preset(mod)}"
+        except ValueError:
+            default = "required: the recipe has no default"
+        preset = f"one of: {', '.join(mod.PRESETS.names())} ({default})"
+    p.add_argument("recipe", nargs="?" if probe else None, help=recipes)
+    p.add_argument("--variants", required=not probe, help=variants)
+    p.add_argument("--preset", default=None, help=preset)
+    p.add_argument("--out", default=None, help="output directory (default runs/ablate-<recipe>-<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the variants' runs in --out")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train <recipe>")
+
+
+def _ablate_epilog(mod: ModuleType | None) -> str:
+    if mod is None:
+        return "Variants and presets belong to the recipe: unrollattn ablate <recipe> --help lists them."
+    name = mod.__name__.rsplit(".", 1)[-1]
+    presets = mod.PRESETS.names()
+    try:
+        preset = default_preset(mod)
+    except ValueError:
+        preset = presets[0]
+    main_variants, _ = _recipe_variants(mod)
+    return (f"example:\n  unrollattn ablate {name} --variants {','.join(main_variants[:4])} --preset {preset}\n\n"
+            f"Config keys for the overrides: unrollattn train {name} --help")
+
+
+def _ablate_recipe_for_help(argv: Sequence[str]) -> ModuleType | None:
+    """The recipe module of ``ablate <recipe> ... --help`` (None for any other command line or an unknown recipe)."""
+    if not argv or argv[0] != "ablate" or not {"-h", "--help"} & set(argv[1:]):
+        return None
+    probe = argparse.ArgumentParser(add_help=False)
+    _ablate_arguments(probe, None, probe=True)
+    known, _ = probe.parse_known_args([a for a in argv[1:] if a not in ("-h", "--help")])
+    try:
+        return import_recipe(known.recipe) if known.recipe else None
+    except ValueError:
+        return None
+
+
+def build_parser(ablate_recipe: ModuleType | None = None) -> argparse.ArgumentParser:
+    """The command's parser; ``ablate_recipe`` (a recipe module) puts its variants and presets in ``ablate``'s help."""
     parser = argparse.ArgumentParser(prog="unrollattn", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
@@ -269,18 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("train", help="run a recipe: train <recipe> --preset NAME [--resume] key=value ...",
-                       add_help=False)
-    p.add_argument("recipe")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the recipe (try: train <recipe> --help)")
+                       add_help=False)  # train <recipe> --help is the recipe's own help
+    p.add_argument("-h", "--help", action="help", help="show this help message and exit")
+    p.add_argument("recipe", help=_recipe_choices())
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the recipe (its presets and config keys: "
+                                                           "train <recipe> --help)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("ablate", help="one recipe over several variants, then a comparison table and plot")
-    p.add_argument("recipe")
-    p.add_argument("--variants", required=True, help="comma-separated, e.g. vit,aot_mssa,aot_mhsa,crate")
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--out", default=None, help="output directory (default runs/ablate-<recipe>-<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue the variants' runs in --out")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    about = "one recipe over several variants, then a comparison table and plot"
+    p = sub.add_parser("ablate", help=about, description=about, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_ablate_epilog(ablate_recipe))
+    _ablate_arguments(p, ablate_recipe)
     p.set_defaults(func=_cmd_ablate)
 
     p = sub.add_parser("diagnose", help="interpretability diagnostics: diagnose snr [args ...]", add_help=False)
@@ -297,12 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``unrollattn`` command; returns the exit status."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_ablate_recipe_for_help(argv))
+    args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides that follow options (argparse does not intermix positionals)
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    register_all()  # the package's registrations, deferred while the command started (unrollattn/__init__.py)
     return exit_on_error(args.func, args)
 
 
