@@ -202,3 +202,81 @@ def test_ablate_without_preset_runs_the_recipes_default_or_names_the_presets(mon
             cli.ablate("restore", ["bilinear"], out=tmp_path / "abl2")
     else:
         assert cli.default_preset(restore) == restore.DEFAULT_PRESET
+
+
+# ----------------------------------------------------------------------------------------------- README snippets
+# The commands and code of the README sections on your own data and on loading runs back, run as written; the tests
+# only append budget overrides (a step or two, no adversarial evaluation) and replace the example paths.
+
+FAST_CLASSIFY = ("loop.max_steps=2", "loop.batch_size=8", "robust.num_images=0", "loop.progress=false")
+
+
+def _image_folder(root, size=20, per_class=6):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 100, (size, size + 2 * i, 3)) + 120 * c  # sizes differ: img_size resizes
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_readme_own_images_then_loading_the_run_back(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _image_folder(tmp_path / "my_images")
+    argv = "train classify --preset quick data.source=folder:my_images data.img_size=32 model.variant=crate".split()
+    code, out, err = run_cli(capsys, *argv, *FAST_CLASSIFY, "loop.run_name=my-run")
+    assert code == 0, err
+    assert json.loads(out[out.index("{"):])["data"].startswith("folder:my_images: 10 train / 2 test, 2 classes, 3x32x32")
+    argv = ("ablate classify --variants vit,aot_mssa,aot_mhsa,crate --preset quick data.source=folder:my_images "
+            "data.img_size=32").split()
+    code, out, err = run_cli(capsys, *argv, *FAST_CLASSIFY)
+    assert code == 0, err
+    assert (tmp_path / "runs" / "ablate-classify-quick" / "comparison.md").is_file()
+
+    import torch
+    from recipes import classify
+
+    run = "runs/my-run"                                 # a classify run directory
+    model, cfg = classify.load_model(run)               # config.json + the latest model.safetensors, in eval mode
+    data = classify.ClassifyTask(cfg).data              # the run's data again: classes, image size, mean / std
+    images = data.test_images[:8]                       # uint8 [B, C, H, W]
+    with torch.no_grad():
+        predicted = model(data.normalize(images)).argmax(-1)
+    print([data.class_names[i] for i in predicted])
+
+    assert set(capsys.readouterr().out.strip()[1:-1].replace("'", "").split(", ")) <= {"cat", "dog"}
+    mean, std = data.channel_stats()
+    x = images.float() / 255
+    torch.testing.assert_close(data.normalize(images), (x - mean[:, None, None]) / std[:, None, None])
+    torch.testing.assert_close(data.normalize(x), data.normalize(images))  # floats are taken as [0, 1]
+    trained = classify.ClassifyTask(cfg).build_model()
+    from safetensors.torch import load_file
+
+    weights = sorted((tmp_path / run / "checkpoints").glob("step_*/model.safetensors"))[-1]
+    trained.load_state_dict(load_file(weights))
+    for key, value in trained.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_readme_loading_a_restoration_run_back(tmp_path, monkeypatch):
+    from recipes import restore as restore_recipe
+
+    monkeypatch.chdir(tmp_path)
+    restore_recipe.run(restore_recipe.load_config("tiny", ["loop.run_name=my-restore-run", "loop.max_steps=2",
+                                                           "loop.device=cpu"]))
+
+    import torch
+    from recipes import restore
+    from unrollattn.vision.sampling import build_operator
+
+    model, cfg = restore.load_model("runs/my-restore-run")
+    x = torch.rand(1, 3, 64, 64)                        # an RGB image in [0, 1], even height and width
+    y = build_operator(cfg.task)(x)                     # what the model sees: the Bayer mosaic or the x2 grid
+    with torch.no_grad():
+        restored = model(y).clamp(0, 1)                 # [1, 3, 64, 64]
+
+    assert restored.shape == (1, 3, 64, 64) and cfg.task == "demosaic" and not model.training

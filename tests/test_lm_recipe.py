@@ -342,3 +342,43 @@ def test_recipe_reports_contamination_and_long_context(corpus_files):
     assert lm.LMTask(gpt2).build_model().config.n_positions == 2 * gpt2.data.block_size
     with pytest.raises(ValueError, match="val split .* shorter than one"):
         lm.LMTask(_tiny(corpus_files, "eval.context_factors=(400,)", "data.block_size=32"))
+
+
+# ----------------------------------------------------------------------------------------------------- README snippets
+
+
+def test_readme_own_text_then_tokenize_and_generate(tmp_path, monkeypatch, capsys):
+    """The README's commands and code as written; the test only adds budget overrides and the run name."""
+    from unrollattn import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UNROLLATTN_DATA", str(tmp_path / "data"))
+    (tmp_path / "my_texts").mkdir()
+    for i in range(2):
+        (tmp_path / "my_texts" / f"{i}.txt").write_text(_sentences(i, 600), encoding="utf-8")
+    argv = 'train lm --preset quick data.corpus=text:my_texts/*.txt data.shift_corpus= model.variant=aot_mssa'.split()
+    fast = ["loop.max_steps=2", "eval.windows=2", "eval.last_word_passages=0", "loop.progress=false",
+            "loop.run_name=my-lm", "model.depth=1"]
+    assert cli.main([*argv, *fast]) == 0
+    assert json.loads((tmp_path / "runs" / "my-lm" / "result.json").read_text())["corpus"].startswith("text:")
+    capsys.readouterr()
+
+    import unrollattn  # noqa: F401  (registers model_type "unrollattn" with the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    path = "runs/my-lm/hf_model"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+
+    inputs = tokenizer("And the king", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+
+    generator = pipeline("text-generation", model=path)
+    print(generator("And the king", max_new_tokens=40, do_sample=True, top_k=20)[0]["generated_text"])
+
+    printed = capsys.readouterr().out  # two continuations of the prompt (which may contain newlines)
+    assert printed.startswith("And the king") and printed.count("And the king") >= 2 and len(printed) > 2 * 13
+    assert out.shape[1] == len("And the king") + 40 and model.config.model_type == "unrollattn"
+    text = "naïve 日本 😀"
+    assert tokenizer.encode(text) == list(text.encode("utf-8")) and tokenizer.pad_token_id == 256
