@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unrollattn.core.graph import (
-    build_neighbourhood, degree, edge_weights, incidence_matvec, laplacian_matvec, neighbour_mask,
+    build_neighbourhood, degree, edge_weights, incidence_matvec, laplacian_matvec, neighbour_mask, row_inner_weights,
 )
 from unrollattn.core.reference import (
     cg_reference, dense_incidence, dense_laplacian, glr_interpolate_reference, glr_relaxed_reference,
@@ -100,6 +100,55 @@ def test_bad_step_sizes_raise():
         conjugate_gradient(lambda v: a @ v, b, iters=3, step_sizes=(torch.ones(3), torch.ones(1)))
     with pytest.raises(ValueError, match="x0"):
         conjugate_gradient(lambda v: a @ v, b, torch.zeros(2, 1, dtype=D), iters=3)
+
+
+def _row_problem():
+    """A row-normalised 4-neighbour graph on 3x4 (I + μD⁻¹L is not symmetric) and its degree weights."""
+    nbhd = build_neighbourhood("4", (3, 4))
+    f = torch.randn(2, 2, 12, 2, dtype=D, requires_grad=True)
+    w, log_deg = edge_weights(f, nbhd, normalization="row", return_log_degree=True)
+    return nbhd, f, w, row_inner_weights(log_deg), functools.partial(laplacian_matvec, w, nbhd.index)
+
+
+def test_degree_weighted_cg_is_exact_on_a_row_normalised_laplacian():
+    """Plain exact CG on I + μD⁻¹L silently solves nothing in particular (it assumes symmetry); with the degrees as
+    inner-product weights, n steps give the dense float64 solve, values and gradients."""
+    nbhd, f, w, d, lap = _row_problem()
+    mu = torch.tensor([2.0, 20.0], dtype=D).view(2, 1, 1).requires_grad_()
+    v = torch.rand(2, 2, 12, 3, dtype=D, requires_grad=True)
+    a = torch.eye(12, dtype=D) + mu * dense_laplacian(w, nbhd.index, 12)
+    assert not torch.allclose(a, a.transpose(-1, -2))
+    ref = torch.linalg.solve(a, v)
+    assert not torch.allclose(glr_denoise(v, lap, mu, iters=12), ref, atol=1e-3)  # the defect
+    x = glr_denoise(v, lap, mu, iters=12, inner_weights=d)
+    torch.testing.assert_close(x, ref)
+    assert v.min() <= x.min() and x.max() <= v.max()  # an averaging filter stays within the signal's range
+    probe = torch.randn_like(ref)
+    for a_, b_ in zip(torch.autograd.grad((x * probe).sum(), [v, f, mu], retain_graph=True),
+                      torch.autograd.grad((ref * probe).sum(), [v, f, mu], retain_graph=True)):
+        torch.testing.assert_close(a_, b_)
+    # the scale of the weights is irrelevant; a bad shape is a clear error
+    torch.testing.assert_close(glr_denoise(v, lap, mu, iters=12, inner_weights=7 * d.detach()), ref.detach())
+    with pytest.raises(ValueError, match="inner_weights: expected positive node weights broadcastable to b"):
+        conjugate_gradient(lambda s: s, v, iters=2, inner_weights=torch.ones(5, 1, dtype=D))
+
+
+def test_degree_weighted_cg_makes_row_normalised_interpolation_exact():
+    """Hard constraint (P_u D⁻¹L P_u) and relaxed, Jacobi-balanced (μP_o + D⁻¹L) systems stay self-adjoint in the
+    degree-weighted inner product: n exact CG steps equal the dense solves."""
+    nbhd, f, w, d, lap = _row_problem()
+    observed = torch.zeros(12, dtype=torch.bool)
+    observed[[0, 5, 11]] = True
+    y = torch.randn(2, 2, 12, 2, dtype=D)
+    dense = dense_laplacian(w, nbhd.index, 12)
+    ref = _per_column(lambda b, g, c: glr_interpolate_reference(observed, y[b, g, :, c], dense[b, g]), y)
+    torch.testing.assert_close(glr_interpolate(observed, y, lap, iters=9, inner_weights=d), ref)
+    mu = torch.tensor([0.5, 3.0], dtype=D).view(2, 1, 1)
+    relaxed = _per_column(lambda b, g, c: glr_relaxed_reference(observed, y[b, g, :, c], dense[b, g], mu[g, 0, 0]), y)
+    assert not torch.allclose(glr_interpolate(observed, y, lap, iters=12, fidelity=mu), relaxed, atol=1e-3)
+    torch.testing.assert_close(glr_interpolate(observed, y, lap, iters=12, fidelity=mu, inner_weights=d), relaxed)
+    torch.testing.assert_close(glr_interpolate(observed, y, lap, iters=12, fidelity=mu, diagonal=degree(w),
+                                               inner_weights=d), relaxed)
 
 
 # ------------------------------------------------------------------------------------ GLR interpolation

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import unrollattn
 from unrollattn.core.reference import cg_reference, graph_weights_reference, gtv_denoise_reference, neighbourhood_reference
+from unrollattn.core.subspace import merge_heads
 from unrollattn.layers import build_attention, build_block
 from unrollattn.layers.graph_attention import GraphLaplacianAttention, GraphTotalVariationAttention
 from unrollattn.vision.backbone import create_unrolled_vit, set_token_geometry
@@ -182,6 +183,47 @@ def test_exact_glr_filter_is_the_low_pass_solve():
                                 torch.diag_embed(layer.metric.exp()), "symmetric")
     a = torch.eye(12, dtype=D) + layer.log_mu.exp().view(1, 2, 1, 1) * (torch.diag_embed(w.sum(-1)) - w)
     torch.testing.assert_close(layer.filter(v, weights, nbhd, False), torch.linalg.solve(a, v))
+
+
+def test_exact_glr_with_row_normalization_is_the_low_pass_solve():
+    """Row normalisation makes I + μD⁻¹L non-symmetric: plain exact CG returned values far outside the solution's
+    range (the solution of an averaging filter stays within v's). CG in the degree-weighted inner product is exact:
+    12 steps on 12 nodes give the dense float64 solve, values and gradients."""
+    torch.manual_seed(0)
+    layer = build_attention("glr", 8, 2, neighbourhood="4", normalization="row", step_sizes="exact", iters=12,
+                            feature_dim=2, metric_init=8.0, mu_init=20.0).double()  # sharp weights, strong smoothing
+    layer.set_geometry(grid=(3, 4))
+    x = torch.randn(1, 12, 8, dtype=D, requires_grad=True)
+    v = torch.rand(1, 2, 12, 4, dtype=D)
+
+    def dense(x, v):
+        mu = layer.log_mu.exp().view(1, 2, 1, 1)
+        return torch.linalg.solve(torch.eye(12, dtype=D) + mu * _dense_row_laplacian(layer, x), v)
+
+    def fast(x):
+        weights, nbhd, _, log_degree = layer.graph(x, return_log_degree=True)
+        return layer.filter(v, weights, nbhd, False, log_degree)
+
+    out, ref = fast(x), dense(x, v)
+    assert v.min() <= ref.min() and ref.max() <= v.max()
+    torch.testing.assert_close(out, ref)
+    probe = torch.randn_like(ref)
+    params = [x, layer.metric, layer.log_mu, layer.features.weight]
+    for a, b in zip(torch.autograd.grad((out * probe).sum(), params), torch.autograd.grad((ref * probe).sum(), params)):
+        torch.testing.assert_close(a, b)
+    weights, nbhd, _ = layer.graph(x)
+    with pytest.raises(ValueError, match="log_degree: exact CG on a row-normalised graph needs"):
+        layer.filter(v, weights, nbhd, False)
+    # the whole layer runs the same filter
+    values = layer.values(x).view(1, 12, 2, 4).transpose(1, 2)
+    torch.testing.assert_close(layer(x), layer.proj(merge_heads(dense(x, values))))
+
+
+def _dense_row_laplacian(layer, x):
+    """D⁻¹(D − W) of the layer's row-normalised graph on a 3×4 grid, dense."""
+    w = graph_weights_reference(layer.node_features(x), neighbourhood_reference("4", (3, 4)),
+                                torch.diag_embed(layer.metric.exp()), "row")
+    return torch.diag_embed(w.sum(-1)) - w
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -374,7 +374,7 @@ def edge_logits(features: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
 
 
 def normalize_edges(logits: torch.Tensor, index: torch.Tensor, normalization: str = "none", *,
-                    eps: float = 1e-12) -> torch.Tensor:
+                    eps: float = 1e-12, return_log_degree: bool = False):
     """Weights from log-weights [B, G, N, k] (−inf = no edge); exactly 0 on missing edges.
 
     "none":      w_ij = exp(ℓ_ij)
@@ -383,21 +383,36 @@ def normalize_edges(logits: torch.Tensor, index: torch.Tensor, normalization: st
     Isolated nodes (no edge) get an all-zero row; a degree below ``eps`` is clamped to ``eps`` (only
     reachable on directed graphs, where j ∈ N(i) may have no neighbours of its own), so nothing divides by 0.
     Computed in the log domain, so tiny weights do not underflow before normalisation.
+    ``return_log_degree``: also return log d_i [B, G, N] of the un-normalised weights (clamped at log ``eps``),
+    e.g. for :func:`row_inner_weights`.
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")
-    if normalization == "none":
+    if normalization == "none" and not return_log_degree:
         return torch.exp(logits)
     m = logits.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()  # isolated rows: any finite shift
     e = torch.exp(logits - m)  # 0 on missing edges
     s = e.sum(-1, keepdim=True)
-    if normalization == "row":
-        return e / s.clamp_min(eps)
-    log_deg = (m + torch.log(s.clamp_min(eps))).squeeze(-1)  # log d_i
-    log_deg = log_deg.clamp_min(math.log(eps))  # degree clamp: isolated nodes count as degree eps
-    # ½(log d_i + log d_j) is commutative in floating point, so w̄_ij == w̄_ji bit for bit; exp(−inf) = 0 off-graph
-    return torch.exp(logits - 0.5 * (log_deg.unsqueeze(-1) + log_deg[..., index]))
+    log_deg = (m + torch.log(s.clamp_min(eps))).squeeze(-1).clamp_min(math.log(eps))  # log d_i; isolated: log eps
+    if normalization == "none":
+        weights = torch.exp(logits)
+    elif normalization == "row":
+        weights = e / s.clamp_min(eps)
+    else:  # ½(log d_i + log d_j) is commutative in floating point, so w̄_ij == w̄_ji bit for bit; exp(−inf) = 0 off-graph
+        weights = torch.exp(logits - 0.5 * (log_deg.unsqueeze(-1) + log_deg[..., index]))
+    return (weights, log_deg) if return_log_degree else weights
+
+
+def row_inner_weights(log_degree: torch.Tensor | None) -> torch.Tensor:
+    """Node weights d_i / max_j d_j [B, G, N, 1] of the inner product in which the row-normalised Laplacian
+    D⁻¹L (``normalize_edges`` "row") is self-adjoint: D·D⁻¹L = L is symmetric when the raw weights are, so exact
+    CG with these ``inner_weights`` (core.solvers) is exact on (I + μD⁻¹L) x = v. The scale per graph does not
+    change CG's steps, so the maximum is a constant (detached). ``log_degree`` None is a ValueError."""
+    if log_degree is None:
+        raise ValueError("log_degree: exact CG on a row-normalised graph needs the graph's log-degrees "
+                         "(edge_weights(..., return_log_degree=True)); without them CG solves the wrong system")
+    return torch.exp(log_degree - log_degree.amax(-1, keepdim=True).detach()).unsqueeze(-1)
 
 
 def neighbour_mask(attn_mask: torch.Tensor, index: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -417,13 +432,14 @@ def neighbour_mask(attn_mask: torch.Tensor, index: torch.Tensor, offset: int = 0
 
 def edge_weights(features: torch.Tensor, neighbourhood: Neighbourhood, *, metric: torch.Tensor | None = None,
                  normalization: str = "none", similarity: str = "mahalanobis", clip: float | None = None,
-                 mask: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, eps: float = 1e-12, return_log_degree: bool = False):
     """Edge weights [B, G, N, k] aligned with ``neighbourhood.index`` from node features f [B, G, N, K].
 
     w_ij = exp(−(f_i − f_j)ᵀ M (f_i − f_j)) on j ∈ N(i) (A.4), then ``normalization`` (see
     :func:`normalize_edges`). ``metric``: None, log-diagonal [G, K], or factor Q [G, R, K] (M = QᵀQ).
     ``mask`` [.., N, k] in neighbour layout (see :func:`neighbour_mask`): bool (False drops the edge) or
     additive float added to the log-weight, applied before normalisation. Invalid neighbours get 0.
+    ``return_log_degree``: (weights, log d_i [B, G, N]) as in :func:`normalize_edges`.
     """
     logits = edge_logits(features, neighbourhood.index, neighbourhood.valid, metric=metric,
                          similarity=similarity, clip=clip, offsets=neighbourhood.flat_offsets)
@@ -432,7 +448,7 @@ def edge_weights(features: torch.Tensor, neighbourhood: Neighbourhood, *, metric
             logits = logits.masked_fill(~mask, float("-inf"))
         else:
             logits = logits + mask.to(logits.dtype)
-    return normalize_edges(logits, neighbourhood.index, normalization, eps=eps)
+    return normalize_edges(logits, neighbourhood.index, normalization, eps=eps, return_log_degree=return_log_degree)
 
 
 # ------------------------------------------------------------------------------------------- mat-vecs
@@ -523,5 +539,5 @@ __all__ = [
     "build_neighbourhood", "degree", "edge_logits", "edge_weights", "equivalent_band", "gather_neighbours",
     "grid_offsets", "incidence_gram_diagonal", "incidence_matvec", "incidence_t_matvec", "is_grid_kind", "is_sequence_kind",
     "laplacian_matvec", "metric_features", "neighbour_mask", "neighbourhood_radius", "neighbourhood_size",
-    "normalize_edges", "sequence_offsets", "shift_neighbours",
+    "normalize_edges", "row_inner_weights", "sequence_offsets", "shift_neighbours",
 ]

@@ -12,6 +12,11 @@ replaces the formulas by given tensors, alpha [K, ...], beta [K−1, ...] (or [K
 unused), each row broadcastable to the per-column scalar shape (e.g. [K, G, 1, 1] per graph/head).
 Learned steps need no inner products, so they keep an operator's locality (a causal operator stays
 causal); exact CG's α_k, β_k are global reductions over the nodes.
+
+Exact CG needs A self-adjoint positive definite. A row-normalised graph Laplacian D⁻¹L is not symmetric, but it
+is self-adjoint in the degree-weighted inner product ⟨r, s⟩_D = Σ_i d_i r_i s_i (D·D⁻¹L = L): pass those weights
+as ``inner_weights`` (``core.graph.row_inner_weights``) and exact CG is exact again; without them it silently
+returns a wrong answer on such a system.
 """
 from __future__ import annotations
 
@@ -49,8 +54,26 @@ def _check_steps(step_sizes, iters: int, name: str = "step_sizes") -> StepSizes 
     return alpha, beta
 
 
+def _broadcasts_to(t: torch.Tensor, shape: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(t.shape, shape) == shape
+    except RuntimeError:
+        return False
+
+
+def _check_inner_weights(inner_weights, b: torch.Tensor):
+    if inner_weights is None:
+        return None
+    if not (isinstance(inner_weights, torch.Tensor) and _broadcasts_to(inner_weights, b.shape)):
+        got = list(inner_weights.shape) if isinstance(inner_weights, torch.Tensor) else type(inner_weights).__name__
+        raise ValueError(f"inner_weights: expected positive node weights broadcastable to b {list(b.shape)} "
+                         f"(e.g. [..., N, 1]), got {got}")
+    return inner_weights
+
+
 def conjugate_gradient(matvec: MatVec, b: torch.Tensor, x0: torch.Tensor | None = None, iters: int = 10, *,
-                       step_sizes: StepSizes | None = None, dim: int = -2) -> torch.Tensor:
+                       step_sizes: StepSizes | None = None, dim: int = -2,
+                       inner_weights: torch.Tensor | None = None) -> torch.Tensor:
     """K unrolled CG steps for A x = b (A.2), with A given as ``matvec``.
 
     Exact:   α_k = r_kᵀr_k / p_kᵀA p_k,  x_{k+1} = x_k + α_k p_k,  r_{k+1} = r_k − α_k A p_k,
@@ -59,12 +82,21 @@ def conjugate_gradient(matvec: MatVec, b: torch.Tensor, x0: torch.Tensor | None 
     On an SPD A, exact CG reaches the solution after at most n steps (n = size of the system) up to rounding,
     and its autograd gradients then equal those of A^{-1}b for symmetric perturbations of A (e.g. w.r.t. the
     features of a symmetric graph), not for a perturbation of one entry A_ij alone.
+    ``inner_weights`` d (positive, broadcastable to b, e.g. [..., N, 1]): exact CG in the inner product
+    ⟨r, s⟩ = Σ_i d_i r_i s_i, for an A self-adjoint positive definite in it (DA symmetric PD, e.g. I + μD⁻¹L with
+    D the degrees); the same n-step exactness and gradients (for perturbations keeping DA symmetric). Learned
+    steps use no inner products and ignore it.
     """
     if not isinstance(b, torch.Tensor) or b.ndim < 1:
         raise ValueError(f"b: expected a tensor [..., N, C], got {type(b).__name__}")
     if iters < 0:
         raise ValueError(f"iters: expected >= 0, got {iters}")
     steps = _check_steps(step_sizes, iters)
+    weight = _check_inner_weights(inner_weights, b)
+
+    def inner(u, v):
+        return (u * v if weight is None else weight * u * v).sum(dim, keepdim=True)
+
     x = torch.zeros_like(b) if x0 is None else x0
     if x0 is not None and x0.shape != b.shape:
         raise ValueError(f"x0: expected shape {list(b.shape)} like b, got {list(x0.shape)}")
@@ -72,16 +104,16 @@ def conjugate_gradient(matvec: MatVec, b: torch.Tensor, x0: torch.Tensor | None 
         return x
     r = b - matvec(x) if x0 is not None else b
     p = r
-    rr = (r * r).sum(dim, keepdim=True) if steps is None else None
+    rr = inner(r, r) if steps is None else None
     for k in range(iters):
         ap = matvec(p)
-        alpha = _safe_ratio(rr, (p * ap).sum(dim, keepdim=True)) if steps is None else steps[0][k]
+        alpha = _safe_ratio(rr, inner(p, ap)) if steps is None else steps[0][k]
         x = x + alpha * p
         if k == iters - 1:
             break
         r = r - alpha * ap
         if steps is None:
-            rr_next = (r * r).sum(dim, keepdim=True)
+            rr_next = inner(r, r)
             beta = _safe_ratio(rr_next, rr)
             rr = rr_next
         else:
@@ -99,12 +131,9 @@ def _observed(observed_mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"observed_mask: expected [N={y.shape[-2]}] or a shape broadcastable to y "
                              f"{list(y.shape)}, got {list(mask.shape)}")
         mask = mask[:, None]
-    try:
-        if torch.broadcast_shapes(mask.shape, y.shape) != y.shape:
-            raise RuntimeError
-    except RuntimeError:
+    if not _broadcasts_to(mask, y.shape):
         raise ValueError(f"observed_mask: expected [N] or a shape broadcastable to y {list(y.shape)}, "
-                         f"got {list(observed_mask.shape)}") from None
+                         f"got {list(observed_mask.shape)}")
     return mask.to(dtype=y.dtype)
 
 
@@ -114,20 +143,22 @@ def _check_fidelity(fidelity) -> None:
 
 
 def _relaxed_solve(base: MatVec, diag: torch.Tensor, o: torch.Tensor, q, rhs: torch.Tensor, x0: torch.Tensor,
-                   iters: int, step_sizes) -> torch.Tensor:
+                   iters: int, step_sizes, inner_weights=None) -> torch.Tensor:
     """CG on (q P_o + A) x = rhs with the Jacobi-balanced system S(qP_o + A)S x' = S rhs, x = S x',
     S = diag(d / (d + q o))^{1/2}, d = diag(A) clamped at 1e-6 (isolated nodes): the same minimiser; the scaled
-    operator has A's diagonal, so learned step sizes keep the scale they have on the hard-constraint system."""
+    operator has A's diagonal, so learned step sizes keep the scale they have on the hard-constraint system.
+    S is diagonal, so an A self-adjoint in ``inner_weights`` keeps the scaled system self-adjoint in them."""
     d = diag.unsqueeze(-1).clamp_min(1e-6)
     s = torch.sqrt(d / (d + q * o))
     x = conjugate_gradient(lambda v: s * (q * (o * (s * v)) + base(s * v)), s * rhs, x0 / s, iters,
-                           step_sizes=step_sizes)
+                           step_sizes=step_sizes, inner_weights=inner_weights)
     return s * x
 
 
 def glr_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, laplacian_matvec: MatVec, iters: int,
                     x0: torch.Tensor | None = None, step_sizes: StepSizes | None = None, *,
-                    fidelity=None, diagonal: torch.Tensor | None = None) -> torch.Tensor:
+                    fidelity=None, diagonal: torch.Tensor | None = None,
+                    inner_weights: torch.Tensor | None = None) -> torch.Tensor:
     """GLR interpolation min_x xᵀLx s.t. Hx = y by K CG steps on L_uu x_u = −L_uo y (A.2).
 
     ``observed_mask`` (bool [N] or broadcastable to y) marks the observed nodes; ``y`` [..., N, C] holds
@@ -141,7 +172,9 @@ def glr_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, laplacian_matv
     connected component of the graph holds an observed node; μ → ∞ recovers the hard constraint. The
     observed samples are then filtered too (a noisy sample is not copied to the output). ``diagonal``
     [..., N] = diag(L) (the degrees, ``core.graph.degree``) balances the system (see ``_relaxed_solve``);
-    without it CG runs on the system as it is.
+    without it CG runs on the system as it is. ``inner_weights``: for a row-normalised L = D⁻¹L_sym, the
+    degrees d ([..., N, 1], ``core.graph.row_inner_weights``) make exact CG exact (P_u and P_o are diagonal, so
+    both systems stay self-adjoint in ⟨·,·⟩_D; see :func:`conjugate_gradient`).
     """
     o = _observed(observed_mask, y)
     _check_fidelity(fidelity)
@@ -150,12 +183,14 @@ def glr_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, laplacian_matv
     if fidelity is not None:
         start = y_o if x0 is None else x0
         if diagonal is not None:
-            return _relaxed_solve(laplacian_matvec, diagonal, o, fidelity, fidelity * y_o, start, iters, step_sizes)
+            return _relaxed_solve(laplacian_matvec, diagonal, o, fidelity, fidelity * y_o, start, iters, step_sizes,
+                                  inner_weights)
         return conjugate_gradient(lambda v: fidelity * (o * v) + laplacian_matvec(v), fidelity * y_o, start, iters,
-                                  step_sizes=step_sizes)
+                                  step_sizes=step_sizes, inner_weights=inner_weights)
     b = -u * laplacian_matvec(y_o)
     start = None if x0 is None else u * x0
-    x_u = conjugate_gradient(lambda v: u * laplacian_matvec(u * v), b, start, iters, step_sizes=step_sizes)
+    x_u = conjugate_gradient(lambda v: u * laplacian_matvec(u * v), b, start, iters, step_sizes=step_sizes,
+                             inner_weights=inner_weights)
     return y_o + u * x_u
 
 
@@ -249,14 +284,16 @@ def gtv_admm_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, weights: 
 
 
 def glr_denoise(v: torch.Tensor, laplacian_matvec: MatVec, mu, iters: int, *, x0: torch.Tensor | None = None,
-                step_sizes: StepSizes | None = None) -> torch.Tensor:
+                step_sizes: StepSizes | None = None, inner_weights: torch.Tensor | None = None) -> torch.Tensor:
     """GLR denoising min_x ‖x − v‖² + μ xᵀLx, i.e. (I + μL) x = v, by K CG steps from x0 (default v).
 
     The graph low-pass filter used inside transformer layers (no interpolation constraint there).
-    ``mu``: float or tensor broadcastable to v (e.g. [G, 1, 1] per graph).
+    ``mu``: float or tensor broadcastable to v (e.g. [G, 1, 1] per graph). Exact CG (``step_sizes=None``) on a
+    row-normalised L = D⁻¹L_sym (not symmetric) needs ``inner_weights`` = the degrees d [..., N, 1]
+    (``core.graph.row_inner_weights``): I + μD⁻¹L_sym is self-adjoint in ⟨·,·⟩_D (:func:`conjugate_gradient`).
     """
     return conjugate_gradient(lambda s: s + mu * laplacian_matvec(s), v, v if x0 is None else x0, iters,
-                              step_sizes=step_sizes)
+                              step_sizes=step_sizes, inner_weights=inner_weights)
 
 
 def gtv_admm_denoise(v: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, lam, rho, iters: int,

@@ -7,7 +7,8 @@ The learned graph *is* the attention matrix and an unrolled solver *is* the valu
    M = QᵀQ);
 2. a sparse graph on the token neighbourhood, w_ij = exp(−(f_i − f_j)ᵀM(f_i − f_j)) (A.4), normalised
    (``normalization`` "symmetric" (default, keeps the operators symmetric PSD), "row" (softmax over the
-   neighbourhood, the self-attention form) or "none");
+   neighbourhood, the self-attention form; exact CG then runs in the degree-weighted inner product, in which
+  I + μD⁻¹L is self-adjoint, see ``core.solvers``) or "none");
 3. a graph low-pass filter of the value projection v = W_v x, per head:
    * ``glr``: K unrolled CG steps on (I + μL) out = v, i.e. min ‖out − v‖² + μ outᵀL out (A.2 without
      the interpolation constraint);
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 from ..core.graph import (
     NORMALIZATIONS, SIMILARITIES, Neighbourhood, build_neighbourhood, edge_weights, equivalent_band, is_grid_kind,
-    is_sequence_kind, laplacian_matvec, metric_features, neighbour_mask, neighbourhood_size,
+    is_sequence_kind, laplacian_matvec, metric_features, neighbour_mask, neighbourhood_size, row_inner_weights,
 )
 from ..core.solvers import glr_denoise, gtv_admm_denoise
 from ..core.subspace import merge_heads
@@ -137,16 +138,26 @@ class GraphAttentionBase(AttentionLayer):
         f = self.features(x).view(b, n, self.num_heads, self.feature_dim).transpose(1, 2)
         return F.normalize(f, dim=-1) if self.normalize_features else f
 
-    def graph(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, grid=None):
-        """The learned graph for tokens x [B, N, C]: (weights [B, G, N−P, k], neighbourhood, P)."""
+    def graph(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, grid=None, *,
+              return_log_degree: bool = False):
+        """The learned graph for tokens x [B, N, C]: (weights [B, G, N−P, k], neighbourhood, P), and with
+        ``return_log_degree`` the log-degrees [B, G, N−P] of the un-normalised weights as a fourth item."""
         grid = grid or self.grid
         nbhd, prefix = self.plan(x.shape[1], is_causal, grid)
-        return self._weights(self.node_features(x), nbhd, prefix, attn_mask), nbhd, prefix
+        weights, log_degree = self._weights(self.node_features(x), nbhd, prefix, attn_mask, return_log_degree)
+        return (weights, nbhd, prefix, log_degree) if return_log_degree else (weights, nbhd, prefix)
 
-    def _weights(self, f, nbhd, prefix, attn_mask):
+    @property
+    def needs_degrees(self) -> bool:
+        """Whether ``filter`` needs the graph's log-degrees (exact CG on a row-normalised graph)."""
+        return False
+
+    def _weights(self, f, nbhd, prefix, attn_mask, with_degrees: bool = False):
+        """(edge weights [B, G, N−P, k], their log-degrees [B, G, N−P] if ``with_degrees`` else None)."""
         mask = None if attn_mask is None else neighbour_mask(attn_mask, nbhd.index, offset=prefix)
-        return edge_weights(f[:, :, prefix:], nbhd, metric=self.metric, normalization=self.normalization,
-                            similarity=self.similarity, clip=self.clip, mask=mask)
+        out = edge_weights(f[:, :, prefix:], nbhd, metric=self.metric, normalization=self.normalization,
+                           similarity=self.similarity, clip=self.clip, mask=mask, return_log_degree=with_degrees)
+        return out if with_degrees else (out, None)
 
     def _prefix_rows(self, f, v, prefix, attn_mask):
         """Prefix tokens: dense softmax over all tokens of the same similarity, applied to v (O(P·N))."""
@@ -174,15 +185,17 @@ class GraphAttentionBase(AttentionLayer):
         f = self.node_features(x)
         v = self.values(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, G, N, p]
         nbhd, prefix = self.plan(n, is_causal, grid)
-        weights = self.attn_drop(self._weights(f, nbhd, prefix, attn_mask))
-        out = self.filter(v[:, :, prefix:], weights, nbhd, is_causal)
+        weights, log_degree = self._weights(f, nbhd, prefix, attn_mask, self.needs_degrees)
+        out = self.filter(v[:, :, prefix:], self.attn_drop(weights), nbhd, is_causal, log_degree)
         if prefix:
             out = torch.cat([self._prefix_rows(f, v, prefix, attn_mask), out], dim=2)
         return self.proj(merge_heads(out))
 
     @abstractmethod
-    def filter(self, v: torch.Tensor, weights: torch.Tensor, nbhd: Neighbourhood, causal: bool) -> torch.Tensor:
-        """Graph low-pass filter of v [B, G, N, p] on the graph (weights [B, G, N, k], nbhd); ``causal``: past-only graph."""
+    def filter(self, v: torch.Tensor, weights: torch.Tensor, nbhd: Neighbourhood, causal: bool,
+               log_degree: torch.Tensor | None = None) -> torch.Tensor:
+        """Graph low-pass filter of v [B, G, N, p] on the graph (weights [B, G, N, k], nbhd); ``causal``: past-only graph;
+        ``log_degree`` [B, G, N]: the graph's log-degrees, required when ``needs_degrees``."""
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
@@ -227,9 +240,16 @@ class GraphLaplacianAttention(GraphAttentionBase):
         beta = _per_head(self.log_beta.exp()) if self.log_beta is not None else None
         return _per_head(self.log_alpha.exp()), beta
 
-    def filter(self, v, weights, nbhd, causal):
+    @property
+    def needs_degrees(self) -> bool:
+        """Exact CG on the row-normalised (non-symmetric) I + μD⁻¹L runs in the degree-weighted inner product."""
+        return self.step_mode == "exact" and self.normalization == "row"
+
+    def filter(self, v, weights, nbhd, causal, log_degree=None):
+        inner = row_inner_weights(log_degree) if self.needs_degrees else None
         lap = lambda s: laplacian_matvec(weights, nbhd.index, s, offsets=nbhd.flat_offsets)  # noqa: E731
-        return glr_denoise(v, lap, _per_head(self.log_mu.exp()), self.iters, step_sizes=self.step_sizes())
+        return glr_denoise(v, lap, _per_head(self.log_mu.exp()), self.iters, step_sizes=self.step_sizes(),
+                           inner_weights=inner)
 
 
 @register_attention("gtv", params_per_layer="2 d^2 + d*H*K (+ H*K metric)",
@@ -270,7 +290,7 @@ class GraphTotalVariationAttention(GraphAttentionBase):
         beta = _per_head(self.log_beta.exp()) if self.log_beta is not None else [None] * self.iters
         return [(alpha[t], beta[t]) for t in range(self.iters)]
 
-    def filter(self, v, weights, nbhd, causal):
+    def filter(self, v, weights, nbhd, causal, log_degree=None):  # C_wᵀC_w is symmetric for any weights: no degrees
         index_e, _, cols = nbhd.edges()
         w_e = weights.index_select(-1, cols)
         rho = _per_head(self.log_rho.exp())

@@ -18,8 +18,9 @@ Structure of :class:`GraphInterpolationNet` (A.0: "a chain of blocks, each prece
    a. f = CNN_b([x^{b-1}, mask]) ∈ R^{G·K} per pixel — a shallow CNN (3×3 convs, ``width`` channels,
       replicate padding) of the current estimate and the sampling mask, K = ``feature_dim`` per head;
    b. per head g: w_ij = exp(−(f_i − f_j)ᵀ M_g (f_i − f_j)) on the pixel-grid ``neighbourhood``
-      ("4", "8", "window{k}"), normalised (``normalization``: "symmetric" keeps L SPD for CG, "row",
-      "none"); M_g diagonal (exp of log-params) or full (M = QᵀQ) (A.4);
+      ("4", "8", "window{k}"), normalised (``normalization``: "symmetric" keeps L SPD for CG, "row" (exact CG
+      then runs in the degree-weighted inner product, in which D⁻¹L is self-adjoint), "none"); M_g diagonal (exp
+      of log-params) or full (M = QᵀQ) (A.4);
    c. the colour planes are graph signals on that one shared graph; the prior is minimised under the
       interpolation constraint H x = y, warm-started at x^{b-1}. With ``colour_difference`` (default for
       demosaicking) the signals are (R − ĝ, G, B − ĝ), ĝ the block's input green plane (observed there
@@ -50,6 +51,7 @@ import torch.nn as nn
 
 from ..core.graph import (
     NORMALIZATIONS, SIMILARITIES, build_neighbourhood, degree, edge_weights, is_grid_kind, laplacian_matvec,
+    row_inner_weights,
     neighbourhood_radius,
 )
 from ..core.solvers import glr_interpolate, gtv_admm_interpolate
@@ -166,10 +168,16 @@ class GraphBlock(nn.Module):
         f = self.features(inp).view(b, self.heads, self.feature_dim, h * w)
         return f.transpose(2, 3)
 
-    def graph(self, x: torch.Tensor, mask: torch.Tensor, nbhd) -> torch.Tensor:
-        """Edge weights [B, G, N, k] of the learned graph on ``nbhd`` (A.4)."""
+    def graph(self, x: torch.Tensor, mask: torch.Tensor, nbhd, *, return_log_degree: bool = False):
+        """Edge weights [B, G, N, k] of the learned graph on ``nbhd`` (A.4); with ``return_log_degree`` also the
+        log-degrees [B, G, N] of the un-normalised weights."""
         return edge_weights(self.node_features(x, mask), nbhd, metric=self.metric, normalization=self.normalization,
-                            similarity=self.similarity, clip=self.clip)
+                            similarity=self.similarity, clip=self.clip, return_log_degree=return_log_degree)
+
+    @property
+    def needs_degrees(self) -> bool:
+        """Exact GLR-CG on a row-normalised (non-symmetric) Laplacian runs in the degree-weighted inner product."""
+        return self.prior == "glr" and self.step_mode == "exact" and self.normalization == "row"
 
     @staticmethod
     def _per_head(t: torch.Tensor) -> torch.Tensor:
@@ -189,16 +197,18 @@ class GraphBlock(nn.Module):
         return [(alpha[t], beta[t]) for t in range(self.iters)]
 
     def solve(self, weights: torch.Tensor, nbhd, obs: torch.Tensor, y_nodes: torch.Tensor,
-              x_nodes: torch.Tensor) -> torch.Tensor:
-        """Unrolled GLR / GTV interpolation per head: [B, G, N, C] with x_o = y exactly (or, relaxed, near y)."""
+              x_nodes: torch.Tensor, log_degree: torch.Tensor | None = None) -> torch.Tensor:
+        """Unrolled GLR / GTV interpolation per head: [B, G, N, C] with x_o = y exactly (or, relaxed, near y).
+        ``log_degree`` (required when ``needs_degrees``): the graph's log-degrees, for exact CG on a row-normalised L."""
         g = self.heads
         fidelity = self._per_head(self.log_fidelity.exp()) if self.relaxed else None
         y_g = y_nodes.expand(-1, g, -1, -1)
         x_g = x_nodes.expand(-1, g, -1, -1)
         if self.prior == "glr":
             lap = lambda s: laplacian_matvec(weights, nbhd.index, s, offsets=nbhd.flat_offsets)  # noqa: E731
+            inner = row_inner_weights(log_degree) if self.needs_degrees else None
             return glr_interpolate(obs, y_g, lap, self.iters, x0=x_g, step_sizes=self._glr_steps(), fidelity=fidelity,
-                                   diagonal=degree(weights) if self.relaxed else None)
+                                   diagonal=degree(weights) if self.relaxed else None, inner_weights=inner)
         index_e, _, cols = nbhd.edges()
         rho = self._per_head(self.log_rho.exp())
         return gtv_admm_interpolate(obs, y_g, weights.index_select(-1, cols), index_e, self.iters, self.cg_iters,
@@ -208,13 +218,14 @@ class GraphBlock(nn.Module):
     def forward(self, x: torch.Tensor, full: torch.Tensor, mask: torch.Tensor, nbhd) -> torch.Tensor:
         """x [B, C, H, W] current estimate, full = Hᵀy, mask bool [1, C|1, H, W] -> next estimate."""
         _, c, h, w = x.shape
-        weights = self.graph(x, mask, nbhd)
+        weights, log_degree = self.graph(x, mask, nbhd, return_log_degree=True) if self.needs_degrees else \
+            (self.graph(x, mask, nbhd), None)
         obs = _to_nodes(mask.expand(1, c, h, w))  # bool [1, 1, N, C]
         offset = 0
         if self.colour_difference:  # signals (R − ĝ, G, B − ĝ) with ĝ the current green: y_R − ĝ observed at R sites
             g = x[:, 1:2]
             offset = torch.cat([g, torch.zeros_like(g), g], 1)
-        out = self.solve(weights, nbhd, obs, _to_nodes(full - offset), _to_nodes(x - offset))
+        out = self.solve(weights, nbhd, obs, _to_nodes(full - offset), _to_nodes(x - offset), log_degree)
         new = _from_nodes(torch.einsum("g,bgnc->bnc", self.mix, out), h, w) + offset
         if self.skip is not None:
             new = self.skip * new + (1 - self.skip) * x
