@@ -25,6 +25,7 @@ directory. ``robust.num_images=0`` or ``robust.eps=()`` turns it off.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import sys
@@ -44,12 +45,14 @@ from unrollattn.train import (
     DistState, LoopConfig, OptimConfig, RunDir, all_reduce_tensor, apply_overrides, epoch_batch_indices, fit,
     init_distributed, load_checkpoint, load_latest_weights, read_run_config, recipe_main, step_seed,
 )
+from unrollattn.train._io import atomic_write_json
 from unrollattn.vision.datasets import ImageClassificationData, load_classification_data
 
 __all__ = [
-    "ClassifyConfig", "ClassifyTask", "DataConfig", "KERNEL_VARIANTS", "ModelConfig", "PRESETS", "RobustConfig",
+    "DEFAULT_PRESET", "ClassifyConfig", "ClassifyTask", "DataConfig", "KERNEL_VARIANTS", "ModelConfig", "PRESETS", "RobustConfig",
     "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for", "ablation_metric", "available_variants",
     "build_classifier", "evaluate_robustness", "load_config", "load_model", "main", "random_translate_flip",
+    "with_data_config",
     "robust_keys", "run", "timm_name",
 ]
 
@@ -63,6 +66,10 @@ VARIANT_KEY = "model.variant"
 ablation_columns = {"params": "params", "top1": "top1 %", "val_loss": "val_loss", "train_items_per_s": "train img/s",
                     "peak_mem_mb": "peak mem MB", "wall_s": "wall s"}
 ablation_metric = "top1"
+
+
+DEFAULT_PRESET = "quick"  # what the recipe and `unrollattn ablate` run without --preset
+PREPROCESSING_FILE = "preprocessing.json"
 
 
 def robust_keys(robust: "RobustConfig") -> dict[str, str]:
@@ -259,8 +266,21 @@ class ClassifyTask:
         self._test_cache: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def build_model(self) -> nn.Module:
-        return build_classifier(self.cfg.model, num_classes=self.data.num_classes, in_chans=self.data.in_chans,
-                                img_size=self.data.img_size)
+        return with_data_config(build_classifier(self.cfg.model, num_classes=self.data.num_classes,
+                                                 in_chans=self.data.in_chans, img_size=self.data.img_size),
+                                self.preprocessing())
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What a trained model expects of an input: size, channels, the training split's per-channel mean / std
+        (inputs are pixels / 255, then (x - mean) / std), classes. Exported as ``preprocessing.json``."""
+        mean, std = self.data.channel_stats()
+        return {"input_size": [self.data.in_chans, *self.data.img_size], "mean": mean.tolist(), "std": std.tolist(),
+                "num_classes": self.data.num_classes, "class_names": list(self.data.class_names or ()),
+                "data": self.data.name}
+
+    def export(self, model: nn.Module, run_dir: Path) -> None:
+        """``run_dir/preprocessing.json`` (:meth:`preprocessing`), so a run loads back without its data."""
+        atomic_write_json(Path(run_dir) / PREPROCESSING_FILE, self.preprocessing())
 
     def batch(self, step: int, micro: int, state: DistState) -> dict[str, torch.Tensor]:
         loop, aug = self.cfg.loop, self.cfg.data
@@ -402,7 +422,7 @@ def fmnist_small() -> ClassifyConfig:
 # ----------------------------------------------------------------------------------------------- entry points
 
 
-def load_config(preset: str = "quick", overrides: Sequence[str] | None = None, *, resume: bool = False) -> ClassifyConfig:
+def load_config(preset: str = DEFAULT_PRESET, overrides: Sequence[str] | None = None, *, resume: bool = False) -> ClassifyConfig:
     """Preset ``preset`` with ``key=value`` overrides applied (``resume`` sets ``loop.resume``)."""
     cfg = apply_overrides(PRESETS.get(preset)(), list(overrides or []))
     return apply_overrides(cfg, ["loop.resume=true"]) if resume else cfg
@@ -430,17 +450,36 @@ def run(cfg: ClassifyConfig) -> dict[str, Any]:
     return summary
 
 
+def with_data_config(model: nn.Module, preprocessing: dict[str, Any]) -> nn.Module:
+    """Record the input size and normalisation in timm's ``model.pretrained_cfg``, so
+    ``timm.data.resolve_model_data_config(model)`` (and timm's transforms built from it) give the run's."""
+    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "input_size": tuple(preprocessing["input_size"]),
+                            "mean": tuple(preprocessing["mean"]), "std": tuple(preprocessing["std"]),
+                            "num_classes": preprocessing["num_classes"], "crop_pct": 1.0}
+    return model
+
+
 def load_model(run_dir: str | Path) -> tuple[nn.Module, ClassifyConfig]:
-    """The trained model of a finished (or checkpointed) run directory, in eval mode, with its config."""
+    """The trained model of a finished (or checkpointed) run directory, in eval mode, with its config.
+
+    Finished runs carry ``preprocessing.json`` (classes, input size, mean / std; also in ``model.pretrained_cfg``)
+    and load without their data; older or unfinished runs rebuild the data to learn classes and image size."""
     cfg = read_run_config(run_dir, ClassifyConfig, "classify")
-    model = ClassifyTask(cfg).build_model()  # the data fixes classes, channels and image size
+    path = Path(run_dir) / PREPROCESSING_FILE
+    if path.is_file():
+        prep = json.loads(path.read_text())
+        channels, *size = prep["input_size"]
+        model = with_data_config(build_classifier(cfg.model, num_classes=prep["num_classes"], in_chans=channels,
+                                                  img_size=tuple(size)), prep)
+    else:
+        model = ClassifyTask(cfg).build_model()  # the data fixes classes, channels and image size
     return load_latest_weights(run_dir, model).eval(), cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``[--preset NAME] [--resume] [key=value ...]``; prints the summary as JSON."""
     return recipe_main(argv, prog="python -m recipes.classify", description=__doc__.split("\n\n")[0], presets=PRESETS,
-                       default_preset="quick", load_config=load_config, run=run)
+                       default_preset=DEFAULT_PRESET, load_config=load_config, run=run)
 
 
 if __name__ == "__main__":

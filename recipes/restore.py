@@ -63,7 +63,7 @@ from unrollattn.vision.photos import PhotoDataset, load_photos
 from unrollattn.vision.sampling import build_operator, crop_to, pad_to_even
 
 __all__ = [
-    "DataConfig", "ModelConfig", "PRESETS", "RestoreConfig", "RestoreTask", "VARIANTS", "VARIANT_KEY",
+    "DEFAULT_PRESET", "DataConfig", "ModelConfig", "PRESETS", "RestoreConfig", "RestoreTask", "VARIANTS", "VARIANT_KEY",
     "ablation_columns", "ablation_metric", "evaluate_only", "image_metrics", "load_config", "load_model", "main",
     "model_name", "noise_gain_table", "plot_restorations", "run",
 ]
@@ -80,6 +80,9 @@ ablation_columns = {"params": "params", "psnr": "PSNR dB", "ssim": "SSIM", "s_pe
                     "psnr_sigma5": "PSNR σ5", "psnr_sigma10": "PSNR σ10", "psnr_sigma15": "PSNR σ15",
                     "psnr_sigma25": "PSNR σ25", "psnr_drop_sigma25": "drop σ25", "steps": "steps", "wall_s": "wall s"}
 ablation_metric = "psnr"
+
+
+DEFAULT_PRESET = "demosaic_quick"  # what the recipe and `unrollattn ablate` run without --preset
 
 
 def model_name(task: str, variant: str) -> str:
@@ -464,7 +467,7 @@ def tiny() -> RestoreConfig:
 # ----------------------------------------------------------------------------------------------- entry points
 
 
-def load_config(preset: str = "demosaic_quick", overrides: Sequence[str] | None = None, *,
+def load_config(preset: str = DEFAULT_PRESET, overrides: Sequence[str] | None = None, *,
                 resume: bool = False) -> RestoreConfig:
     """Preset ``preset`` with ``key=value`` overrides applied (``resume`` sets ``loop.resume``)."""
     cfg = apply_overrides(PRESETS.get(preset)(), list(overrides or []))
@@ -547,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(noise_gain_table(argv[1:]))
         return 0
     return recipe_main(argv, prog="python -m recipes.restore", description=__doc__.split("\n\n")[0], presets=PRESETS,
-                       default_preset="demosaic_quick", load_config=load_config, run=run)
+                       default_preset=DEFAULT_PRESET, load_config=load_config, run=run)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import timm
 import torch
 
 from recipes import classify
@@ -104,6 +105,12 @@ def test_digits_debug_end_to_end(tmp_path):
     model, loaded_cfg = classify.load_model(run_dir)  # rebuilt from config.json + the last checkpoint
     assert loaded_cfg == cfg and not model.training
     task = classify.ClassifyTask(cfg)
+    prep = json.loads((run_dir / "preprocessing.json").read_text())  # a run loads back without its data
+    mean, std = task.data.channel_stats()
+    assert prep["mean"] == pytest.approx(mean.tolist()) and prep["std"] == pytest.approx(std.tolist())
+    data_config = timm.data.resolve_model_data_config(model)  # timm's own view of the run's inputs
+    assert data_config["input_size"] == (task.data.in_chans, *task.data.img_size)
+    assert data_config["mean"] == pytest.approx(tuple(mean.tolist()))
     with torch.no_grad():
         metrics = task.evaluate(model, DistState())
     assert metrics["top1"] == pytest.approx(summary["top1"])

@@ -28,6 +28,17 @@ def test_list_attentions_and_blocks(capsys):
     assert code == 0 and "blocks:" in out and "aot_mssa_tiny_patch16_224" in out
 
 
+def test_list_says_how_each_attention_decodes(capsys):
+    code, out, _ = run_cli(capsys, "list", "--kind", "attentions")
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    for name in ("mhsa", "mssa", "gaussian", "mahalanobis", "bilateral"):
+        assert "decode: O(T d)/token" in rows[name], rows[name]
+    for name in ("twicing", "glr", "gtv"):
+        assert "decode: recomputes" in rows[name], rows[name]
+    code, out, _ = run_cli(capsys, "list", "--kind", "blocks")
+    assert "decode: recomputes" in next(line for line in out.splitlines() if line.split()[0] == "boost")
+
+
 def test_list_without_match_exits_2(capsys):
     code, _, err = run_cli(capsys, "list", "zzz_no_such_thing")
     assert code == 2 and "error: no models or attentions or blocks match 'zzz_no_such_thing'" in err
@@ -260,6 +271,20 @@ def test_readme_own_images_then_loading_the_run_back(tmp_path, capsys, monkeypat
     trained.load_state_dict(load_file(weights))
     for key, value in trained.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
+
+    import timm
+    from PIL import Image
+
+    model, cfg = classify.load_model("runs/my-run")      # without the data: preprocessing.json has size, mean, std
+    data_config = timm.data.resolve_model_data_config(model)
+    transform = timm.data.create_transform(**data_config)  # PIL image -> resized, normalised tensor [C, H, W]
+    image = Image.open("my_images/cat/0.png").convert("RGB")
+    with torch.no_grad():
+        label = model(transform(image)[None]).argmax(-1)
+
+    assert data_config["input_size"] == (3, 32, 32) and transform(image).shape == (3, 32, 32) and label.shape == (1,)
+    assert data_config["mean"] == pytest.approx(tuple(mean.tolist()))
+    assert data_config["std"] == pytest.approx(tuple(std.tolist()))
 
 
 def test_readme_loading_a_restoration_run_back(tmp_path, monkeypatch):

@@ -126,6 +126,14 @@ def _human_count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
 
 
+def _decode_cost(kind: str, cls: type) -> str:
+    """How cached decoding extends the output: from stored keys/values, or by recomputing the prefix."""
+    if kind == "attentions":
+        return "decode: recomputes" if getattr(cls, "decode_recomputes_prefix", True) else "decode: O(T d)/token"
+    # a block with update() runs its attention's own decode; any other block recomputes itself
+    return "decode: recomputes" if getattr(cls, "update", None) is None else "decode: as its attention"
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from .registry import ATTENTIONS, BLOCKS, MODELS
 
@@ -146,7 +154,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 size = "?" if params is None else _human_count(params)
                 print(f"  {name:<{width}}  {size:>8}  {meta.get('family', '')}/{meta.get('task', '')}")
             else:
-                print(f"  {name:<{width}}  {meta.get('summary', '')}")
+                print(f"  {name:<{width}}  {_decode_cost(kind, registry.get(name)):<22}  {meta.get('summary', '')}")
     if not found:
         raise ValueError(f"no {' or '.join(kinds)} match {args.pattern!r}")
     return 0
