@@ -61,7 +61,7 @@ class AttentionLayer(Configurable, metaclass=ABCMeta):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, *,
                 grid: tuple[int, int] | None = None) -> torch.Tensor:
-        check_tokens(x, self.dim)
+        check_tokens(x, self.dim, dtype=self.param_dtype)
         check_mask(attn_mask, x.shape[0], self.num_heads, x.shape[1], x.shape[1])
         return self.proj_drop(self.attend(x, attn_mask, is_causal, grid or self.grid))
 
@@ -69,7 +69,7 @@ class AttentionLayer(Configurable, metaclass=ABCMeta):
         """Causal output [B, Tq, C] of the new tokens ``x`` given what ``cache`` (an HF ``Cache``) holds for
         ``layer_idx``, which this call extends. ``attn_mask``: bool [B, 1, Tq, Tk] = causal & key-is-a-token over
         the cached + new keys, or None (plain causal). See ``unrollattn.layers.decoding``."""
-        check_tokens(x, self.dim)
+        check_tokens(x, self.dim, dtype=self.param_dtype)
         if self.decode_recomputes_prefix:
             return decode_by_recompute(self, x, cache, layer_idx, attn_mask)
         return self.proj_drop(self.decode_step(x, cache, layer_idx, nonempty_rows(attn_mask)))

@@ -65,8 +65,12 @@ class GraphAttentionBase(AttentionLayer):
     ``clip`` (None; clamps the log-weight like the reference codes' ±10), ``normalize_features`` (False;
     L2-normalise f per node), ``metric_init`` (M = metric_init·I at init, default 1/K so that initial
     distances are O(1)), ``step_sizes`` ("learned" | "exact" CG).
+
+    Cached decoding (``decode``) recomputes the prefix (O(T^2) per new token): the unrolled solver couples every
+    token with its graph neighbours over several steps, so a new token's output needs the filtered prefix again.
     """
 
+    decode_recomputes_prefix = True
     option_names = ("neighbourhood", "feature_dim", "iters", "normalization", "metric", "similarity", "clip",
                     "normalize_features", "metric_init", "step_sizes")
     default_iters = 3
