@@ -53,7 +53,7 @@ class UnrollAttnConfig(PreTrainedConfig):
     """
 
     model_type = "unrollattn"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the cache field (renamed in transformers 5.24)
     attribute_map = {
         "hidden_size": "n_embd",
         "max_position_embeddings": "n_positions",
