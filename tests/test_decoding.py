@@ -156,6 +156,16 @@ def test_cache_and_past_key_values_are_one_argument():
         model(ids, cache=((torch.zeros(1), torch.zeros(1)),))
 
 
+def test_return_dict_false_gives_the_tuple():
+    model = build("unrollattn", "mssa")
+    ids = torch.randint(1, V, (1, 6))
+    out = model(ids, labels=ids, use_cache=True)
+    loss, logits, cache = model(ids, labels=ids, use_cache=True, return_dict=False)
+    torch.testing.assert_close(loss, out.loss)
+    torch.testing.assert_close(logits, out.logits)
+    assert cache.get_seq_length() == 6
+
+
 def test_sliding_window_cache_is_refused_clearly():
     model = build("unrollattn", "mhsa")
     cache = DynamicCache()

@@ -212,8 +212,9 @@ class UnrollAttnModel(UnrollAttnPreTrainedModel):
         hidden = self.ln_f(hidden)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
-        return with_cache(BaseModelOutputWithPast, cache if use_cache else None, last_hidden_state=hidden,
-                          hidden_states=all_hidden)
+        out = with_cache(BaseModelOutputWithPast, cache if use_cache else None, last_hidden_state=hidden,
+                         hidden_states=all_hidden)
+        return out if kwargs.get("return_dict", True) else out.to_tuple()
 
 
 class UnrollAttnForCausalLM(UnrollAttnPreTrainedModel, GenerationMixin):
@@ -265,8 +266,9 @@ class UnrollAttnForCausalLM(UnrollAttnPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        return with_cache(CausalLMOutputWithPast, out.get(CACHE_FIELD), loss=loss, logits=logits,
-                          hidden_states=out.hidden_states)
+        out = with_cache(CausalLMOutputWithPast, out.get(CACHE_FIELD), loss=loss, logits=logits,
+                         hidden_states=out.hidden_states)
+        return out if kwargs.get("return_dict", True) else out.to_tuple()
 
 
 # --------------------------------------------------------------------------------------------------------------
