@@ -169,3 +169,30 @@ def test_path_and_enum_fields_round_trip():
     assert config_from_dict(WithPath, json.loads(json.dumps(config_to_dict(cfg)))) == cfg
     with pytest.raises(ConfigError, match="mode: expected one of FAST, EXACT"):
         apply_overrides(WithPath(), ["mode=slow"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.weight_decay=inf", "optim.weight_decay"),
+    ("optim.lr=nan", "optim.lr"),
+    ("optim.betas=0.9,inf", "optim.betas"),
+    ("model.dropout=-inf", "model.dropout"),
+    ("optim.grad_clip=1e999", "optim.grad_clip"),
+])
+def test_non_finite_floats_are_rejected_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"{key}.*finite"):
+        apply_overrides(RecipeConfig(), [override])
+
+
+def test_non_finite_floats_are_rejected_from_dicts_and_constructors():
+    with pytest.raises(ConfigError, match="weight_decay.*finite"):
+        OptimConfig(weight_decay=float("inf"))
+    with pytest.raises(ConfigError, match="min_lr_ratio.*finite"):
+        OptimConfig(min_lr_ratio=float("nan"))
+    with pytest.raises(ConfigError, match="optim.lr.*finite"):
+        config_from_dict(RecipeConfig, {"optim": {"lr": float("inf")}})
+    # a recipe section without its own checks: caught when the config is validated (every override / preset load)
+    broken = RecipeConfig(model=ModelSection(dropout=float("nan")))
+    with pytest.raises(ConfigError, match="model.dropout.*finite"):
+        apply_overrides(broken, [])
+    with pytest.raises(ConfigError, match=r"optim.betas.*finite"):
+        apply_overrides(RecipeConfig(), {"optim": {"betas": [0.9, float("inf")]}})

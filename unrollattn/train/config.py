@@ -4,7 +4,8 @@ Every recipe describes its run as a ``@dataclass`` (usually with ``optim: OptimC
 ``loop: LoopConfig`` sections plus its own ``model`` / ``data`` sections). Presets are plain
 functions returning such a config, kept in a :class:`unrollattn.registry.Registry`. Command-line
 overrides are ``key=value`` or ``section.key=value`` strings whose values are coerced from the
-declared field types; unknown keys and mistyped values raise :class:`ConfigError`.
+declared field types; unknown keys, mistyped values and non-finite floats (inf, nan: in any field
+of any section) raise :class:`ConfigError`.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import math
 import os
 import sys
 import types
@@ -56,6 +58,7 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self):
+        _check_finite_fields(self)
         _check_choice("name", self.name, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check(self.lr >= 0, "lr", "a non-negative float", self.lr)
@@ -95,6 +98,7 @@ class LoopConfig:
     keep_checkpoints: int = 1
 
     def __post_init__(self):
+        _check_finite_fields(self)
         _check(self.max_steps >= 1, "max_steps", "an int >= 1", self.max_steps)
         _check(self.batch_size >= 1, "batch_size", "an int >= 1", self.batch_size)
         _check(self.grad_accum >= 1, "grad_accum", "an int >= 1", self.grad_accum)
@@ -112,6 +116,29 @@ class LoopConfig:
 def _check(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+class _NonFiniteError(ConfigError):
+    """A float field got inf or nan (kept apart so that a union type reports it rather than a type mismatch)."""
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, Mapping):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    return False
+
+
+def _check_finite_fields(cfg: Any, section: str = "") -> None:
+    """ConfigError naming the first leaf field of ``cfg`` that holds inf or nan (also inside lists, tuples, dicts):
+    no hyperparameter of a run is meaningfully infinite, and one that is trains a NaN model."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(value) and _has_non_finite(value):
+            raise _NonFiniteError(f"{section}{f.name}: expected finite numbers (no inf or nan), got {value!r}")
 
 
 def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
@@ -185,12 +212,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if type(None) in args and (value is None or (is_text and value.strip().lower() in _NONE)):
             return None
         # Try the non-string members first so "3" becomes 3 for ``int | str``.
+        non_finite = None
         for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
             try:
                 return _coerce(value, arg, key)
+            except _NonFiniteError as err:
+                non_finite = err
             except ConfigError:
                 continue
-        raise fail()
+        raise non_finite or fail()
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -218,12 +248,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if is_text:
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise fail() from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail()
-        return float(value)
+        else:
+            number = float(value)
+        if not math.isfinite(number):
+            raise _NonFiniteError(f"{key}: expected a finite float (no inf or nan), got {value!r}")
+        return number
     if tp is str:
         if is_text:
             parsed = _literal(value)
@@ -350,7 +384,9 @@ def _set(cfg: Any, parts: tuple[str, ...], value: Any, full_key: str, section: s
 
 
 def _validate(cfg: Any, section: str = "") -> Any:
-    """Rebuild ``cfg`` bottom-up through its constructor so every ``__post_init__`` check runs."""
+    """Rebuild ``cfg`` bottom-up through its constructor so every ``__post_init__`` check runs (and no field of any
+    section, checked or not, holds inf or nan)."""
+    _check_finite_fields(cfg, section)
     changes = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
