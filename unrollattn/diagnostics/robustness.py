@@ -8,6 +8,8 @@ attacked function, so the budget means the same for every model and the gradient
 from __future__ import annotations
 
 import math
+import os
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -97,15 +99,27 @@ def _check_attacks(attacks: str | Sequence[str]) -> tuple[str, ...]:
     return attacks
 
 
+def _progress_printer(progress: bool | Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """``progress`` as a line printer: a callable as given; True prints; None prints on the main process only (the
+    ``RANK`` of torchrun unset or 0); False is silent."""
+    if callable(progress):
+        return progress
+    if progress is None:
+        progress = int(os.environ.get("RANK", "0") or 0) == 0
+    return (lambda line: print(line, flush=True)) if progress else None
+
+
 def adversarial_counts(model, images: torch.Tensor, labels: torch.Tensor, eps_values: Sequence[float], *,
                        attacks: str | Sequence[str] = ATTACKS, batch_size: int = 256, preprocess: Callable = _identity,
                        seed: int = 0, steps: int = 10, step_size: float | None = None,
-                       random_start: bool = True) -> dict[str, int]:
+                       random_start: bool = True, progress: bool | Callable[[str], None] | None = None) -> dict[str, int]:
     """Correctly classified images, clean and under each attack at each eps:
     ``{"count": n, "clean": c, "fgsm@2/255": ..., "pgd@2/255": ...}`` (integers, so ranks can sum them).
 
     ``model`` is put in eval mode for the attack and restored afterwards; PGD's random starts come
-    from a generator seeded with ``seed``, so a call is deterministic.
+    from a generator seeded with ``seed``, so a call is deterministic. ``progress`` prints one line per attack and
+    budget as it completes (accuracy on these images, seconds): None (default) on the main process only, True /
+    False always / never, or a callable that receives each line.
     """
     attacks = _check_attacks(attacks)
     eps_values = [check_eps(e) for e in eps_values]
@@ -116,23 +130,48 @@ def adversarial_counts(model, images: torch.Tensor, labels: torch.Tensor, eps_va
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     if images.ndim != 4 or labels.shape != images.shape[:1]:
         raise ValueError(f"expected images [B, C, H, W] and labels [B], got {list(images.shape)} and {list(labels.shape)}")
+    say = _progress_printer(progress)
+    batches = [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(images), int(batch_size))]
+    n = int(labels.numel())
+    # The attacks run one (attack, eps) at a time over all batches, so that each can report when it is done. PGD's
+    # random starts are drawn from one generator in batch-major order (batch, then eps), as when the batches came
+    # first: record the generator state before each draw, so the numbers do not depend on the loop order.
+    generator = torch.Generator().manual_seed(seed)
+    starts = {}
+    if "pgd" in attacks and random_start:
+        for b, (x, _) in enumerate(batches):
+            for e, eps in enumerate(eps_values):
+                if eps > 0:  # pgd draws no start for a zero budget
+                    starts[b, e] = generator.get_state()
+                    torch.rand(x.shape, generator=generator, dtype=x.dtype)
+    counts = {"count": n, "clean": 0, **{f"{a}@{name}": 0 for a in attacks for name in labels_of}}
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    counts = {"count": int(labels.numel()), "clean": 0, **{f"{a}@{n}": 0 for a in attacks for n in labels_of}}
     try:
-        for start in range(0, len(images), int(batch_size)):
-            x, y = images[start:start + batch_size], labels[start:start + batch_size]
-            counts["clean"] += _correct(model, x, y, preprocess)
-            for attack in attacks:
-                for eps, name in zip(eps_values, labels_of):
-                    adv = (fgsm(model, x, y, eps, preprocess=preprocess) if attack == "fgsm" else
-                           pgd(model, x, y, eps, steps=steps, step_size=step_size, random_start=random_start,
-                               generator=generator, preprocess=preprocess))
-                    counts[f"{attack}@{name}"] += _correct(model, adv, y, preprocess)
+        t0 = time.perf_counter()
+        counts["clean"] = sum(_correct(model, x, y, preprocess) for x, y in batches)
+        if say is not None:
+            say(f"robustness: clean {_percent(counts['clean'], n)} ({n} images, {time.perf_counter() - t0:.1f} s)")
+        for attack in attacks:
+            for e, (eps, name) in enumerate(zip(eps_values, labels_of)):
+                t0, key = time.perf_counter(), f"{attack}@{name}"
+                for b, (x, y) in enumerate(batches):
+                    if attack == "fgsm":
+                        adv = fgsm(model, x, y, eps, preprocess=preprocess)
+                    else:
+                        start = torch.Generator().set_state(starts[b, e]) if (b, e) in starts else None
+                        adv = pgd(model, x, y, eps, steps=steps, step_size=step_size, random_start=random_start,
+                                  generator=start, preprocess=preprocess)
+                    counts[key] += _correct(model, adv, y, preprocess)
+                if say is not None:
+                    say(f"robustness: {key} {_percent(counts[key], n)} ({n} images, {time.perf_counter() - t0:.1f} s)")
     finally:
         model.train(was_training)
     return counts
+
+
+def _percent(correct: int, n: int) -> str:
+    return f"top1 {100.0 * correct / max(1, n):.1f}%"
 
 
 def adversarial_accuracy(model, images: torch.Tensor, labels: torch.Tensor, eps_values: Sequence[float], *,
