@@ -6,7 +6,7 @@ functions in a :class:`unrollattn.registry.Registry`, and a :class:`Task`; :func
     cfg = load_preset(PRESETS, args.preset, args.overrides)
     summary = fit(MyTask(cfg), cfg.loop, cfg.optim, run_name_prefix=f"mytask-{args.preset}", config_for_log=cfg)
 """
-from .ablate import compare, format_value, plot_comparison
+from .ablate import compare, comparison_figure, format_value, plot_comparison
 from .checkpoint import (
     CheckpointError, checkpoint_dir_for_step, latest_checkpoint, list_checkpoints, load_checkpoint, load_latest_weights,
     prune_checkpoints,
@@ -21,12 +21,12 @@ from .distributed import (
     init_distributed, resolve_device, unwrap_model, wrap_model,
 )
 from .optim import Lion, build_optimizer, build_scheduler, lr_factor, param_groups
-from .runlog import RunDir, RunDirError, env_info, plot_curves, progress_bar, read_metrics
+from .runlog import RunDir, RunDirError, curves_figure, env_info, plot_curves, progress_bar, read_metrics
 from .trainer import Task, count_params, epoch_batch_indices, fit, micro_batch_size, step_seed, to_device
 
 __all__ = [
     "CheckpointError", "ConfigError", "DistState", "Lion", "LoopConfig", "OptimConfig", "RunDir", "RunDirError", "Task",
-    "add_config_arguments", "recipe_main", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "apply_overrides", "barrier",
+    "add_config_arguments", "comparison_figure", "curves_figure", "recipe_main", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "apply_overrides", "barrier",
     "broadcast_object", "build_optimizer", "build_scheduler", "checkpoint_dir_for_step", "cleanup", "compare",
     "config_from_dict", "config_to_dict", "count_params", "env_info", "epoch_batch_indices", "fit", "format_value",
     "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_latest_weights", "load_preset",

@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ._io import atomic_write, atomic_write_text, to_jsonable
-from .runlog import METRICS_FILE, read_metrics
+from ._io import atomic_write_text, to_jsonable
+from .runlog import DEFAULT_LOSS_LABEL, METRICS_FILE, draw_curves, read_metrics, save_figure
 
-__all__ = ["compare", "format_value", "plot_comparison"]
+__all__ = ["compare", "comparison_figure", "format_value", "plot_comparison"]
 
 
 def format_value(value: Any) -> str:
@@ -92,11 +92,10 @@ def _metrics_path(summary: Mapping[str, Any]) -> Path | None:
     return None
 
 
-def plot_comparison(runs: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike, *, metric: str = "top1",
-                    params_key: str = "params", loss_keys: Sequence[str] = ("train_loss", "val_loss"),
-                    title: str | None = None) -> Path:
-    """Write ``comparison.png``: ``metric`` vs parameter count (labelled scatter) and the loss curves
-    read from each run's metrics.jsonl (``summary["run_dir"]`` or ``summary["metrics"]``)."""
+def comparison_figure(runs: Mapping[str, Mapping[str, Any]], *, metric: str = "top1", params_key: str = "params",
+                      loss_keys: Sequence[str] = ("train_loss", "val_loss"), title: str | None = None,
+                      ylabel: str | None = None) -> Any:
+    """The matplotlib Figure of :func:`plot_comparison` (the caller closes it)."""
     if not runs:
         raise ValueError("plot_comparison: expected at least one run (label -> summary dict)")
     import matplotlib
@@ -104,51 +103,46 @@ def plot_comparison(runs: Mapping[str, Mapping[str, Any]], out_dir: str | os.Pat
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.8))
     points = [(name, s.get(params_key), s.get(metric)) for name, s in runs.items()]
     points = [(n, p, m) for n, p, m in points if isinstance(p, (int, float)) and isinstance(m, (int, float))
               and math.isfinite(p) and math.isfinite(m)]
+    colours = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # a variant has one colour in both panels
     for name, p, m in points:
-        ax_metric.scatter([p], [m], s=30)
+        ax_metric.scatter([p], [m], s=30, color=colours[name])
         ax_metric.annotate(str(name), (p, m), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    log_x = bool(points) and max(p for _, p, _ in points) > 50 * max(1, min(p for _, p, _ in points))
     if points:
-        ax_metric.set_xscale("log" if max(p for _, p, _ in points) > 50 * max(1, min(p for _, p, _ in points)) else "linear")
+        ax_metric.set_xscale("log" if log_x else "linear")
     else:
         ax_metric.text(0.5, 0.5, f"no run has both {params_key!r} and {metric!r}", ha="center", va="center",
                        transform=ax_metric.transAxes)
-    ax_metric.set_xlabel(params_key)
+    ax_metric.set_xlabel(f"{'parameters' if params_key == 'params' else params_key}{' (log scale)' if log_x else ''}")
     ax_metric.set_ylabel(metric)
-    ax_metric.set_title(f"{metric} vs {params_key}")
+    ax_metric.set_title(f"{metric} vs {'parameters' if params_key == 'params' else params_key}")
     ax_metric.grid(alpha=0.3)
 
-    styles = {key: style for key, style in zip(loss_keys, ("-", "--", ":", "-."))}
-    drawn = False
-    for i, (name, summary) in enumerate(runs.items()):
+    curves = {}
+    for name, summary in runs.items():
         path = _metrics_path(summary)
-        if path is None:
-            continue
-        rows = read_metrics(path)
-        for key in loss_keys:
-            xs = [r["step"] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-            ys = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-            if xs:
-                # sparse curves (evaluations) get markers, so a single evaluation point is still visible
-                marker = "o" if len(xs) <= 20 else None
-                ax_loss.plot(xs, ys, styles.get(key, "-"), color=f"C{i % 10}", marker=marker, markersize=3,
-                             label=f"{name} {key}")
-                drawn = True
-    if drawn:
-        ax_loss.legend(fontsize=7)
-    else:
-        ax_loss.text(0.5, 0.5, "no metrics.jsonl found for these runs", ha="center", va="center", transform=ax_loss.transAxes)
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss")
+        curves[name] = read_metrics(path) if path is not None else []
+    if ylabel is None:  # the runs' own loss label when they agree (a Task's ``loss_label``)
+        labels = {summary.get("loss_label") for summary in runs.values()} - {None}
+        ylabel = labels.pop() if len(labels) == 1 else DEFAULT_LOSS_LABEL
+    draw_curves(ax_loss, curves, loss_keys, ylabel=ylabel, run_title="variant",
+                empty_text="no metrics.jsonl found for these runs")
     ax_loss.set_title("loss curves")
-    ax_loss.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out_dir) / "comparison.png"
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return out
+    return fig
+
+
+def plot_comparison(runs: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike, *, metric: str = "top1",
+                    params_key: str = "params", loss_keys: Sequence[str] = ("train_loss", "val_loss"),
+                    title: str | None = None, ylabel: str | None = None) -> Path:
+    """Write ``comparison.png``: ``metric`` vs parameter count (labelled scatter) and the loss curves read from each
+    run's metrics.jsonl (``summary["run_dir"]`` or ``summary["metrics"]``): one colour per variant, training loss
+    solid, validation dashed with markers (see :func:`~unrollattn.train.runlog.draw_curves`)."""
+    fig = comparison_figure(runs, metric=metric, params_key=params_key, loss_keys=loss_keys, title=title, ylabel=ylabel)
+    return save_figure(fig, Path(out_dir) / "comparison.png")

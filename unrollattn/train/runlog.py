@@ -23,11 +23,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from ._io import atomic_write, atomic_write_json, atomic_write_text, to_jsonable
 
-__all__ = ["RunDir", "RunDirError", "env_info", "plot_curves", "progress_bar", "read_metrics"]
+__all__ = ["RunDir", "RunDirError", "curves_figure", "draw_curves", "env_info", "plot_curves", "progress_bar", "read_metrics",
+           "save_figure"]
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.csv"
@@ -261,12 +262,66 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
     return xs, ys
 
 
-def plot_curves(metrics_jsonl_paths: Mapping[str, str | os.PathLike] | str | os.PathLike,
-                keys: Iterable[str] = ("train_loss", "val_loss"), out_png: str | os.PathLike | None = None) -> Path:
-    """Plot ``keys`` against step for one or many runs (label -> metrics.jsonl or run dir); one panel per key.
+STEP_LABEL = "step (optimizer updates)"
+DEFAULT_LOSS_LABEL = "loss (mean per item)"
 
-    ``out_png`` defaults to ``curves.png`` next to the first metrics file. Returns the png path.
-    """
+
+def _is_loss(key: str) -> bool:
+    return key == "loss" or key.endswith("_loss")
+
+
+def _curve_style(key: str, n_points: int) -> dict[str, Any]:
+    """Training curves: solid lines; evaluations (validation and other non-training keys): dashed, with markers,
+    so that a run evaluated a few times still reads as points on a curve."""
+    if key.startswith("train"):
+        return {"linestyle": "-", "marker": "o" if n_points < 3 else None, "markersize": 3, "linewidth": 1.4}
+    return {"linestyle": "--", "marker": "o", "markersize": 5, "linewidth": 1.2, "markeredgecolor": "white",
+            "markeredgewidth": 0.7}
+
+
+def _key_name(key: str) -> str:
+    return {"train_loss": "training", "val_loss": "validation"}.get(key, key)
+
+
+def draw_curves(ax: Any, runs: Mapping[str, list[dict[str, Any]]], keys: Sequence[str], *,
+                ylabel: str = DEFAULT_LOSS_LABEL, run_title: str = "run", empty_text: str | None = None) -> bool:
+    """Draw ``keys`` against step for each run (label -> metrics rows) on one matplotlib axes: one colour per run,
+    training keys solid, evaluation keys dashed with markers; the legend names the runs (when several) and says
+    which line style is which key. Each line's label is ``"<run> <key>"``. Returns whether anything was drawn."""
+    from matplotlib.lines import Line2D
+
+    drawn_runs, drawn_keys = [], {}
+    for i, (label, rows) in enumerate(runs.items()):
+        colour = f"C{i % 10}"
+        for key in keys:
+            xs, ys = _series(rows, key)
+            if xs:
+                style = _curve_style(key, len(xs))
+                ax.plot(xs, ys, color=colour, label=f"{label} {key}", **style)
+                drawn_keys.setdefault(key, style)
+                if label not in drawn_runs:
+                    drawn_runs.append(label)
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if not drawn_runs:
+        ax.text(0.5, 0.5, empty_text or f"no {' or '.join(map(repr, keys))} logged", ha="center", va="center",
+                transform=ax.transAxes)
+        return False
+    handles = []
+    if len(runs) > 1:
+        handles += [Line2D([], [], color=f"C{list(runs).index(r) % 10}", linewidth=2.5, label=r) for r in drawn_runs]
+    for key, style in drawn_keys.items():
+        kind = "solid" if style["linestyle"] == "-" else "dashed, markers"
+        handles.append(Line2D([], [], color="0.35", linestyle=style["linestyle"], marker=style["marker"] or "",
+                              markersize=style["markersize"], label=f"{_key_name(key)} ({kind})"))
+    ax.legend(handles=handles, fontsize=7, title=run_title if len(runs) > 1 else None, title_fontsize=7)
+    return True
+
+
+def curves_figure(metrics_jsonl_paths: Mapping[str, str | os.PathLike] | str | os.PathLike,
+                  keys: Iterable[str] = ("train_loss", "val_loss"), *, ylabel: str = DEFAULT_LOSS_LABEL) -> Any:
+    """The matplotlib Figure of :func:`plot_curves` (the caller closes it)."""
     if not isinstance(metrics_jsonl_paths, Mapping):
         p = Path(metrics_jsonl_paths)
         metrics_jsonl_paths = {(p if p.is_dir() else p.parent).name: p}
@@ -274,34 +329,48 @@ def plot_curves(metrics_jsonl_paths: Mapping[str, str | os.PathLike] | str | os.
         raise ValueError("plot_curves: expected at least one label -> metrics.jsonl path")
     keys = [keys] if isinstance(keys, str) else list(keys)
     runs = {label: read_metrics(path) for label, path in metrics_jsonl_paths.items()}
-    if out_png is None:
-        first = Path(next(iter(metrics_jsonl_paths.values())))
-        out_png = (first if first.is_dir() else first.parent) / "curves.png"
+    losses = [k for k in keys if _is_loss(k)]
+    panels = ([losses] if losses else []) + [[k] for k in keys if not _is_loss(k)]
 
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        drawn = False
-        for label, rows in runs.items():
-            xs, ys = _series(rows, key)
-            if xs:
-                ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=label)
-                drawn = True
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, f"no {key!r} logged", ha="center", va="center", transform=ax.transAxes)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        draw_curves(ax, runs, panel, ylabel=ylabel if panel is losses else panel[0])
+        ax.set_title("loss curves" if panel is losses else panel[0])
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(metrics_jsonl_paths: Mapping[str, str | os.PathLike] | str | os.PathLike,
+                keys: Iterable[str] = ("train_loss", "val_loss"), out_png: str | os.PathLike | None = None, *,
+                ylabel: str = DEFAULT_LOSS_LABEL) -> Path:
+    """Plot ``keys`` against step for one or many runs (label -> metrics.jsonl or run dir).
+
+    The losses among ``keys`` (``train_loss``, ``val_loss``, ...) share one panel, labelled ``ylabel`` (e.g.
+    ``"cross-entropy (nats/token)"``); every other key gets its own. See :func:`draw_curves` for the styles.
+    ``out_png`` defaults to ``curves.png`` next to the first metrics file. Returns the png path.
+    """
+    if out_png is None and metrics_jsonl_paths:
+        first = Path(next(iter(metrics_jsonl_paths.values())) if isinstance(metrics_jsonl_paths, Mapping)
+                     else metrics_jsonl_paths)
+        out_png = (first if first.is_dir() else first.parent) / "curves.png"
+    fig = curves_figure(metrics_jsonl_paths, keys, ylabel=ylabel)
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig: Any, out_png: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``out_png`` atomically and close it."""
+    import matplotlib.pyplot as plt
+
     out_png = Path(out_png)
-    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    try:
+        atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return out_png
 
 
