@@ -30,17 +30,17 @@ def digits():
 class DigitsTask:
     """2-layer MLP on scikit-learn digits, with dropout so that the RNG matters."""
 
-    def __init__(self, data, loop, *, dropout=0.3, crash_at_step=None, nan_at_step=None):
+    def __init__(self, data, loop, *, dropout=0.3, crash_at_step=None, crash_with=RuntimeError, nan_at_step=None):
         self.x, self.y, self.vx, self.vy = data
         self.loop, self.dropout = loop, dropout
-        self.crash_at_step, self.nan_at_step = crash_at_step, nan_at_step
+        self.crash_at_step, self.crash_with, self.nan_at_step = crash_at_step, crash_with, nan_at_step
 
     def build_model(self):
         return nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Dropout(self.dropout), nn.Linear(48, 10))
 
     def batch(self, step, micro, state):
         if step == self.crash_at_step:
-            raise KeyboardInterrupt("simulated interruption")
+            raise self.crash_with("simulated crash")
         idx = epoch_batch_indices(len(self.x), self.loop.batch_size, step, micro, self.loop.grad_accum,
                                   state.rank, state.world_size, self.loop.seed)
         return {"x": self.x[idx], "y": self.y[idx], "step": step}
@@ -80,11 +80,12 @@ def test_exact_resume_after_interruption(tmp_path, digits):
     assert straight["steps"] == 20 and straight["start_step"] == 0
 
     loop = _loop(tmp_path, "interrupted")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="simulated"):
         fit(DigitsTask(digits, loop, crash_at_step=12), loop, OPTIM)  # dies during step 13; last checkpoint: 10
     logged = [s for s, _ in _train_losses(tmp_path / "interrupted")]
     assert logged[-1] == 12  # steps 11 and 12 were logged before the crash
     assert latest_checkpoint(tmp_path / "interrupted").name == "step_00000010"
+    before = (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
 
     resumed_loop = _loop(tmp_path, "interrupted", resume=True)
     resumed = fit(DigitsTask(digits, resumed_loop), resumed_loop, OPTIM)
@@ -93,6 +94,8 @@ def test_exact_resume_after_interruption(tmp_path, digits):
     a, b = _train_losses(tmp_path / "straight"), _train_losses(tmp_path / "interrupted")
     assert [s for s, _ in b] == list(range(1, 21))  # no duplicates from the replayed steps
     assert a == b  # bit-identical per-step losses
+    # the replayed rows (steps 11, 12) are kept, verbatim, beside the log
+    assert (tmp_path / "interrupted" / "metrics.rewound.jsonl").read_text().splitlines() == before[-2:]
     evals = [r["step"] for r in read_metrics(tmp_path / "interrupted") if "val_loss" in r]
     assert evals == [10, 20]
     assert resumed["val_loss"] == straight["val_loss"] and resumed["top1"] == straight["top1"]
@@ -148,14 +151,14 @@ def test_run_directory_contents_and_summary(tmp_path, digits):
 def test_fit_refuses_to_overwrite_a_run(tmp_path, digits):
     loop = _loop(tmp_path, "taken", max_steps=2, ckpt_every=0)
     fit(DigitsTask(digits, loop), loop, OPTIM)
-    with pytest.raises(RunDirError, match="resume=true"):
+    with pytest.raises(RunDirError, match="--resume.*loop.run_name=NAME"):
         fit(DigitsTask(digits, loop), loop, OPTIM)
 
 
 def test_rundir_create_log_summary_rewind(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("x")
-    with pytest.raises(RunDirError, match="not empty.*resume=true.*run_name"):
+    with pytest.raises(RunDirError, match="not empty.*--resume.*loop.run_name"):
         RunDir.create(tmp_path, "busy", {"a": 1})
     RunDir.create(tmp_path, "busy", {"a": 1}, resume=True)  # allowed when resuming
     with pytest.raises(RunDirError, match="plain"):
@@ -177,6 +180,11 @@ def test_rundir_create_log_summary_rewind(tmp_path):
     run.rewind(2)
     assert [r["step"] for r in read_metrics(run.dir)] == [1, 2]
     assert [r["step"] for r in run.summary_rows()] == ["1", "2"]
+    # nothing is lost: the rewound rows, the torn line too, are moved beside the log
+    rewound = run.path("metrics.rewound.jsonl").read_text().splitlines()
+    assert json.loads(rewound[0])["step"] == 3 and rewound[1] == '{"step": 4, "train_lo'
+    with open(run.path("summary.rewound.csv")) as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["3"]
 
     silent = RunDir.create(tmp_path, "fresh", {"a": 1}, is_main=False)  # non-main ranks write nothing
     silent.log(9, train_loss=0.0)
@@ -285,3 +293,181 @@ def test_lion_update_rule():
     opt.step()  # momentum starts at 0: update = -lr * sign(0.1 * g)
     assert torch.allclose(p.detach(), torch.tensor([0.9, -1.9, 3.0]))
     assert torch.allclose(opt.state[p]["exp_avg"], 0.01 * torch.tensor([0.5, -0.1, 0.0]))
+
+
+# ---------------------------------------------------------------------------------------------- resume & safety
+
+
+def _bytes(run_dir):
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(Path(run_dir).rglob("*")) if p.is_file()}
+
+
+def test_keep_two_checkpoints(tmp_path, digits):
+    loop = _loop(tmp_path, "keep2", max_steps=12, ckpt_every=4, keep_checkpoints=2, eval_every=0, log_every=4)
+    fit(DigitsTask(digits, loop), loop, OPTIM)
+    assert sorted(p.name for p in (tmp_path / "keep2" / "checkpoints").iterdir()) == ["step_00000008", "step_00000012"]
+
+
+def test_resume_without_a_checkpoint_refuses_and_keeps_the_history(tmp_path, digits):
+    loop = _loop(tmp_path, "nockpt", max_steps=8, ckpt_every=0, eval_every=0)  # quick presets: checkpoint at the end
+    with pytest.raises(RuntimeError, match="simulated"):
+        fit(DigitsTask(digits, loop, crash_at_step=5), loop, OPTIM)
+    before = _bytes(tmp_path / "nockpt")
+    assert "metrics.jsonl" in before and not any(k.startswith("checkpoints/step") for k in before)
+    again = dataclasses.replace(loop, resume=True)
+    with pytest.raises(RunDirError, match=r"--resume.*no complete checkpoint.*5 row\(s\) in metrics.jsonl up to step 5"
+                                          r".*nothing was changed.*loop.run_name"):
+        fit(DigitsTask(digits, again), again, OPTIM)
+    assert _bytes(tmp_path / "nockpt") == before  # not one byte changed
+
+
+def test_resume_of_a_run_that_never_started_starts_at_step_zero(tmp_path, digits):
+    loop = _loop(tmp_path, "new", max_steps=3, ckpt_every=0, resume=True)  # e.g. `ablate --resume` of a new variant
+    assert fit(DigitsTask(digits, loop), loop, OPTIM)["start_step"] == 0
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, digits, capsys):
+    loop = _loop(tmp_path, "corrupt", max_steps=10, ckpt_every=5, keep_checkpoints=2, eval_every=0)
+    straight = fit(DigitsTask(digits, loop), loop, OPTIM)
+    weights = tmp_path / "corrupt" / "checkpoints" / "step_00000010" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    again = dataclasses.replace(loop, resume=True)
+    resumed = fit(DigitsTask(digits, again), again, OPTIM)
+    assert resumed["start_step"] == 5 and resumed["train_loss"] == straight["train_loss"]
+    assert "step_00000010 skipped" in capsys.readouterr().out
+    assert [s for s, _ in _train_losses(tmp_path / "corrupt")] == list(range(1, 11))
+
+
+def test_resume_refuses_a_changed_config_and_records_allowed_changes(tmp_path, digits):
+    loop = _loop(tmp_path, "changed", max_steps=4, ckpt_every=0, eval_every=0)
+    fit(DigitsTask(digits, loop), loop, OPTIM)
+    run = tmp_path / "changed"
+    before = _bytes(run)
+    again = dataclasses.replace(loop, resume=True)
+    with pytest.raises(ValueError, match=r"--resume.*optim.lr: 0.003 -> 0.5.*loop.max_steps"):
+        fit(DigitsTask(digits, again), again, dataclasses.replace(OPTIM, lr=0.5))
+    with pytest.raises(ValueError, match=r"loop.batch_size: 32 -> 64"):
+        longer = dataclasses.replace(again, batch_size=64)
+        fit(DigitsTask(digits, longer), longer, OPTIM)
+    assert _bytes(run) == before
+
+    longer = dataclasses.replace(again, max_steps=6, log_every=2)
+    summary = fit(DigitsTask(digits, longer), longer, OPTIM)
+    assert summary["start_step"] == 4 and summary["steps"] == 6
+    assert json.loads((run / "config.json").read_text())["loop"]["max_steps"] == 6
+    assert (run / "env.json").read_bytes() == before["env.json"]  # the first launch's record stays
+    (entry,) = json.loads((run / "resume_changes.json").read_text())
+    assert entry["step"] == 4 and entry["checkpoint"] == "step_00000004"
+    assert entry["changes"]["loop.max_steps"] == {"old": 4, "new": 6}
+    assert entry["changes"]["loop.log_every"] == {"old": 1, "new": 2} and "optim.lr" not in entry["changes"]
+    assert entry["env"]["torch"] == torch.__version__
+
+    fit(DigitsTask(digits, longer), longer, OPTIM)  # a second resume appends
+    assert len(json.loads((run / "resume_changes.json").read_text())) == 2
+
+
+class PoisonedTask(DigitsTask):
+    """Training loss stays finite, but at ``poison_step`` an unused weight turns NaN / the evaluation loss is NaN."""
+
+    def __init__(self, *args, poison_step=None, nan_eval_at=None, **kw):
+        super().__init__(*args, **kw)
+        self.poison_step, self.nan_eval_at, self.steps = poison_step, nan_eval_at, 0
+
+    def build_model(self):
+        model = super().build_model()
+        model.register_parameter("unused", nn.Parameter(torch.zeros(3)))
+        return model
+
+    def loss(self, model, batch):
+        if batch["step"] == self.poison_step:
+            with torch.no_grad():
+                model.unused.fill_(float("nan"))
+        self.steps = batch["step"] + 1
+        return super().loss(model, batch)
+
+    def evaluate(self, model, state):
+        out = super().evaluate(model, state)
+        return {**out, "val_loss": float("nan")} if self.steps == self.nan_eval_at else out
+
+
+def test_a_nan_model_is_never_checkpointed(tmp_path, digits):
+    loop = _loop(tmp_path, "poison", max_steps=10, ckpt_every=5, eval_every=0)
+    with pytest.raises(FloatingPointError, match=r"weights are not finite at step 10.*unused.*newest kept is step_00000005"):
+        fit(PoisonedTask(digits, loop, poison_step=7), loop, OPTIM)
+    assert latest_checkpoint(tmp_path / "poison").name == "step_00000005"
+
+    loop = _loop(tmp_path, "nan-eval", max_steps=10, ckpt_every=5, eval_every=5)
+    with pytest.raises(FloatingPointError, match=r"evaluation at step 10.*val_loss=nan"):
+        fit(PoisonedTask(digits, loop, nan_eval_at=10), loop, OPTIM)
+    assert latest_checkpoint(tmp_path / "nan-eval").name == "step_00000005"
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_saves_the_last_completed_step_and_resumes_exactly(tmp_path, digits):
+    from unrollattn.train import TrainingInterrupted
+
+    straight_loop = _loop(tmp_path, "straight", ckpt_every=0)
+    straight = fit(DigitsTask(digits, straight_loop), straight_loop, OPTIM)
+    loop = _loop(tmp_path, "ctrl-c", ckpt_every=0)  # like the quick presets: no periodic checkpoint
+    with pytest.raises(TrainingInterrupted) as err:
+        fit(DigitsTask(digits, loop, crash_at_step=12, crash_with=KeyboardInterrupt), loop, OPTIM)
+    assert isinstance(err.value, KeyboardInterrupt)
+    assert (err.value.step, err.value.checkpoint_step, err.value.run_name) == (12, 12, "ctrl-c")
+    assert latest_checkpoint(tmp_path / "ctrl-c").name == "step_00000012"
+    again = dataclasses.replace(loop, resume=True)
+    resumed = fit(DigitsTask(digits, again), again, OPTIM)
+    assert resumed["start_step"] == 12 and resumed["val_loss"] == straight["val_loss"]
+    assert _train_losses(tmp_path / "ctrl-c") == _train_losses(tmp_path / "straight")
+
+
+def test_sigint_inside_the_optimizer_step_is_held_to_the_end_of_the_step(tmp_path, digits, monkeypatch):
+    import signal
+
+    from unrollattn.train import TrainingInterrupted
+
+    real_step, calls = torch.optim.lr_scheduler.LambdaLR.step, []
+
+    def interrupted_step(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # the constructor steps once; then the third training step
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C between the optimizer and the scheduler step
+        return real_step(self, *a, **kw)
+
+    loop = _loop(tmp_path, "sigint", max_steps=6, ckpt_every=0, eval_every=0)
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.lr_scheduler.LambdaLR, "step", interrupted_step)
+        with pytest.raises(TrainingInterrupted) as err:
+            fit(DigitsTask(digits, loop, dropout=0.0), loop, OPTIM)
+    assert err.value.checkpoint_step == 3 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    again = dataclasses.replace(loop, resume=True)
+    fit(DigitsTask(digits, again, dropout=0.0), again, OPTIM)
+    straight = _loop(tmp_path, "sigint-straight", max_steps=6, ckpt_every=0, eval_every=0)
+    fit(DigitsTask(digits, straight, dropout=0.0), straight, OPTIM)
+    assert _train_losses(tmp_path / "sigint") == _train_losses(tmp_path / "sigint-straight")
+
+
+class RobustTask(DigitsTask):
+    """A task with the optional hooks: a post-training evaluation (like the adversarial attacks) and a loss label."""
+
+    loss_label = "cross-entropy (nats/image)"
+
+    def final_evaluate(self, model, state):
+        assert not model.training and torch.is_grad_enabled()
+        import time
+
+        time.sleep(0.3)
+        return {"attacked_top1": 12.5}
+
+
+def test_final_evaluation_joins_the_summary_and_the_wall_time(tmp_path, digits, capsys):
+    loop = _loop(tmp_path, "final", max_steps=2, ckpt_every=0, eval_every=0)
+    summary = fit(RobustTask(digits, loop), loop, OPTIM)
+    assert summary["attacked_top1"] == 12.5 and summary["final_eval_s"] >= 0.3
+    assert summary["wall_s"] >= summary["final_eval_s"] and summary["loss_label"] == "cross-entropy (nats/image)"
+    assert json.loads((tmp_path / "final" / "result.json").read_text())["attacked_top1"] == 12.5
+    out = capsys.readouterr().out
+    assert "final evaluation (RobustTask.final_evaluate)" in out and "final evaluation done in" in out

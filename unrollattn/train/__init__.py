@@ -13,8 +13,8 @@ from .checkpoint import (
     save_checkpoint, verify_checkpoint,
 )
 from .config import (
-    ConfigError, LoopConfig, OptimConfig, add_config_arguments, recipe_main, apply_overrides, config_from_dict, config_to_dict,
-    load_preset, read_run_config,
+    RESUME_MUTABLE_KEYS, ConfigError, LoopConfig, OptimConfig, add_config_arguments, recipe_main, apply_overrides,
+    config_from_dict, config_to_dict, load_preset, read_run_config, resume_config_changes,
 )
 from .distributed import (
     DistState, all_reduce_mean, all_reduce_sum, all_reduce_tensor, barrier, broadcast_object, cleanup,
@@ -22,11 +22,14 @@ from .distributed import (
 )
 from .optim import Lion, build_optimizer, build_scheduler, lr_factor, param_groups
 from .runlog import RunDir, RunDirError, curves_figure, env_info, plot_curves, progress_bar, read_metrics
-from .trainer import Task, count_params, epoch_batch_indices, fit, micro_batch_size, step_seed, to_device
+from .trainer import (
+    Task, TrainingInterrupted, count_params, epoch_batch_indices, fit, micro_batch_size, step_seed, to_device,
+)
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DistState", "Lion", "LoopConfig", "OptimConfig", "RunDir", "RunDirError", "Task",
-    "add_config_arguments", "comparison_figure", "curves_figure", "recipe_main", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "apply_overrides", "barrier",
+    "RESUME_MUTABLE_KEYS", "CheckpointError", "ConfigError", "DistState", "Lion", "LoopConfig", "OptimConfig", "RunDir",
+    "RunDirError", "Task", "TrainingInterrupted", "add_config_arguments", "comparison_figure",
+    "curves_figure", "recipe_main", "resume_config_changes", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "apply_overrides", "barrier",
     "broadcast_object", "build_optimizer", "build_scheduler", "checkpoint_dir_for_step", "cleanup", "compare",
     "config_from_dict", "config_to_dict", "count_params", "env_info", "epoch_batch_indices", "fit", "format_value",
     "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_latest_weights", "load_preset",

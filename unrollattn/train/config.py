@@ -5,7 +5,8 @@ Every recipe describes its run as a ``@dataclass`` (usually with ``optim: OptimC
 functions returning such a config, kept in a :class:`unrollattn.registry.Registry`. Command-line
 overrides are ``key=value`` or ``section.key=value`` strings whose values are coerced from the
 declared field types; unknown keys, mistyped values and non-finite floats (inf, nan: in any field
-of any section) raise :class:`ConfigError`.
+of any section) raise :class:`ConfigError`. :data:`RESUME_MUTABLE_KEYS` are the keys a run may
+change when it is resumed.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from pathlib import Path, PurePath
 from typing import Any, Callable, Literal, Union
 
 __all__ = [
-    "ConfigError", "LoopConfig", "OptimConfig", "add_config_arguments", "apply_overrides",
-    "config_from_dict", "config_to_dict", "load_preset", "read_run_config",
+    "RESUME_MUTABLE_KEYS", "ConfigError", "LoopConfig", "OptimConfig", "add_config_arguments", "apply_overrides",
+    "config_from_dict", "config_to_dict", "load_preset", "read_run_config", "resume_config_changes",
 ]
 
 OPTIMIZERS = ("adamw", "sgd", "lion")
@@ -496,6 +497,65 @@ def config_from_dict(cls: type, d: Mapping[str, Any], *, _path: str = "") -> Any
         raise ConfigError(f"{_path or cls.__name__ + ': '}{err}") from None
     except TypeError as err:
         raise ConfigError(f"cannot build {cls.__name__} from dict: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# resume: which keys may differ from the run's config.json
+
+#: Config keys that may differ between a run's ``config.json`` and the config it is resumed with: they change
+#: how long the run goes on, what it reports and where, but not what the steps already taken computed.
+#: ``loop.max_steps`` lets a run train longer (or stop earlier); the learning-rate schedule then follows the new
+#: length from the resumed step on. ``loop.run_name`` names an auto-named run explicitly, ``loop.out_dir`` finds a
+#: moved run. Every other key (learning rate, model, data, batch, seed, precision, ...) must match, and a
+#: changed one is refused; the allowed changes are recorded in the run's ``resume_changes.json``.
+RESUME_MUTABLE_KEYS = frozenset({
+    "loop.max_steps", "loop.eval_every", "loop.log_every", "loop.ckpt_every", "loop.keep_checkpoints",
+    "loop.progress", "loop.resume", "loop.run_name", "loop.out_dir", "loop.device", "loop.compile",
+})
+
+
+def _flat_items(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat_items(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+_ABSENT = "<absent>"
+
+
+def resume_config_changes(previous: Mapping[str, Any], config: Any, *, where: str = "the run") -> dict[str, dict]:
+    """The keys in which ``config`` differs from ``previous`` (a run's config.json), as
+    ``{"loop.max_steps": {"old": 100, "new": 200}}``; ConfigError when any of them is not in
+    :data:`RESUME_MUTABLE_KEYS`, naming each refused key with its old and new value.
+
+    When ``config`` is a dataclass, ``previous`` is first read through it, so a key added to the config class since
+    the run started counts as its default rather than as a change.
+    """
+    new = config_to_dict(config)
+    old: Mapping[str, Any] = previous
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        try:
+            old = config_to_dict(config_from_dict(type(config), previous))
+        except ConfigError:  # a key since removed, or a rule since tightened: compare the raw values
+            old = previous
+    flat_old, flat_new = _flat_items(old), _flat_items(new)
+    changes = {}
+    for key in list(flat_old) + [k for k in flat_new if k not in flat_old]:
+        a, b = flat_old.get(key, _ABSENT), flat_new.get(key, _ABSENT)
+        if a != b:
+            changes[key] = {"old": a, "new": b}
+    refused = [k for k in changes if k not in RESUME_MUTABLE_KEYS]
+    if refused:
+        listed = "; ".join(f"{k}: {changes[k]['old']!r} -> {changes[k]['new']!r}" for k in refused)
+        raise ConfigError(f"--resume: the config differs from the one {where} was started with in {len(refused)} "
+                          f"key(s) that cannot change on resume: {listed}. Resume with the original values (see its "
+                          f"config.json), or start a new run with another loop.run_name=NAME. Keys that may change on "
+                          f"resume: {', '.join(sorted(RESUME_MUTABLE_KEYS))}")
+    return changes
 
 
 def _dataclass_type(tp: Any, field: dataclasses.Field) -> type | None:

@@ -3,12 +3,17 @@
 Layout of a run directory (written by rank 0 only)::
 
     <out_dir>/<run_name>/
-        config.json      resolved config (re-loadable with config_from_dict)
-        env.json         versions, git hash, host, device, world size, command line
+        config.json      resolved config (re-loadable with config_from_dict); on resume the new one
+        env.json         versions, git hash, host, device, world size, command line of the first launch
         metrics.jsonl    one JSON object per log / eval step: {"step": ..., "train_loss": ..., ...}
         summary.csv      one row per evaluation (header = union of all columns)
+        resume_changes.json   one entry per resume: time, step, checkpoint, changed config keys, env
+        metrics.rewound.jsonl, summary.rewound.csv   rows logged after the checkpoint a resume went back to
         checkpoints/step_XXXXXXXX/   see checkpoint.py
         curves.png       loss curves
+
+Nothing written here is dropped: a resume moves the rows it replays into the ``*.rewound.*`` files and
+keeps ``env.json``, and a run directory is only reused on request (``--resume``).
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.csv"
 CONFIG_FILE = "config.json"
 ENV_FILE = "env.json"
+RESUME_FILE = "resume_changes.json"
+REWOUND_METRICS_FILE = "metrics.rewound.jsonl"
+REWOUND_SUMMARY_FILE = "summary.rewound.csv"
 
 
 class RunDirError(ValueError):
@@ -140,10 +148,14 @@ class RunDir:
 
     @classmethod
     def create(cls, out_dir: str | os.PathLike, run_name: str, config: Any, *, is_main: bool = True,
-               resume: bool = False, device: Any = None, world_size: int | None = None) -> "RunDir":
+               resume: bool = False, device: Any = None, world_size: int | None = None,
+               resume_from: Mapping[str, Any] | None = None) -> "RunDir":
         """Create ``out_dir/run_name`` and record ``config.json`` and ``env.json`` in it.
 
-        An existing non-empty directory is only reused with ``resume=True``.
+        An existing non-empty directory is only reused with ``resume=True``. Resuming a run that has a config.json
+        checks ``config`` against it (:func:`~unrollattn.train.config.resume_config_changes`: ConfigError for a key
+        that may not change), keeps its env.json and appends ``{time, **resume_from, changes, env}`` to
+        resume_changes.json before config.json is replaced.
         """
         if not run_name or any(sep in run_name for sep in ("/", "\\")) or run_name in (".", ".."):
             raise RunDirError(f"run_name: expected a plain, non-empty directory name, got {run_name!r}")
@@ -153,15 +165,59 @@ class RunDir:
         if run.dir.exists() and not run.dir.is_dir():
             raise RunDirError(f"run directory {run.dir} exists and is not a directory")
         if run.dir.exists() and any(run.dir.iterdir()) and not resume:
-            raise RunDirError(f"run directory {run.dir} already exists and is not empty; pass resume=true to continue "
-                              "that run, or choose a new run_name")
+            raise RunDirError(f"run directory {run.dir} already exists and is not empty; add --resume to continue that "
+                              "run, or choose another name with loop.run_name=NAME")
         run.dir.mkdir(parents=True, exist_ok=True)
-        from .config import config_to_dict
+        from .config import config_to_dict, resume_config_changes
 
         config_dict = config_to_dict(config) if config is not None else {}
+        env = env_info(device, world_size)
+        previous = run._read_json(CONFIG_FILE) if resume else None
+        if previous is not None:
+            changes = resume_config_changes(previous, config if config is not None else {}, where=str(run.dir))
+            entries = run.resume_changes()
+            entries.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **to_jsonable(dict(resume_from or {})),
+                            "changes": changes, "env": env})
+            atomic_write_json(run.path(RESUME_FILE), entries)  # first: the old values are on record before they go
         atomic_write_json(run.path(CONFIG_FILE), config_dict)
-        atomic_write_json(run.path(ENV_FILE), env_info(device, world_size))
+        if previous is None or not run.path(ENV_FILE).exists():
+            atomic_write_json(run.path(ENV_FILE), env)
         return run
+
+    def _read_json(self, name: str) -> Any:
+        """The parsed JSON file ``name`` of this run, None when it does not exist; RunDirError when unreadable."""
+        path = self.path(name)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunDirError(f"cannot read {path}: {err}") from None
+
+    def resume_changes(self) -> list[dict[str, Any]]:
+        """The entries of resume_changes.json (one per resume of this run), oldest first."""
+        entries = self._read_json(RESUME_FILE)
+        if entries is None:
+            return []
+        if not isinstance(entries, list):
+            raise RunDirError(f"{self.path(RESUME_FILE)}: expected a JSON list of resume entries")
+        return entries
+
+    def history(self) -> str | None:
+        """What earlier training left in this directory (logged rows, evaluations, checkpoints, a result), as
+        words for a message; None when there is nothing a new start could lose."""
+        found = []
+        rows = [r for r in self.metrics() if isinstance(r.get("step"), (int, float))]
+        if rows:
+            found.append(f"{len(rows)} row(s) in {METRICS_FILE} up to step {max(r['step'] for r in rows):g}")
+        if self.summary_rows():
+            found.append(f"{len(self.summary_rows())} evaluation row(s) in {SUMMARY_FILE}")
+        checkpoints = self.dir / "checkpoints"
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            found.append(f"incomplete checkpoint(s) {', '.join(sorted(p.name for p in checkpoints.iterdir()))}")
+        if self.path("result.json").exists():
+            found.append("result.json")
+        return "; ".join(found) or None
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -198,19 +254,40 @@ class RunDir:
         return _read_csv(self.path(SUMMARY_FILE))[0]
 
     def rewind(self, step: int) -> None:
-        """Drop metrics.jsonl lines and summary.csv rows logged after ``step`` (used on resume)."""
+        """Move the metrics.jsonl lines and summary.csv rows logged after ``step`` (used on resume: those steps are
+        trained again) to metrics.rewound.jsonl / summary.rewound.csv, verbatim; torn or unreadable lines go
+        there too. The moved rows are on disk before the originals are rewritten."""
         if not self.is_main:
             return
         metrics_path = self.path(METRICS_FILE)
         if metrics_path.exists():
-            kept = [r for r in read_metrics(metrics_path) if isinstance(r.get("step"), (int, float)) and r["step"] <= step]
-            atomic_write_text(metrics_path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
+            kept, moved = [], []
+            for line in metrics_path.read_text(encoding="utf-8").splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                ok = isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] <= step
+                (kept if ok else moved).append(line)
+            if moved:
+                archive = self.path(REWOUND_METRICS_FILE)
+                before = archive.read_text(encoding="utf-8") if archive.exists() else ""
+                atomic_write_text(archive, before + "".join(line + "\n" for line in moved))
+                atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
         summary_path = self.path(SUMMARY_FILE)
         if summary_path.exists():
             rows, header = _read_csv(summary_path)
             if "step" in header:
-                kept_rows = [r for r in rows if _row_step(r) is not None and _row_step(r) <= step]
-                _write_csv(summary_path, kept_rows, header)
+                kept_rows, moved_rows = [], []
+                for r in rows:
+                    (kept_rows if _row_step(r) is not None and _row_step(r) <= step else moved_rows).append(r)
+                if moved_rows:
+                    archive_rows, archive_header = _read_csv(self.path(REWOUND_SUMMARY_FILE))
+                    _write_csv(self.path(REWOUND_SUMMARY_FILE), archive_rows + moved_rows,
+                               archive_header + [k for k in header if k not in archive_header])
+                    _write_csv(summary_path, kept_rows, header)
 
     def write_json(self, name: str, obj: Any) -> Path | None:
         return atomic_write_json(self.path(name), obj) if self.is_main else None

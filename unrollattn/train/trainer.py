@@ -9,6 +9,11 @@ Step numbers: ``Task.batch(step, ...)`` receives the 0-based index of the optimi
 checkpoints count completed steps, so the first update is logged as step 1 and a run of
 ``max_steps`` ends with a checkpoint at step ``max_steps``; resuming from the checkpoint of step
 ``k`` continues with ``Task.batch(k, ...)``.
+
+Nothing a run has written is lost: ``--resume`` continues from the newest complete checkpoint (an
+older one when the newest fails its check) and refuses when there is none but the directory holds
+history, or when the config changed in a key outside ``RESUME_MUTABLE_KEYS``; a checkpoint is only
+written of finite weights; Ctrl-C saves the last completed step and raises :class:`TrainingInterrupted`.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import hashlib
 import math
 import random
 import re
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -28,23 +35,34 @@ import torch
 from torch import Tensor, nn
 
 from ..diagnostics.memory import LiveTensorBytes, optimizer_state_bytes, tensor_bytes
-from .checkpoint import checkpoint_dir_for_step, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (
+    CheckpointError, checkpoint_dir_for_step, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
+    save_checkpoint, verify_checkpoint,
+)
 from .config import LoopConfig, OptimConfig, config_to_dict
 from .distributed import (
     DistState, all_reduce_sum, all_reduce_tensor, broadcast_object, init_distributed, unwrap_model, wrap_model,
 )
 from .optim import build_optimizer, build_scheduler
-from .runlog import RunDir, plot_curves, progress_bar
+from .runlog import DEFAULT_LOSS_LABEL, RunDir, RunDirError, plot_curves, progress_bar
 
-__all__ = ["Task", "count_params", "epoch_batch_indices", "fit", "micro_batch_size", "step_seed", "to_device"]
+__all__ = ["Task", "TrainingInterrupted", "count_params", "epoch_batch_indices", "fit", "micro_batch_size", "step_seed",
+           "to_device"]
 
 
 @runtime_checkable
 class Task(Protocol):
     """What a recipe implements to be trained by :func:`fit`.
 
-    Optional: ``export(model, run_dir: Path)`` is called on the main rank after the final
-    checkpoint (e.g. to write a ``save_pretrained`` directory).
+    Optional:
+
+    - ``final_evaluate(model, state) -> dict[str, float]``: called on every rank after the final checkpoint with
+      the trained model in eval mode (gradients enabled, e.g. for adversarial attacks); its metrics join the
+      summary and result.json, its time ``final_eval_s`` is part of ``wall_s``.
+    - ``export(model, run_dir: Path)`` is called on the main rank after the final
+      checkpoint (e.g. to write a ``save_pretrained`` directory).
+    - ``loss_label``: a string naming the training loss with its unit for plot axes, e.g.
+      ``"cross-entropy (nats/token)"`` (default ``"loss (mean per item)"``); when set, also in the summary.
     """
 
     def build_model(self) -> nn.Module:
@@ -60,7 +78,8 @@ class Task(Protocol):
 
     def evaluate(self, model: nn.Module, state: DistState) -> dict[str, float]:
         """Validation metrics, e.g. ``{"val_loss": ..., "top1": ...}``; called on every rank under
-        ``torch.no_grad()`` and ``model.eval()``; the task all-reduces across ranks itself."""
+        ``torch.no_grad()`` and ``model.eval()``; the task all-reduces across ranks itself. Losses (keys
+        ``loss`` or ``*_loss``) must be finite: a NaN loss stops the run before it is checkpointed."""
 
     def items_per_batch(self, batch: Any) -> int:
         """Number of images / tokens in ``batch`` (for throughput)."""
@@ -223,6 +242,24 @@ def _evaluate(task: Any, model: nn.Module, state: DistState, precision: str) -> 
     return {str(k): float(v) for k, v in metrics.items()}
 
 
+def _final_evaluate(task: Any, model: nn.Module, state: DistState) -> tuple[dict[str, float], float]:
+    """``task.final_evaluate(model, state)`` in eval mode (gradients on), announced and timed on the main rank."""
+    name = f"{type(task).__name__}.final_evaluate"
+    _print0(state, f"final evaluation ({name}) ...")
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        metrics = task.final_evaluate(model, state)
+    finally:
+        model.train(was_training)
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"{name} must return a dict of floats, got {type(metrics).__name__}")
+    seconds = time.perf_counter() - t0
+    _print0(state, f"final evaluation done in {seconds:.1f} s")
+    return {str(k): float(v) for k, v in metrics.items()}, seconds
+
+
 def _peak_memory(device: torch.device, cpu_peak_mb: float) -> tuple[str, float]:
     """CUDA: the allocator's peak. Elsewhere: parameters, optimizer state and the tensors alive during one step."""
     if device.type == "cuda":
@@ -253,6 +290,101 @@ def _auto_run_name(out_dir: str, prefix: str, resume: bool) -> str:
     while (root / candidate).exists():
         candidate, n = f"{name}-{n}", n + 1
     return candidate
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fit`, raised once the checkpoint of the last completed step is written.
+
+    ``step``: the completed steps when it came; ``checkpoint`` / ``checkpoint_step``: the newest complete checkpoint
+    (None when none could be written); ``run_dir`` / ``run_name``: the run, to resume with ``loop.resume``.
+    """
+
+    def __init__(self, step: int, run_dir: Path, run_name: str, checkpoint: Path | None, checkpoint_step: int | None):
+        self.step, self.run_dir, self.run_name = step, Path(run_dir), run_name
+        self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
+        saved = (f"checkpoint of step {checkpoint_step} in {checkpoint}" if checkpoint is not None
+                 else "no checkpoint could be written")
+        super().__init__(f"interrupted at step {step} of run {run_dir}; {saved}")
+
+
+class _InterruptGuard:
+    """While entered (main thread, default SIGINT handler only), Ctrl-C raises KeyboardInterrupt as usual, except
+    inside ``critical()``, where it is held until the block ends: the optimizer and scheduler steps, the step
+    counter and the step's log row then always move together, so the state saved on interruption is that of one
+    completed, logged step."""
+
+    def __init__(self):
+        self._previous, self._depth, self._pending = None, 0, False
+
+    def __enter__(self) -> "_InterruptGuard":
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self._depth:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def critical(self):
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if self._pending and not self._depth:  # reached only when the block did not raise
+            self._pending = False
+            raise KeyboardInterrupt
+
+
+def _non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` that hold inf or nan."""
+    return [name for name, t in unwrap_model(model).state_dict().items()
+            if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+
+
+def _check_finite_weights(model: nn.Module, step: int, run: RunDir) -> None:
+    bad = _non_finite_tensors(model)
+    if bad:
+        kept = latest_checkpoint(run.dir)
+        more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise FloatingPointError(f"the model weights are not finite at step {step} (inf/nan in {', '.join(bad[:5])}{more}); "
+                                 f"no checkpoint was written for step {step} "
+                                 f"({'the newest kept is ' + kept.name if kept is not None else 'none was kept'}). "
+                                 "Lower optim.lr, raise optim.warmup_steps or check the data")
+
+
+def _check_finite_eval(metrics: Mapping[str, float], step: int, run: RunDir) -> None:
+    bad = {k: v for k, v in metrics.items() if (k == "loss" or k.endswith("_loss")) and not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"evaluation at step {step} gave non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; "
+                                 f"stopped before checkpointing step {step} (metrics in {run.path('metrics.jsonl')})")
+
+
+def _resume_point(run_dir: Path) -> tuple[Path | None, int | None, list[str]]:
+    """The newest checkpoint of ``run_dir`` that passes :func:`verify_checkpoint` and its step (None, None if there
+    is none), and a note for each newer one that failed. RunDirError when there is none but the directory holds
+    history that a start from step 0 would replay over."""
+    skipped = []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, int(verify_checkpoint(path)["step"]), skipped
+        except CheckpointError as err:
+            skipped.append(f"{path.name} skipped: {err}")
+    history = RunDir(run_dir).history()
+    if history is not None:
+        why = f" ({'; '.join(skipped)})" if skipped else ""
+        raise RunDirError(f"--resume: {run_dir} has no complete checkpoint to continue from{why}, but it holds an "
+                          f"earlier run's history ({history}); nothing was changed. Restore a checkpoint to resume it, "
+                          "or start a new run with another loop.run_name=NAME")
+    return None, None, skipped
 
 
 def _on_main(state: DistState, action) -> Any:
@@ -309,25 +441,31 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
     if config_for_log is None:
         config_for_log = {"loop": config_to_dict(loop), "optim": config_to_dict(optim)}
 
-    def open_run() -> str:
+    def open_run() -> tuple[str, str | None]:
         name = loop.run_name or _auto_run_name(loop.out_dir, run_name_prefix, loop.resume)
+        ckpt, ckpt_step = None, None
+        if loop.resume:  # checked before anything in the directory is written
+            ckpt, ckpt_step, skipped = _resume_point(Path(loop.out_dir) / name)
+            for note in skipped:
+                print(f"warning: {note}", flush=True)
         RunDir.create(loop.out_dir, name, config_for_log, resume=loop.resume, device=device,
-                      world_size=state.world_size)
-        return name
+                      world_size=state.world_size,
+                      resume_from={"step": ckpt_step or 0, "checkpoint": ckpt.name if ckpt is not None else None})
+        return name, (str(ckpt) if ckpt is not None else None)
 
-    run_name = _on_main(state, open_run)
+    run_name, resume_ckpt = _on_main(state, open_run)
     run = RunDir(Path(loop.out_dir) / run_name, is_main=state.is_main)
 
     start = 0
-    if loop.resume:
-        ckpt = latest_checkpoint(run.dir)
-        if ckpt is not None:
-            info = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, map_location=device)
-            start = info["step"]
-            _print0(state, f"resuming {run.dir} from {ckpt.name} (step {start})")
-        else:
-            _print0(state, f"no checkpoint in {run.dir}; starting from step 0")
+    ckpt_path, ckpt_step = None, None  # the newest complete checkpoint of this run
+    if resume_ckpt is not None:
+        ckpt_path = Path(resume_ckpt)
+        info = load_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, map_location=device)
+        start = ckpt_step = info["step"]
+        _print0(state, f"resuming {run.dir} from {ckpt_path.name} (step {start})")
         run.rewind(start)
+    elif loop.resume:
+        _print0(state, f"nothing to resume in {run.dir} yet (no checkpoint, no history); starting from step 0")
     bar = progress_bar(loop.max_steps, initial=min(start, loop.max_steps), enabled=loop.progress,
                        is_main=state.is_main, desc=run_name)
 
@@ -349,138 +487,161 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
     # CPU peak memory: parameters + optimizer state + tensors alive during the second step (the first one
     # also holds one-off allocations such as a task's data caches).
     tracked_step = start + 1 if loop.max_steps - start > 1 else start
+
+    def save(step_done: int) -> Path:
+        target = checkpoint_dir_for_step(run.dir, step_done)
+        save_checkpoint(target, model=model, optimizer=optimizer, scheduler=scheduler, step=step_done,
+                        extra={"run_name": run_name, "world_size": state.world_size})
+        prune_checkpoints(run.dir, loop.keep_checkpoints)
+        return target
+
     step_context = contextlib.ExitStack()
+    final_metrics, final_eval_s = {}, None
     try:
-        for step in range(start, loop.max_steps):
-            _seed_all(step_seed(loop.seed, step, state.rank))
-            train_model.train()
-            tracker = LiveTensorBytes() if device.type != "cuda" and step == tracked_step else None
-            if tracker is not None:
-                step_context.enter_context(tracker)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), device=device, dtype=torch.float64)
-            step_items = 0
-            for micro in range(loop.grad_accum):
-                batch = to_device(task.batch(step, micro, state), device)
-                last_micro = micro == loop.grad_accum - 1
-                with (train_model.no_sync() if is_ddp and not last_micro else contextlib.nullcontext()):
-                    with autocast():
-                        loss, metrics = _call_loss(task, train_model, batch)
-                    (loss / loop.grad_accum).backward()
-                step_loss += loss.detach().to(torch.float64)
-                for key, value in metrics.items():
-                    window["metrics"][key] = window["metrics"].get(key, 0.0) + float(value) / loop.grad_accum
-                step_items += _items(task, batch)
-            if optim.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim.grad_clip)
-                window["grad_norm"] += grad_norm.detach().to(torch.float64)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            if tracker is not None:
-                step_context.close()
-                cpu_peak_mb += (tracker.peak + optimizer_state_bytes(optimizer)) / 2**20
-            done = step + 1
-            window["loss"] += step_loss / loop.grad_accum
-            window["items"] += step_items
-            window["steps"] += 1
-            if timed_from is not None:
-                timed_items += step_items
-            elif done - start == warm:
-                _sync(device)
-                timed_from = time.perf_counter()
-            bar.update(1)
-
-            if done % loop.log_every == 0 or done == loop.max_steps:
-                _sync(device)
-                keys = sorted(window["metrics"])
-                packed = torch.cat([
-                    torch.stack([window["loss"], window["grad_norm"]]).cpu(),
-                    torch.tensor([window["items"], window["steps"], *(window["metrics"][k] for k in keys)],
-                                 dtype=torch.float64),
-                ])
-                totals = all_reduce_tensor(packed, state, "sum").tolist()
-                ranks_steps = totals[3]
-                train_loss = totals[0] / ranks_steps
-                elapsed = max(time.perf_counter() - window_t0, 1e-9)
-                mem = _peak_memory(device, cpu_peak_mb)
-                row = {"train_loss": train_loss, "lr": lr}
+        with _InterruptGuard() as guard:
+            for step in range(start, loop.max_steps):
+                _seed_all(step_seed(loop.seed, step, state.rank))
+                train_model.train()
+                tracker = LiveTensorBytes() if device.type != "cuda" and step == tracked_step else None
+                if tracker is not None:
+                    step_context.enter_context(tracker)
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = torch.zeros((), device=device, dtype=torch.float64)
+                step_items = 0
+                for micro in range(loop.grad_accum):
+                    batch = to_device(task.batch(step, micro, state), device)
+                    last_micro = micro == loop.grad_accum - 1
+                    with (train_model.no_sync() if is_ddp and not last_micro else contextlib.nullcontext()):
+                        with autocast():
+                            loss, metrics = _call_loss(task, train_model, batch)
+                        (loss / loop.grad_accum).backward()
+                    step_loss += loss.detach().to(torch.float64)
+                    for key, value in metrics.items():
+                        window["metrics"][key] = window["metrics"].get(key, 0.0) + float(value) / loop.grad_accum
+                    step_items += _items(task, batch)
                 if optim.grad_clip > 0:
-                    row["grad_norm"] = totals[1] / ranks_steps
-                row.update({k: totals[4 + i] / ranks_steps for i, k in enumerate(keys)})
-                row.update({"items_per_s": totals[2] / elapsed, mem[0]: round(mem[1], 1),
-                            "elapsed_s": round(time.perf_counter() - t_begin, 3)})
-                run.log(done, **row)
-                message = f"step {done}/{loop.max_steps} | loss {train_loss:.4f} | lr {lr:.3g} | {row['items_per_s']:.1f} items/s"
-                bar.set_postfix_str(f"loss {train_loss:.4f}")
-                bar.write(message)
-                if not math.isfinite(train_loss):
-                    raise FloatingPointError(f"training loss is {train_loss} at step {done}; lower optim.lr, "
-                                             "raise optim.warmup_steps or check the data (metrics in "
-                                             f"{run.path('metrics.jsonl')})")
-                window = {"loss": torch.zeros_like(window["loss"]), "grad_norm": torch.zeros_like(window["grad_norm"]),
-                          "items": 0, "steps": 0, "metrics": {}}
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim.grad_clip)
+                    window["grad_norm"] += grad_norm.detach().to(torch.float64)
+                lr = optimizer.param_groups[0]["lr"]
+                # Ctrl-C is held from the update to the end of its log row: weights, optimizer, schedule, `done` and
+                # metrics.jsonl then always agree (see _InterruptGuard)
+                with guard.critical():
+                    optimizer.step()
+                    scheduler.step()
+                    if tracker is not None:
+                        step_context.close()
+                        cpu_peak_mb += (tracker.peak + optimizer_state_bytes(optimizer)) / 2**20
+                    done = step + 1
+                    window["loss"] += step_loss / loop.grad_accum
+                    window["items"] += step_items
+                    window["steps"] += 1
+                    if timed_from is not None:
+                        timed_items += step_items
+                    elif done - start == warm:
+                        _sync(device)
+                        timed_from = time.perf_counter()
+                    bar.update(1)
 
-            t_pause = time.perf_counter()
-            if (loop.eval_every and done % loop.eval_every == 0) or done == loop.max_steps:
+                    if done % loop.log_every == 0 or done == loop.max_steps:
+                        _sync(device)
+                        keys = sorted(window["metrics"])
+                        packed = torch.cat([
+                            torch.stack([window["loss"], window["grad_norm"]]).cpu(),
+                            torch.tensor([window["items"], window["steps"], *(window["metrics"][k] for k in keys)],
+                                         dtype=torch.float64),
+                        ])
+                        totals = all_reduce_tensor(packed, state, "sum").tolist()
+                        ranks_steps = totals[3]
+                        train_loss = totals[0] / ranks_steps
+                        elapsed = max(time.perf_counter() - window_t0, 1e-9)
+                        mem = _peak_memory(device, cpu_peak_mb)
+                        row = {"train_loss": train_loss, "lr": lr}
+                        if optim.grad_clip > 0:
+                            row["grad_norm"] = totals[1] / ranks_steps
+                        row.update({k: totals[4 + i] / ranks_steps for i, k in enumerate(keys)})
+                        row.update({"items_per_s": totals[2] / elapsed, mem[0]: round(mem[1], 1),
+                                    "elapsed_s": round(time.perf_counter() - t_begin, 3)})
+                        run.log(done, **row)
+                        message = f"step {done}/{loop.max_steps} | loss {train_loss:.4f} | lr {lr:.3g} | {row['items_per_s']:.1f} items/s"
+                        bar.set_postfix_str(f"loss {train_loss:.4f}")
+                        bar.write(message)
+                        if not math.isfinite(train_loss):
+                            raise FloatingPointError(f"training loss is {train_loss} at step {done}; lower optim.lr, "
+                                                     "raise optim.warmup_steps or check the data (metrics in "
+                                                     f"{run.path('metrics.jsonl')})")
+                        window = {"loss": torch.zeros_like(window["loss"]), "grad_norm": torch.zeros_like(window["grad_norm"]),
+                                  "items": 0, "steps": 0, "metrics": {}}
+
+                t_pause = time.perf_counter()
+                if (loop.eval_every and done % loop.eval_every == 0) or done == loop.max_steps:
+                    last_eval = _evaluate(task, compiled, state, loop.precision)
+                    run.log(done, **last_eval)
+                    run.summary({"step": done, "train_loss": train_loss, **last_eval, "lr": lr})
+                    bar.write(f"eval step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+                    _check_finite_eval(last_eval, done, run)
+                if (loop.ckpt_every and done % loop.ckpt_every == 0) or done == loop.max_steps:
+                    _check_finite_weights(model, done, run)
+                    ckpt_path = _on_main(state, functools.partial(save, done))
+                    ckpt_step = done
+                paused = time.perf_counter() - t_pause
+                if timed_from is not None:
+                    timed_excluded += paused
+                if done % loop.log_every == 0:
+                    window_t0 = time.perf_counter()
+                else:
+                    window_t0 += paused
+
+            if n_run == 0:  # nothing left to train: report the checkpoint's metrics
                 last_eval = _evaluate(task, compiled, state, loop.precision)
-                run.log(done, **last_eval)
-                run.summary({"step": done, "train_loss": train_loss, **last_eval, "lr": lr})
-                bar.write(f"eval step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
-            if (loop.ckpt_every and done % loop.ckpt_every == 0) or done == loop.max_steps:
-                target = checkpoint_dir_for_step(run.dir, done)
+                previous = _on_main(state, lambda: next((r["train_loss"] for r in reversed(run.metrics()) if "train_loss" in r), None))
+                train_loss = math.nan if previous is None else previous
+                ckpt_path = latest_checkpoint(run.dir)
+            bar.close()
+            if callable(getattr(task, "final_evaluate", None)):
+                final_metrics, final_eval_s = _final_evaluate(task, model, state)
+            _sync(device)
+            loss_label = getattr(task, "loss_label", None)
+            mem = _peak_memory(device, cpu_peak_mb)
+            timed_time = (time.perf_counter() - timed_from - timed_excluded) if timed_from is not None else 0.0
+            total_timed_items = all_reduce_sum(float(timed_items), state)
+            summary = {
+                "run_dir": str(run.dir),
+                "steps": done,
+                "start_step": start,
+                "params": n_params,
+                "train_loss": train_loss,
+                **last_eval,
+                "train_items_per_s": total_timed_items / timed_time if timed_time > 0 and total_timed_items > 0 else math.nan,
+                "peak_mem_mb": round(mem[1], 1),
+                "peak_mem_source": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_tensor_bytes_one_step",
+                "world_size": state.world_size,
+                "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
+                **final_metrics,
+                **({"final_eval_s": round(final_eval_s, 3)} if final_eval_s is not None else {}),
+                **({"loss_label": loss_label} if loss_label else {}),
+                "wall_s": round(time.perf_counter() - t_begin, 3),
+            }
 
-                def save(target=target, done=done):
-                    save_checkpoint(target, model=model, optimizer=optimizer, scheduler=scheduler, step=done,
-                                    extra={"run_name": run_name, "world_size": state.world_size})
-                    prune_checkpoints(run.dir, loop.keep_checkpoints)
+            def finish() -> None:
+                try:
+                    plot_curves({run_name: run.path("metrics.jsonl")}, out_png=run.path("curves.png"),
+                                ylabel=loss_label or DEFAULT_LOSS_LABEL)
+                except Exception as err:  # a plotting problem must not lose a finished run
+                    warnings.warn(f"could not plot loss curves: {err}", RuntimeWarning, stacklevel=2)
+                if callable(getattr(task, "export", None)):
+                    task.export(model, run.dir)
+                run.write_json("result.json", summary)
 
-                _on_main(state, save)
-                ckpt_path = target
-            paused = time.perf_counter() - t_pause
-            if timed_from is not None:
-                timed_excluded += paused
-            if done % loop.log_every == 0:
-                window_t0 = time.perf_counter()
-            else:
-                window_t0 += paused
+            _on_main(state, finish)
+    except KeyboardInterrupt:
+        # Ctrl-C: the main rank saves the last completed step (no collective: the other ranks are being interrupted
+        # too), unless it is saved already or its weights are not finite. A second Ctrl-C abandons the save; the
+        # atomic writer then leaves the previous checkpoint as it was.
+        if state.is_main and ckpt_step != done and not _non_finite_tensors(model):
+            with contextlib.suppress(KeyboardInterrupt):
+                ckpt_path, ckpt_step = save(done), done
+        raise TrainingInterrupted(done, run.dir, run_name, ckpt_path, ckpt_step) from None
     finally:
         step_context.close()
         bar.close()
-
-    if n_run == 0:  # nothing left to train: report the checkpoint's metrics
-        last_eval = _evaluate(task, compiled, state, loop.precision)
-        previous = _on_main(state, lambda: next((r["train_loss"] for r in reversed(run.metrics()) if "train_loss" in r), None))
-        train_loss = math.nan if previous is None else previous
-        ckpt_path = latest_checkpoint(run.dir)
-
-    _sync(device)
-    mem = _peak_memory(device, cpu_peak_mb)
-    timed_time = (time.perf_counter() - timed_from - timed_excluded) if timed_from is not None else 0.0
-    total_timed_items = all_reduce_sum(float(timed_items), state)
-    summary = {
-        "run_dir": str(run.dir),
-        "steps": done,
-        "start_step": start,
-        "params": n_params,
-        "train_loss": train_loss,
-        **last_eval,
-        "train_items_per_s": total_timed_items / timed_time if timed_time > 0 and total_timed_items > 0 else math.nan,
-        "peak_mem_mb": round(mem[1], 1),
-        "peak_mem_source": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_tensor_bytes_one_step",
-        "world_size": state.world_size,
-        "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
-        "wall_s": round(time.perf_counter() - t_begin, 3),
-    }
-
-    def finish() -> None:
-        try:
-            plot_curves({run_name: run.path("metrics.jsonl")}, out_png=run.path("curves.png"))
-        except Exception as err:  # a plotting problem must not lose a finished run
-            warnings.warn(f"could not plot loss curves: {err}", RuntimeWarning, stacklevel=2)
-        if callable(getattr(task, "export", None)):
-            task.export(model, run.dir)
-        run.write_json("result.json", summary)
-
-    _on_main(state, finish)
     return summary
