@@ -14,7 +14,7 @@ from .checkpoint import (
 )
 from .config import (
     RESUME_MUTABLE_KEYS, ConfigError, LoopConfig, OptimConfig, add_config_arguments, recipe_main, apply_overrides,
-    config_from_dict, config_to_dict, load_preset, read_run_config, resume_config_changes,
+    config_from_dict, config_help, config_to_dict, load_preset, read_run_config, resume_config_changes,
 )
 from .distributed import (
     DistState, all_reduce_mean, all_reduce_sum, all_reduce_tensor, barrier, broadcast_object, cleanup,
@@ -28,7 +28,7 @@ from .trainer import (
 
 __all__ = [
     "RESUME_MUTABLE_KEYS", "CheckpointError", "ConfigError", "DistState", "Lion", "LoopConfig", "OptimConfig", "RunDir",
-    "RunDirError", "Task", "TrainingInterrupted", "add_config_arguments", "comparison_figure",
+    "RunDirError", "Task", "TrainingInterrupted", "add_config_arguments", "comparison_figure", "config_help",
     "curves_figure", "recipe_main", "resume_config_changes", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "apply_overrides", "barrier",
     "broadcast_object", "build_optimizer", "build_scheduler", "checkpoint_dir_for_step", "cleanup", "compare",
     "config_from_dict", "config_to_dict", "count_params", "env_info", "epoch_batch_indices", "fit", "format_value",
