@@ -29,7 +29,6 @@ import json
 import math
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,8 +41,8 @@ import unrollattn  # noqa: F401  (registers the aot_* / crate_* timm models)
 from unrollattn.diagnostics.robustness import ATTACKS, adversarial_counts, check_eps, eps_label
 from unrollattn.registry import Registry
 from unrollattn.train import (
-    DistState, LoopConfig, OptimConfig, RunDir, all_reduce_tensor, apply_overrides, epoch_batch_indices, fit,
-    init_distributed, load_checkpoint, load_latest_weights, read_run_config, recipe_main, step_seed,
+    DistState, LoopConfig, OptimConfig, all_reduce_tensor, apply_overrides, epoch_batch_indices, fit,
+    load_latest_weights, read_run_config, recipe_main, step_seed,
 )
 from unrollattn.train._io import atomic_write_json
 from unrollattn.vision.datasets import ImageClassificationData, load_classification_data
@@ -258,6 +257,8 @@ def random_translate_flip(images: torch.Tensor, shift: torch.Tensor, flip: torch
 class ClassifyTask:
     """The :class:`unrollattn.train.Task` of image classification (cross-entropy; top-1 and loss on the test split)."""
 
+    loss_label = "cross-entropy (nats/image)"
+
     def __init__(self, cfg: ClassifyConfig, data: ImageClassificationData | None = None):
         self.cfg = cfg
         d = cfg.data
@@ -278,9 +279,19 @@ class ClassifyTask:
                 "num_classes": self.data.num_classes, "class_names": list(self.data.class_names or ()),
                 "data": self.data.name}
 
+    def final_evaluate(self, model: nn.Module, state: DistState) -> dict[str, float]:
+        """FGSM / PGD accuracies of the trained model at ``robust.eps`` (:func:`evaluate_robustness`), when enabled."""
+        self.robustness = evaluate_robustness(self, model, state) if self.cfg.robust.enabled else None
+        return self.robustness or {}
+
     def export(self, model: nn.Module, run_dir: Path) -> None:
-        """``run_dir/preprocessing.json`` (:meth:`preprocessing`), so a run loads back without its data."""
+        """``preprocessing.json`` (:meth:`preprocessing`), so a run loads back without its data, and
+        ``robustness.json`` when the final evaluation attacked the model."""
         atomic_write_json(Path(run_dir) / PREPROCESSING_FILE, self.preprocessing())
+        if getattr(self, "robustness", None):
+            atomic_write_json(Path(run_dir) / "robustness.json", {
+                "config": dataclasses.asdict(self.cfg.robust), "num_images": len(self.robust_subset()),
+                **self.robustness})
 
     def batch(self, step: int, micro: int, state: DistState) -> dict[str, torch.Tensor]:
         loop, aug = self.cfg.loop, self.cfg.data
@@ -430,24 +441,12 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: Sequence[str] | None = 
 
 def run(cfg: ClassifyConfig) -> dict[str, Any]:
     """Train and evaluate ``cfg``; return fit's summary plus ``variant``, ``arch``, ``data`` and, when ``cfg.robust``
-    is enabled, the adversarial accuracies of the final checkpoint (also in ``robustness.json``; ``result.json`` is
-    rewritten with them)."""
+    is enabled, the adversarial accuracies of the final model (:meth:`ClassifyTask.final_evaluate`: in the
+    summary, ``result.json`` and ``robustness.json``; its time is part of ``wall_s``)."""
     task = ClassifyTask(cfg)
     summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=f"classify-{cfg.preset}-{cfg.model.label}",
                   config_for_log=cfg)
-    summary = {"variant": cfg.model.label, "arch": timm_name(cfg.model), "data": task.data.describe(), **summary}
-    if cfg.robust.enabled and summary.get("checkpoint"):
-        state = init_distributed(cfg.loop.device)  # the group fit joined (or a single process)
-        t0 = time.perf_counter()
-        model = task.build_model()
-        load_checkpoint(summary["checkpoint"], model=model)  # the final weights, float32 whatever loop.precision
-        robust = evaluate_robustness(task, model.to(state.device).eval(), state)
-        summary.update(robust, robust_eval_s=round(time.perf_counter() - t0, 3))
-        run_dir = RunDir(summary["run_dir"], is_main=state.is_main)
-        run_dir.write_json("robustness.json", {"config": dataclasses.asdict(cfg.robust),
-                                               "num_images": len(task.robust_subset()), **robust})
-        run_dir.write_json("result.json", summary)
-    return summary
+    return {"variant": cfg.model.label, "arch": timm_name(cfg.model), "data": task.data.describe(), **summary}
 
 
 def with_data_config(model: nn.Module, preprocessing: dict[str, Any]) -> nn.Module:

@@ -346,6 +346,8 @@ class LMTask:
     :func:`last_word_accuracy` on passages of the val split.
     """
 
+    loss_label = "cross-entropy (nats/token)"
+
     def __init__(self, cfg: LMConfig, tokenizer: Any = None):
         self.cfg = cfg
         self.state = init_distributed(cfg.loop.device)

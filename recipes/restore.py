@@ -221,6 +221,10 @@ def _sigma_key(sigma: float) -> str:
 class RestoreTask:
     """The :class:`unrollattn.train.Task` of demosaicking / ×2 interpolation (L1 or MSE on random crops)."""
 
+    @property
+    def loss_label(self) -> str:
+        return "L1 error (per pixel, 0..1 scale)" if self.cfg.loss == "l1" else "squared error (per pixel, 0..1 scale)"
+
     def __init__(self, cfg: RestoreConfig, photos: PhotoDataset | None = None):
         self.cfg = cfg
         d = cfg.data

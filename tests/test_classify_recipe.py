@@ -93,6 +93,7 @@ def test_digits_debug_end_to_end(tmp_path):
     robust = json.loads((tmp_path / "vit" / "robustness.json").read_text())
     assert robust["num_images"] == 128 and robust["pgd_top1@8/255"] == summary["pgd_top1@8/255"]
     assert json.loads((tmp_path / "vit" / "result.json").read_text())["pgd_top1@8/255"] == summary["pgd_top1@8/255"]
+    assert 0 < summary["final_eval_s"] < summary["wall_s"]  # the ablation's wall time includes the attacks
     run_dir = tmp_path / "vit"
     assert summary["run_dir"] == str(run_dir)
     for name in ("config.json", "env.json", "metrics.jsonl", "summary.csv"):

@@ -195,7 +195,24 @@ def test_ablate_help_shows_the_recipes_own_variants_and_presets(capsys):
     with pytest.raises(SystemExit):
         cli.main(["ablate", "restore", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "uglr" in out and "demosaic_quick" in out and "required: the recipe has no default" in out
+    assert "uglr" in out and "demosaic_quick" in out and "(default: demosaic_quick)" in out
+
+
+def test_ctrl_c_during_an_ablation_prints_the_resume_command(monkeypatch, tmp_path, capsys):
+    from recipes import lm
+
+    def run(cfg):
+        if cfg.model.variant == "aot_mssa":
+            raise KeyboardInterrupt
+        return {"variant": cfg.model.variant, "run_dir": str(tmp_path / "abl" / cfg.model.variant)}
+
+    monkeypatch.setattr(lm, "run", run)
+    code, _, err = run_cli(capsys, "ablate", "lm", "--variants", "gpt2,aot_mssa", "--out", str(tmp_path / "abl"),
+                           "loop.max_steps=3")
+    assert code == 130
+    (line,) = err.strip().splitlines()  # one line, no traceback
+    assert line == (f"interrupted during variant aot_mssa; resume the ablation with: unrollattn ablate lm --variants "
+                    f"gpt2,aot_mssa --preset quick --out {tmp_path / 'abl'} --resume loop.max_steps=3")
 
 
 def test_ablate_without_preset_runs_the_recipes_default_or_names_the_presets(monkeypatch, tmp_path):
@@ -207,12 +224,18 @@ def test_ablate_without_preset_runs_the_recipes_default_or_names_the_presets(mon
                                                                             "run_dir": cfg.loop.out_dir})
     cli.ablate("lm", ["gpt2"], out=tmp_path / "abl")
     assert seen == ["quick"]
-    if getattr(restore, "DEFAULT_PRESET", None) is None:
-        with pytest.raises(ValueError, match="recipe 'restore' has no default preset; choose one with --preset: "
-                                             "demosaic, demosaic_quick, sr2, sr2_quick, tiny"):
-            cli.ablate("restore", ["bilinear"], out=tmp_path / "abl2")
-    else:
-        assert cli.default_preset(restore) == restore.DEFAULT_PRESET
+    assert cli.default_preset(restore) == restore.DEFAULT_PRESET == "demosaic_quick"
+    import types
+
+    from unrollattn.registry import Registry
+
+    presets = Registry("preset")
+    for name in ("big", "small"):
+        presets.register(name, lambda: None)
+    no_default = types.ModuleType("recipes.mine")
+    no_default.PRESETS = presets
+    with pytest.raises(ValueError, match="recipe 'mine' has no default preset; choose one with --preset: big, small"):
+        cli.default_preset(no_default)
 
 
 # ----------------------------------------------------------------------------------------------- README snippets

@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import pkgutil
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -172,6 +173,14 @@ def _unique_dir(path: Path) -> Path:
     return candidate
 
 
+class AblationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an ablation: the variant that was running, the ablation's directory and preset."""
+
+    def __init__(self, out_dir: Path, variant: str, preset: str):
+        self.out_dir, self.variant, self.preset = Path(out_dir), variant, preset
+        super().__init__(f"interrupted during variant {variant} of {out_dir}")
+
+
 def ablate(recipe: str, variants: Sequence[str], *, preset: str | None = None, overrides: Sequence[str] = (),
            out: str | os.PathLike | None = None, resume: bool = False) -> tuple[str, dict[str, dict[str, Any]]]:
     """Run ``recipe`` once per variant with the same preset (default: :func:`default_preset`) and overrides; write
@@ -221,6 +230,8 @@ def ablate(recipe: str, variants: Sequence[str], *, preset: str | None = None, o
                                        f"loop.run_name={variant}"], resume=resume)
         try:
             runs[variant] = mod.run(cfg)
+        except KeyboardInterrupt as stop:  # the run saved its last step (TrainingInterrupted); finished ones stay
+            raise AblationInterrupted(out_dir, variant, preset) from stop
         except Exception as err:  # e.g. divergence: keep the other variants' results, report this one
             if os.environ.get("UNROLLATTN_TRACEBACK"):
                 raise
@@ -249,8 +260,18 @@ def ablate(recipe: str, variants: Sequence[str], *, preset: str | None = None, o
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    markdown, runs = ablate(args.recipe, args.variants.split(","), preset=args.preset, overrides=args.overrides,
-                            out=args.out, resume=args.resume)
+    try:
+        markdown, runs = ablate(args.recipe, args.variants.split(","), preset=args.preset, overrides=args.overrides,
+                                out=args.out, resume=args.resume)
+    except AblationInterrupted as stop:
+        from .train.config import INTERRUPTED_EXIT
+
+        command = shlex.join(["unrollattn", "ablate", args.recipe, "--variants", args.variants, "--preset", stop.preset,
+                              "--out", str(stop.out_dir), "--resume", *args.overrides])
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"interrupted during variant {stop.variant}; resume the ablation with: {command}", file=sys.stderr,
+                  flush=True)
+        return INTERRUPTED_EXIT
     if markdown:
         out_dir = Path(next(iter(runs.values()))["run_dir"]).parent
         print()

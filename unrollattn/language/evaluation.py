@@ -403,6 +403,8 @@ class ICLRegressionTask:
     curve with baselines (icl_curve.csv / .md / .png).
     """
 
+    loss_label = "squared error / d (per query)"
+
     def __init__(self, build_backbone: Callable[[], nn.Module], width: int, data: ICLData, *, batch_size: int,
                  grad_accum: int = 1, seed: int = 0, label: str = "model"):
         self.build_backbone = build_backbone
