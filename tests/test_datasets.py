@@ -1,5 +1,7 @@
 """Image-classification data sources: digits, Fashion-MNIST (if installed), image folders, errors."""
 import gzip
+import hashlib
+import os
 import re
 
 import numpy as np
@@ -10,6 +12,28 @@ from unrollattn.vision import datasets as ds
 from unrollattn.vision.datasets import ImageClassificationData, load_classification_data
 
 HAVE_FMNIST = ds._fashion_mnist_paths(None) is not None
+
+# sha256 prefixes of what the loaders returned before they used torchvision's readers (the hand-written idx parser
+# and folder walker, commit f29224e): the same inputs must still give the same tensors, splits included
+BEFORE_TORCHVISION = {
+    "grey_s3_9x11": {"train_images": "4d52114236ff5681", "train_labels": "072b5b1a72a18968", "test_images": "e89a8e80be4c71d6", "test_labels": "bbfdfa1ecf21e208"},
+    "rgb_s1_8": {"train_images": "9b6bb8216c230704", "train_labels": "072b5b1a72a18968", "test_images": "19878348c18aaf5d", "test_labels": "bbfdfa1ecf21e208"},
+    "split": {"train_images": "bbeeeaf4fdf4c395", "train_labels": "9bed28b2e65927ca", "test_images": "080b6130c54c4397", "test_labels": "abe93084a66ebf83"},
+    "fmnist_full": {"train_images": "a6756d3cb47ee3eb", "train_labels": "c9521d7fe41c0761", "test_images": "d19df416d297ec64", "test_labels": "8eba24f8e6dc4436"},
+    "fmnist_first100": {"train_images": "23e2740750c2c094", "train_labels": "9dafeca0250c67cd", "test_images": "01674e02919062a7", "test_labels": "ac526826a7527e7b"},
+    "fmnist_sub": {"train_images": "46c95bbdcf19f053", "train_labels": "95aa2b4fb6c06c93", "test_images": "fc38821c8c4e04b2", "test_labels": "5242acda1d3b8f19"},
+}
+
+
+def _digest(t):
+    t = t.contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _digests(data, n=None):
+    return {k: _digest(getattr(data, k)[:n]) for k in ("train_images", "train_labels", "test_images", "test_labels")}
 
 
 def test_digits_split_is_stratified_seeded_and_uint8():
@@ -58,6 +82,15 @@ def _write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
+def test_fashion_mnist_tensors_are_those_of_the_previous_reader():
+    data = load_classification_data("fashion_mnist")
+    assert _digests(data, 100) == BEFORE_TORCHVISION["fmnist_first100"]
+    assert _digests(data) == BEFORE_TORCHVISION["fmnist_full"]
+    sub = load_classification_data("fashion_mnist", max_train=50, max_test=20, img_size=14, seed=5)
+    assert _digests(sub) == BEFORE_TORCHVISION["fmnist_sub"] and sub.img_size == (14, 14)
+
+
 def test_fashion_mnist_from_root_with_idx_files(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 30), ("t10k", 12)):
@@ -95,6 +128,71 @@ def _make_png_folder(root, classes=("cat", "dog", "eel"), per_class=5, size=(10,
         for i in range(per_class):
             shape = size if mode == "L" else (*size, 3)
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(root / c / f"{i}.png")
+
+
+def _make_parity_folder(root, rgb=False):
+    """Classes with nested sub-folders that sort differently as strings and as paths, a hidden and an image-less
+    folder (neither is a class), upper-case and hidden image files, several modes (1, L, LA, I;16, RGB, RGBA) and sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+
+    def save(rel, mode, size):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "I;16":
+            img = Image.fromarray(rng.integers(0, 65536, size).astype(np.uint16))
+        elif mode == "1":
+            img = Image.fromarray(rng.integers(0, 2, size).astype(bool))
+        else:
+            channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[mode]
+            img = Image.fromarray(rng.integers(0, 256, (*size, channels) if channels > 1 else size, dtype=np.uint8),
+                                  mode=mode)
+        img.save(path)
+
+    modes = ["L", "LA", "I;16", "1"] + (["RGB", "RGBA"] if rgb else [])
+    names = ["a.png", "b/x.png", "b-c/y.png", "b/c/w.bmp", "z.PNG", ".hidden.png", "m.tiff", "k.ppm" if rgb else "k.pgm"]
+    for ci, cls in enumerate(("ant", "bee", "cat")):
+        for i, name in enumerate(names[: 5 + ci]):
+            mode = {".bmp": "L", ".pgm": "L", ".ppm": "RGB"}.get(name[name.rindex("."):], modes[(i + ci) % len(modes)])
+            save(f"{cls}/{name}", mode, (10, 13) if (i + ci) % 3 else (7, 5))
+    save(".cache/a.png", "L", (10, 13))
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("no images here")
+    (root / "bee" / "notes.txt").write_text("not an image suffix: skipped")
+
+
+def _make_split_folder(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    for split, classes, n in (("train", ("dog", "cat", "eel"), 4), ("test", ("eel", "cat"), 2)):
+        for c in classes:
+            for i in range(n):
+                (root / split / c / f"s{i % 2}").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(
+                    root / split / c / f"s{i % 2}" / f"{i}.png")
+
+
+def test_folder_tensors_and_splits_are_those_of_the_previous_walker(tmp_path):
+    _make_parity_folder(tmp_path / "grey")
+    _make_parity_folder(tmp_path / "rgb", rgb=True)
+    _make_split_folder(tmp_path / "split")
+    grey = load_classification_data(f"folder:{tmp_path / 'grey'}", img_size=(9, 11), seed=3)
+    assert grey.class_names == ("ant", "bee", "cat") and grey.in_chans == 1 and grey.img_size == (9, 11)
+    assert _digests(grey) == BEFORE_TORCHVISION["grey_s3_9x11"]
+    rgb = load_classification_data(f"folder:{tmp_path / 'rgb'}", img_size=8, seed=1)
+    assert rgb.in_chans == 3 and _digests(rgb) == BEFORE_TORCHVISION["rgb_s1_8"]
+    split = load_classification_data(f"folder:{tmp_path / 'split'}")
+    assert split.class_names == ("cat", "dog", "eel") and _digests(split) == BEFORE_TORCHVISION["split"]
+
+
+def test_folder_follows_symlinked_sub_folders(tmp_path):
+    _make_png_folder(tmp_path / "data", per_class=2)
+    _make_png_folder(tmp_path / "more", classes=("extra",), per_class=3)
+    os.symlink(tmp_path / "more" / "extra", tmp_path / "data" / "dog" / "linked")
+    data = load_classification_data(f"folder:{tmp_path / 'data'}")
+    assert data.num_train + data.num_test == 9  # torchvision's walk follows links (pathlib's rglob did not)
 
 
 def test_folder_source_splits_80_20_per_class(tmp_path):

@@ -4,10 +4,11 @@
 images ``[N, C, H, W]`` and int64 labels. Sources:
 
 - ``"fashion_mnist"``: the idx files of Debian's ``dataset-fashion-mnist`` (60k train / 10k test),
-  or the same four files (gzipped or not) in ``root=``;
+  or the same four files (gzipped or not) in ``root=``, read by torchvision's MNIST idx reader (never downloaded);
 - ``"digits"``: scikit-learn's 8x8 digits (1797 images), a seeded stratified 80/20 split;
-- ``"folder:/path"``: one sub-folder per class (or ``train/`` and ``test/`` each holding them); files with an
-  image suffix (``IMAGE_SUFFIXES``) are read, others skipped; one that does not decode is an error naming it;
+- ``"folder:/path"``: one sub-folder per class (or ``train/`` and ``test/`` each holding them), listed by
+  torchvision's ``find_classes`` / ``make_dataset`` (``ImageFolder``'s walk); files with an image suffix
+  (``IMAGE_SUFFIXES``) are read, others skipped; one that does not decode is an error naming it;
 - ``"hf:<name>"``: a Hugging Face hub dataset (needs network or a cached copy with ``HF_HUB_OFFLINE=1``);
 - ``"auto"``: Fashion-MNIST when its files exist, else digits (with a warning).
 
@@ -16,9 +17,9 @@ standardised with the per-channel mean / std of the training split.
 """
 from __future__ import annotations
 
-import gzip
 import os
 import socket
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,10 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.datasets import FashionMNIST, mnist
+from torchvision.datasets.folder import find_classes, make_dataset
+from torchvision.datasets.utils import extract_archive
+from torchvision.transforms.functional import pil_to_tensor
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -35,8 +40,7 @@ FASHION_MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = tuple(FashionMNIST.classes)
 FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
 SOURCES = ("auto", "fashion_mnist", "digits", "folder:<path>", "hf:<dataset name>")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -223,18 +227,19 @@ def _fashion_mnist_paths(root) -> dict[str, Path] | None:
     return paths
 
 
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != 0x0800 + ndim:
-        raise ValueError(f"{path}: not an idx file of {ndim}-D uint8 data (magic {magic:#x}, expected {0x0800 + ndim:#x})")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != int(np.prod(dims)):
-        raise ValueError(f"{path}: expected {int(np.prod(dims))} bytes of data for shape {dims}, got {len(raw) - offset}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+def _read_idx(path: Path, tmp: str, labels: bool) -> torch.Tensor:
+    """torchvision's idx reader on ``path`` (a gzipped file is first decompressed into ``tmp``: the reader opens
+    plain files only); ValueError naming the file when it is not idx data of the expected kind."""
+    if path.suffix == ".gz":
+        extract_archive(str(path), tmp)
+        plain = os.path.join(tmp, path.stem)
+    else:
+        plain = str(path)
+    try:
+        return mnist.read_label_file(plain) if labels else mnist.read_image_file(plain)
+    except (AssertionError, KeyError, RuntimeError, TypeError, ValueError) as err:  # the reader asserts on bad headers
+        raise ValueError(f"{path}: not an idx file of {1 if labels else 3}-D uint8 data "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def _load_fashion_mnist(root) -> ImageClassificationData:
@@ -244,12 +249,11 @@ def _load_fashion_mnist(root) -> ImageClassificationData:
         names = ", ".join(f"{s}[.gz]" for s in FASHION_MNIST_FILES.values())
         raise FileNotFoundError(f"Fashion-MNIST not found in {where}: expected {names}. "
                                 f"Install it with `{FASHION_MNIST_INSTALL}` or pass root=<dir with those files>")
-    arrays = {k: _read_idx(p, 3 if k.endswith("images") else 1) for k, p in paths.items()}
-    images = {k: torch.from_numpy(arrays[k].copy()).unsqueeze(1) for k in ("train_images", "test_images")}
-    labels = {k: torch.from_numpy(arrays[k].astype(np.int64)) for k in ("train_labels", "test_labels")}
-    return ImageClassificationData(images["train_images"], labels["train_labels"], images["test_images"],
-                                   labels["test_labels"], num_classes=10, in_chans=1,
-                                   img_size=tuple(images["train_images"].shape[-2:]), name="fashion_mnist",
+    with tempfile.TemporaryDirectory(prefix="unrollattn-fmnist-") as tmp:
+        t = {k: _read_idx(p, tmp, labels=k.endswith("labels")) for k, p in paths.items()}
+    return ImageClassificationData(t["train_images"].unsqueeze(1), t["train_labels"], t["test_images"].unsqueeze(1),
+                                   t["test_labels"], num_classes=10, in_chans=1,
+                                   img_size=tuple(t["train_images"].shape[-2:]), name="fashion_mnist",
                                    class_names=FASHION_MNIST_CLASSES)
 
 
@@ -283,17 +287,22 @@ def _pil_to_tensor(img, mode: str, size: tuple[int, int] | None) -> torch.Tensor
     img = img.convert(mode)
     if size is not None and (img.height, img.width) != size:
         img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).unsqueeze(0) if arr.ndim == 2 else torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    return pil_to_tensor(img)
 
 
 def _list_class_folder(path: Path) -> dict[str, list[Path]]:
+    """Class name -> its image files at any depth, found by torchvision's ``find_classes`` / ``make_dataset``.
+    Hidden folders and folders without images are not classes; each class's files are in sorted path order."""
+    try:
+        names = [c for c in find_classes(path)[0] if not c.startswith(".")]
+    except FileNotFoundError:  # no sub-folder at all
+        names = []
+    samples = make_dataset(path, {c: i for i, c in enumerate(names)}, extensions=tuple(IMAGE_SUFFIXES),
+                           allow_empty=True) if names else []
     classes = {}
-    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in sub.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        if files:
-            classes[sub.name] = files
-    return classes
+    for file, i in samples:
+        classes.setdefault(names[i], []).append(Path(file))
+    return {c: sorted(classes[c]) for c in names if c in classes}
 
 
 def read_image_file(path: Path):
