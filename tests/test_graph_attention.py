@@ -238,6 +238,22 @@ def test_filters_pass_constant_signals(name):
     assert (out - out.mean(2, keepdim=True)).square().sum() < (varying - varying.mean(2, keepdim=True)).square().sum()
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_graph_filter_also_interpolates_on_the_layers_graph(name):
+    """GraphFilter (the layers' graph + solver, shared with the uGLR / uGTV restoration blocks) given observed nodes:
+    interpolation on the same learned graph, the samples kept exactly, a constant signal a fixed point."""
+    layer = build_attention(name, 8, 2, neighbourhood="4").double()
+    f = layer.node_features(torch.randn(1, 12, 8, dtype=D))
+    nbhd, _ = layer.plan(12, False, (3, 4))
+    observed = (torch.arange(12) % 3 == 0)[:, None]
+    y = torch.randn(1, 1, 12, 4, dtype=D)
+    out = layer.filter_values(f, y, nbhd, observed=observed, x0=torch.zeros_like(y))
+    assert out.shape == (1, 2, 12, 4) and torch.equal(out[:, :, ::3], y[:, :, ::3].expand(1, 2, 4, 4))
+    const = torch.full_like(y, 0.7)
+    torch.testing.assert_close(layer.filter_values(f, const, nbhd, observed=observed, x0=const),
+                               const.expand(1, 2, 12, 4))
+
+
 # ------------------------------------------------------------------------------------ masks and prefixes
 def test_bool_mask_cuts_edges_for_glr():
     layer = build_attention("glr", 16, 2, neighbourhood="band2").double()
