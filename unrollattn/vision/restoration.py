@@ -8,8 +8,8 @@ Registered models (``unrollattn.build_model(name, **options)``, task "restoratio
     ugtv_sr2        GTV by unrolled ADMM, ×2 grid [B, C, h, w] -> [B, C, 2h, 2w]
 
 Every restoration model (these and the baselines of :mod:`unrollattn.vision.restoration_baselines`)
-is called as ``model(y) -> x_hat`` with the observation of its :attr:`operator`
-(:mod:`unrollattn.vision.sampling`).
+owns its forward operator H (:attr:`RestorationModel.forward_operator`, :mod:`unrollattn.vision.sampling`:
+the Bayer mosaic or the ×2 grid) and is called as ``model(y) -> x_hat`` on ``y = model.observe(x)``.
 
 Structure of :class:`GraphInterpolationNet` (A.0: "a chain of blocks, each preceded by a graph-learning module"):
 
@@ -37,40 +37,36 @@ Structure of :class:`GraphInterpolationNet` (A.0: "a chain of blocks, each prece
    Option ``fidelity`` (not in the paper's formulation, which keeps Hx = y): the constraint becomes a data
    term μ‖Hx − y‖² with learned μ (step c solves (μP_o + L)x = μP_o y, resp. ADMM with that x-step, step e
    is skipped), so noisy samples are smoothed instead of copied (see the noise-shift results).
+   Steps b, c (its solvers and learned scalars) and d's head mixing are the ``glr`` / ``gtv`` attention layers'
+   :class:`~unrollattn.layers.graph_attention.GraphFilter` — the graph is the attention, implemented once; a
+   :class:`GraphBlock` adds step a, the sampling operator's constraint, the colour difference and the skip.
 
 Parameters: the CNNs, metrics, mixing, skips and solver scalars — a few thousand to tens of thousands
 (default uglr_demosaic: about 27k). Cost per block: O(N·k) per mat-vec, never a dense N×N matrix.
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 
 import torch
 import torch.nn as nn
 
-from ..core.graph import (
-    NORMALIZATIONS, SIMILARITIES, build_neighbourhood, degree, edge_weights, is_grid_kind, laplacian_matvec,
-    row_inner_weights,
-    neighbourhood_radius,
-)
-from ..core.solvers import glr_interpolate, gtv_admm_interpolate
+from ..core.graph import build_neighbourhood, is_grid_kind, neighbourhood_radius
+from ..layers.graph_attention import PRIORS, GraphFilter
 from ..registry import register_model
 from .sampling import BAYER_PATTERNS, SamplingOperator, build_operator
 
 __all__ = ["GraphInterpolationNet", "GraphBlock", "RestorationModel", "RESTORATION_TASKS"]
 
 RESTORATION_TASKS = ("demosaic", "sr2")
-PRIORS = ("glr", "gtv")
-STEP_MODES = ("learned", "exact")
 INITS = ("bilinear", "zeros")
-METRICS = ("diagonal", "full")
 
 
 class RestorationModel(nn.Module, ABC):
-    """Base of every restoration model: holds the sampling operator and validates observations.
+    """Base of every restoration model: owns the forward operator H and validates observations.
 
     ``task`` "demosaic" (Bayer ``pattern``, RGB output) or "sr2" (×2 grid, ``in_chans`` channels).
+    ``forward_operator`` (also ``operator``) is H; ``observe(x)`` = H x is what the model restores.
     Subclasses implement ``restore(y)``; ``forward(y)`` checks y first (rank, channels, NaN, size >= ``min_size``).
     """
 
@@ -89,7 +85,16 @@ class RestorationModel(nn.Module, ABC):
         self.task = task
         self.in_chans = in_chans
         self.pattern = pattern.upper()
-        self.operator: SamplingOperator = build_operator(task, self.pattern)
+        self.forward_operator: SamplingOperator = build_operator(task, self.pattern)
+
+    @property
+    def operator(self) -> SamplingOperator:
+        """The forward operator H (short name of :attr:`forward_operator`)."""
+        return self.forward_operator
+
+    def observe(self, x: torch.Tensor) -> torch.Tensor:
+        """y = H x: the observation of an image x [B, C, H, W] that ``forward`` restores."""
+        return self.forward_operator(x)
 
     @property
     def chans(self) -> int:
@@ -97,7 +102,7 @@ class RestorationModel(nn.Module, ABC):
         return 3 if self.task == "demosaic" else self.in_chans
 
     def check(self, y: torch.Tensor) -> None:
-        self.operator.check_observation(y, chans=self.in_chans, min_size=self.min_size)
+        self.forward_operator.check_observation(y, chans=self.in_chans, min_size=self.min_size)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         self.check(y)
@@ -108,7 +113,7 @@ class RestorationModel(nn.Module, ABC):
         """The reconstruction of a checked observation ``y``."""
 
     def extra_repr(self) -> str:
-        return f"task={self.task!r}, operator={self.operator!r}, in_chans={self.in_chans}"
+        return f"task={self.task!r}, forward_operator={self.forward_operator!r}, in_chans={self.in_chans}"
 
 
 def _conv(cin: int, cout: int) -> nn.Conv2d:
@@ -126,40 +131,27 @@ def _from_nodes(v: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return v.transpose(1, 2).reshape(v.shape[0], v.shape[2], h, w)
 
 
-class GraphBlock(nn.Module):
-    """One graph-learning module + one unrolled GLR-CG or GTV-ADMM solve + head mixing + skip (module doc, step 2)."""
+class GraphBlock(GraphFilter):
+    """One block (module doc, step 2): the graph filter of the ``glr`` / ``gtv`` layers (:class:`GraphFilter`: learned
+    metric, edge weights and normalisation, solver step sizes, fidelity, head mixing) on the pixel grid, plus what
+    restoration adds: CNN node features of the estimate (and the sampling mask), the interpolation constraint of
+    the sampling operator (or its relaxed data term), the colour difference and the learned skip."""
 
     def __init__(self, chans: int, *, prior: str, iters: int, cg_iters: int, heads: int, feature_dim: int, width: int,
                  normalization: str, metric: str, similarity: str, clip: float | None, step_sizes: str,
                  metric_init: float, alpha_init: float, beta_init: float, rho_init: float, skip_init: float | None,
                  mask_features: bool, colour_difference: bool = False, fidelity: float | None = None):
         super().__init__()
-        self.relaxed = fidelity is not None
-        self.colour_difference = colour_difference
-        self.prior, self.iters, self.cg_iters = prior, iters, cg_iters
+        self.colour_difference, self.mask_features = colour_difference, mask_features
         self.heads, self.feature_dim = heads, feature_dim
-        self.normalization, self.similarity, self.clip = normalization, similarity, clip
-        self.step_mode, self.metric_kind = step_sizes, metric
-        self.mask_features = mask_features
         cin = chans * (2 if mask_features else 1)
         self.features = nn.Sequential(_conv(cin, width), nn.ReLU(inplace=True), _conv(width, width),
                                       nn.ReLU(inplace=True), _conv(width, heads * feature_dim))
-        if metric == "diagonal":  # log diag(M) per head
-            self.metric = nn.Parameter(torch.full((heads, feature_dim), math.log(metric_init)))
-        else:  # Q with M = QᵀQ per head
-            self.metric = nn.Parameter(math.sqrt(metric_init) * torch.eye(feature_dim).repeat(heads, 1, 1))
-        self.mix = nn.Parameter(torch.full((heads,), 1.0 / heads))  # learned head mixing, init 1/G (A.4)
+        self.init_graph(heads, feature_dim, metric=metric, metric_init=metric_init, normalization=normalization,
+                        similarity=similarity, clip=clip, mix_heads=True)  # head mixing init 1/G (A.4)
         self.skip = nn.Parameter(torch.tensor(float(skip_init))) if skip_init is not None else None
-        if self.relaxed:  # learned data-term weight per head, log-stored (positive)
-            self.log_fidelity = nn.Parameter(torch.full((heads,), math.log(fidelity)))
-        if prior == "gtv":
-            self.log_rho = nn.Parameter(torch.full((iters, heads), math.log(rho_init)))
-        if step_sizes == "learned":
-            shape = (iters, heads) if prior == "glr" else (iters, cg_iters, heads)
-            inner = iters if prior == "glr" else cg_iters
-            self.log_alpha = nn.Parameter(torch.full(shape, math.log(alpha_init)))
-            beta_shape = (inner - 1, heads) if prior == "glr" else (iters, inner - 1, heads)
-            self.log_beta = nn.Parameter(torch.full(beta_shape, math.log(beta_init))) if inner > 1 else None
+        self.init_solver(prior, iters, cg_iters=cg_iters, step_sizes=step_sizes, alpha_init=alpha_init,
+                         beta_init=beta_init, rho_init=rho_init, fidelity=fidelity)
 
     def node_features(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """f [B, G, N, K] from the estimate x [B, C, H, W] (and the sampling mask)."""
@@ -168,65 +160,21 @@ class GraphBlock(nn.Module):
         f = self.features(inp).view(b, self.heads, self.feature_dim, h * w)
         return f.transpose(2, 3)
 
-    def graph(self, x: torch.Tensor, mask: torch.Tensor, nbhd, *, return_log_degree: bool = False):
-        """Edge weights [B, G, N, k] of the learned graph on ``nbhd`` (A.4); with ``return_log_degree`` also the
-        log-degrees [B, G, N] of the un-normalised weights."""
-        return edge_weights(self.node_features(x, mask), nbhd, metric=self.metric, normalization=self.normalization,
-                            similarity=self.similarity, clip=self.clip, return_log_degree=return_log_degree)
-
-    @property
-    def needs_degrees(self) -> bool:
-        """Exact GLR-CG on a row-normalised (non-symmetric) Laplacian runs in the degree-weighted inner product."""
-        return self.prior == "glr" and self.step_mode == "exact" and self.normalization == "row"
-
-    @staticmethod
-    def _per_head(t: torch.Tensor) -> torch.Tensor:
-        return t[..., None, None]  # [..., G] -> [..., G, 1, 1], broadcast over [B, G, N, C]
-
-    def _glr_steps(self):
-        if self.step_mode == "exact":
-            return None
-        beta = self._per_head(self.log_beta.exp()) if self.log_beta is not None else None
-        return self._per_head(self.log_alpha.exp()), beta
-
-    def _gtv_steps(self):
-        if self.step_mode == "exact":
-            return None
-        alpha = self._per_head(self.log_alpha.exp())
-        beta = self._per_head(self.log_beta.exp()) if self.log_beta is not None else [None] * self.iters
-        return [(alpha[t], beta[t]) for t in range(self.iters)]
-
-    def solve(self, weights: torch.Tensor, nbhd, obs: torch.Tensor, y_nodes: torch.Tensor,
-              x_nodes: torch.Tensor, log_degree: torch.Tensor | None = None) -> torch.Tensor:
-        """Unrolled GLR / GTV interpolation per head: [B, G, N, C] with x_o = y exactly (or, relaxed, near y).
-        ``log_degree`` (required when ``needs_degrees``): the graph's log-degrees, for exact CG on a row-normalised L."""
-        g = self.heads
-        fidelity = self._per_head(self.log_fidelity.exp()) if self.relaxed else None
-        y_g = y_nodes.expand(-1, g, -1, -1)
-        x_g = x_nodes.expand(-1, g, -1, -1)
-        if self.prior == "glr":
-            lap = lambda s: laplacian_matvec(weights, nbhd.index, s, offsets=nbhd.flat_offsets)  # noqa: E731
-            inner = row_inner_weights(log_degree) if self.needs_degrees else None
-            return glr_interpolate(obs, y_g, lap, self.iters, x0=x_g, step_sizes=self._glr_steps(), fidelity=fidelity,
-                                   diagonal=degree(weights) if self.relaxed else None, inner_weights=inner)
-        index_e, _, cols = nbhd.edges()
-        rho = self._per_head(self.log_rho.exp())
-        return gtv_admm_interpolate(obs, y_g, weights.index_select(-1, cols), index_e, self.iters, self.cg_iters,
-                                    [rho[t] for t in range(self.iters)], x0=x_g, step_sizes=self._gtv_steps(),
-                                    fidelity=fidelity, offsets=nbhd.edge_flat_offsets)
+    def graph(self, x: torch.Tensor, mask: torch.Tensor, nbhd) -> torch.Tensor:
+        """Edge weights [B, G, N, k] of the learned graph on ``nbhd`` (A.4)."""
+        return self.learned_graph(self.node_features(x, mask), nbhd)[0]
 
     def forward(self, x: torch.Tensor, full: torch.Tensor, mask: torch.Tensor, nbhd) -> torch.Tensor:
         """x [B, C, H, W] current estimate, full = Hᵀy, mask bool [1, C|1, H, W] -> next estimate."""
         _, c, h, w = x.shape
-        weights, log_degree = self.graph(x, mask, nbhd, return_log_degree=True) if self.needs_degrees else \
-            (self.graph(x, mask, nbhd), None)
+        f = self.node_features(x, mask)
         obs = _to_nodes(mask.expand(1, c, h, w))  # bool [1, 1, N, C]
         offset = 0
         if self.colour_difference:  # signals (R − ĝ, G, B − ĝ) with ĝ the current green: y_R − ĝ observed at R sites
             g = x[:, 1:2]
             offset = torch.cat([g, torch.zeros_like(g), g], 1)
-        out = self.solve(weights, nbhd, obs, _to_nodes(full - offset), _to_nodes(x - offset), log_degree)
-        new = _from_nodes(torch.einsum("g,bgnc->bnc", self.mix, out), h, w) + offset
+        mixed = self.filter_values(f, _to_nodes(full - offset), nbhd, observed=obs, x0=_to_nodes(x - offset))
+        new = _from_nodes(mixed, h, w) + offset
         if self.skip is not None:
             new = self.skip * new + (1 - self.skip) * x
         return new if self.relaxed else torch.where(mask, full, new)
@@ -259,15 +207,10 @@ class GraphInterpolationNet(RestorationModel):
                  colour_difference: bool | None = None, fidelity: float | None = None, in_chans: int = 3,
                  pattern: str = "RGGB"):
         super().__init__(task, in_chans=in_chans, pattern=pattern)
-        if fidelity is not None and not (isinstance(fidelity, (int, float)) and not isinstance(fidelity, bool)
-                                         and math.isfinite(fidelity) and fidelity > 0):
-            raise ValueError(f"fidelity: expected None (hard constraint Hx = y) or an initial weight > 0, got {fidelity!r}")
         colour_difference = (task == "demosaic") if colour_difference is None else bool(colour_difference)
         if colour_difference and self.chans != 3:
             raise ValueError(f"colour_difference: needs RGB images, got {self.chans} channel(s)")
-        for name, value, allowed in (("prior", prior, PRIORS), ("step_sizes", step_sizes, STEP_MODES),
-                                     ("init", init, INITS), ("normalization", normalization, NORMALIZATIONS),
-                                     ("metric", metric, METRICS), ("similarity", similarity, SIMILARITIES)):
+        for name, value, allowed in (("prior", prior, PRIORS), ("init", init, INITS)):  # the rest: GraphFilter
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
         if not is_grid_kind(neighbourhood):
@@ -280,9 +223,6 @@ class GraphInterpolationNet(RestorationModel):
         bad = {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         if bad:
             raise ValueError(f"expected ints >= 1, got {bad}")
-        if min(metric_init, alpha_init, beta_init, rho_init) <= 0:
-            raise ValueError(f"expected metric_init, alpha_init, beta_init, rho_init > 0, got {metric_init}, "
-                             f"{alpha_init}, {beta_init}, {rho_init}")
         self.prior, self.init, self.neighbourhood = prior, init, neighbourhood
         self.min_size = max(RestorationModel.min_size, neighbourhood_radius(neighbourhood) + 1)
         self.options = dict(ints, neighbourhood=neighbourhood, normalization=normalization, metric=metric,
@@ -298,13 +238,14 @@ class GraphInterpolationNet(RestorationModel):
 
     def initial(self, y: torch.Tensor) -> torch.Tensor:
         """x⁰: bilinear interpolation by the operator, or Hᵀy (zeros at unobserved pixels)."""
-        return self.operator.interpolate(y, "bilinear") if self.init == "bilinear" else self.operator.adjoint(y)
+        op = self.forward_operator
+        return op.interpolate(y, "bilinear") if self.init == "bilinear" else op.adjoint(y)
 
     def _unroll(self, y: torch.Tensor, graphs: list | None = None) -> torch.Tensor:
         """Run the blocks on a checked y; append each block's edge weights to ``graphs`` if given."""
-        full = self.operator.adjoint(y)
+        full = self.forward_operator.adjoint(y)
         h, w = full.shape[-2:]
-        mask = self.operator.observed_mask(h, w, device=y.device)
+        mask = self.forward_operator.observed_mask(h, w, device=y.device)
         nbhd = build_neighbourhood(self.neighbourhood, (h, w), device=y.device)
         x = self.initial(y)
         for block in self.blocks:
