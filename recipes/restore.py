@@ -60,7 +60,7 @@ from unrollattn.train import (
     init_distributed, load_latest_weights, micro_batch_size, read_run_config, recipe_main, step_seed,
 )
 from unrollattn.vision.photos import PhotoDataset, load_photos
-from unrollattn.vision.sampling import build_operator, crop_to, pad_to_even
+from unrollattn.vision.sampling import crop_to, pad_to_even
 
 __all__ = [
     "DEFAULT_PRESET", "DataConfig", "ModelConfig", "PRESETS", "RestoreConfig", "RestoreTask", "VARIANTS", "VARIANT_KEY",
@@ -230,11 +230,22 @@ class RestoreTask:
         d = cfg.data
         self.photos = photos if photos is not None else load_photos(
             eval_crop=d.eval_crop, max_train=d.max_train, **({"test_names": d.test_names} if d.test_names else {}))
-        self.operator = build_operator(cfg.task)
         self.name = model_name(cfg.task, cfg.model.variant)
+        self._operator = None
 
     def build_model(self) -> nn.Module:
-        return unrollattn.build_model(self.name, **self.cfg.model.options())
+        model = unrollattn.build_model(self.name, **self.cfg.model.options())
+        self._operator = model.forward_operator
+        return model
+
+    @property
+    def operator(self):
+        """The forward operator H, as the model owns it (restoration models own H): that of the model
+        :meth:`build_model` built, or, before one was built, of a model built once to ask it (the global RNG kept)."""
+        if self._operator is None:
+            with torch.random.fork_rng(devices=[]):
+                self._operator = unrollattn.build_model(self.name, **self.cfg.model.options()).forward_operator
+        return self._operator
 
     def batch(self, step: int, micro: int, state: DistState) -> dict[str, torch.Tensor]:
         loop = self.cfg.loop

@@ -8,7 +8,7 @@ from unrollattn.core.graph import build_neighbourhood, edge_weights
 from unrollattn.core.reference import dense_laplacian, glr_interpolate_reference
 from unrollattn.layers.graph_attention import GraphFilter, GraphLaplacianAttention, GraphTotalVariationAttention
 from unrollattn.vision.restoration import GraphBlock, GraphInterpolationNet
-from unrollattn.vision.sampling import BayerMosaic, build_operator
+from unrollattn.vision.sampling import BayerMosaic, Decimation2x, build_operator
 
 SMALL = dict(blocks=2, heads=2, feature_dim=4, width=8, iters=2, cg_iters=2)
 
@@ -159,6 +159,19 @@ def test_models_own_their_forward_operator(name):
     assert model.operator is model.forward_operator
     assert torch.equal(model.observe(x), build_operator(model.task)(x))
     assert model(model.observe(x)).shape == x.shape
+
+
+def test_the_restore_task_asks_the_model_for_its_forward_operator(tiny_photos):
+    from recipes import restore
+
+    task = restore.RestoreTask(restore.load_config("tiny", ["task=sr2"]), photos=tiny_photos)
+    rng = torch.random.get_rng_state()
+    assert isinstance(task.operator, Decimation2x)  # no model yet: asked of one built for it, the global RNG kept
+    assert torch.equal(rng, torch.random.get_rng_state())
+    model = task.build_model()
+    assert task.operator is model.forward_operator
+    batch = task.batch(0, 0, restore.DistState())
+    assert torch.equal(batch["y"], model.observe(batch["x"])) and batch["y"].shape[-2:] == (12, 12)  # 24x24 crops
 
 
 # ------------------------------------------------------------------------------- parity with the networks before
