@@ -6,8 +6,8 @@ ISTA and CRATE-alpha sparse coding) vs the GPT-2-shaped kernel-attention LMs (bi
         --seq-len 1024 --batch 8 --vocab gpt2 --peak-tflops 989
 
 One training step = forward, cross-entropy, backward and an AdamW update, timed with ``benchmarks.common.time_call``.
-Every variant has the same width and heads and ``depth * recipes.lm.LAYERS_PER_GPT2_LAYER[variant]`` layers, so
-equal non-embedding parameters. FLOPs per token, two ways:
+Every variant (a registered variant, or ``attention-block``) has the same width and heads and the layer count whose
+layer stack has the parameters of GPT-2 at ``--depth`` (``model.match_params=gpt2``, computed on the meta device). FLOPs per token, two ways:
 
 - ``6N + attn`` (the PaLM / nanoGPT convention): 6 x the matmul parameters N (all weights except the position
   embedding; the tied token embedding counts once, as the LM head) plus 12 x layers x attention width x sequence
@@ -33,7 +33,7 @@ import unrollattn  # noqa: F401 (registers the models)
 from benchmarks.common import (
     device_name, markdown_table, peak_memory_mb, time_call, without_finite_checks, write_atomic,
 )
-from recipes.lm import LAYERS_PER_GPT2_LAYER, VARIANTS, ModelConfig, build_lm
+from recipes.lm import VARIANTS, ModelConfig, build_lm, parse_model_label
 
 COLUMNS = ["variant", "layers", "width", "heads", "params", "non_emb_params", "seq_len", "batch", "step_ms",
            "tokens_per_s", "mflop_per_token_6n", "mflop_per_token_counted", "achieved_gflops", "mfu_pct", "peak_mem_mb"]
@@ -106,7 +106,8 @@ def counted_flops_per_token(model, x: torch.Tensor) -> float:
 def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: float) -> dict:
     torch.manual_seed(0)
     vocab, eos = (50257, 50256) if args.vocab == "gpt2" else (257, 256)
-    mc = ModelConfig(variant=variant, size="tiny", depth=args.depth, n_embd=args.width, n_head=args.heads)
+    mc = ModelConfig(**parse_model_label(variant), size="tiny", depth=args.depth, match_params="gpt2",
+                     n_embd=args.width, n_head=args.heads)
     model = build_lm(mc, vocab_size=vocab, eos_token_id=eos, n_positions=args.seq_len).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     x = torch.randint(0, vocab - 1, (args.batch, args.seq_len), device=device)
@@ -155,9 +156,9 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    unknown = [v for v in args.variants.split(",") if v not in LAYERS_PER_GPT2_LAYER]
+    unknown = [v for v in args.variants.split(",") if "-" not in v and v not in VARIANTS]
     if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} or attention-block")
     peak, peak_text = peak_gflops(device, args.peak_tflops)
     rows = []
     for variant in args.variants.split(","):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,7 +38,10 @@ from torch import nn
 
 import unrollattn  # noqa: F401  (registers the aot_* / crate_* timm models)
 from unrollattn.diagnostics.robustness import ATTACKS, adversarial_counts, check_eps, eps_label
-from unrollattn.registry import Registry
+from unrollattn.registry import (
+    ATTENTIONS, BLOCKS, Registry, UnknownNameError, composable_model, model_variants, resolve_variant, variant_fields,
+)
+from unrollattn.utils.params import matching_depth, stack_parameters
 from unrollattn.train import (
     DistState, LoopConfig, OptimConfig, all_reduce_tensor, apply_overrides, epoch_batch_indices, fit,
     load_latest_weights, read_run_config, recipe_main, step_seed,
@@ -48,21 +50,28 @@ from unrollattn.train._io import atomic_write_json
 from unrollattn.vision.datasets import ImageClassificationData, load_classification_data
 
 __all__ = [
-    "DEFAULT_PRESET", "ClassifyConfig", "ClassifyTask", "DataConfig", "KERNEL_VARIANTS", "ModelConfig", "PRESETS", "RobustConfig",
+    "DEFAULT_PRESET", "ClassifyConfig", "ClassifyTask", "DataConfig", "ModelConfig", "PRESETS", "RobustConfig",
+    "block_stack_params", "parse_model_label", "reference_model", "resolved_depth",
     "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for", "ablation_metric", "available_variants",
     "build_classifier", "evaluate_robustness", "load_config", "load_model", "main", "random_translate_flip",
     "with_data_config",
     "robust_keys", "run", "timm_name",
 ]
 
-# The model of variant v at size s is the timm model f"{v}_{s}_patch16_224" (patch and image size are overridden).
-VARIANTS = ("vit", "aot_mssa", "aot_mhsa", "crate")
-# Short names of the kernel-regression ViTs (docs/papers.md C): variant "bilateral" is vit_bilateral_{size}_patch16_224.
-KERNEL_VARIANTS = {name: f"vit_{name}" for name in ("gaussian", "mahalanobis", "bilateral", "twicing")}
-_FAMILY_NAME = re.compile(r"(?P<variant>.+)_(?P<size>tiny|small|base|large)_patch16_224")
+TASK = "classification"  # the registry task of this recipe's models
+
+
+def available_variants() -> tuple[str, ...]:
+    """Every registered classification variant (registry metadata ``variant``: vit, aot_mssa, crate, bilateral, ...),
+    a user's own included."""
+    return tuple(model_variants(TASK))
+
+
+VARIANTS = available_variants()
 VARIANT_KEY = "model.variant"
 # summary key -> column header of the ablation table (comparison.md / .csv)
-ablation_columns = {"params": "params", "top1": "top1 %", "val_loss": "val_loss", "train_items_per_s": "train img/s",
+ablation_columns = {"params": "params", "params_stack": "block params", "params_reference": "reference blocks",
+                    "depth": "depth", "top1": "top1 %", "val_loss": "val_loss", "train_items_per_s": "train img/s",
                     "peak_mem_mb": "peak mem MB", "wall_s": "wall s"}
 ablation_metric = "top1"
 
@@ -89,21 +98,17 @@ def ablation_columns_for(cfg: "ClassifyConfig") -> dict[str, str]:
     return {**columns, **robust_keys(cfg.robust), **tail}
 
 
-def available_variants() -> tuple[str, ...]:
-    """VARIANTS, the kernel short names (bilateral, ...), then every other registered unrollattn classification
-    family (e.g. vit_bilateral, the long form of bilateral)."""
-    found = {m["variant"] for name in unrollattn.list_models(task="classification")
-             if (m := _FAMILY_NAME.fullmatch(name))}
-    short = tuple(k for k, v in KERNEL_VARIANTS.items() if v in found)
-    return VARIANTS + short + tuple(sorted(found - set(VARIANTS) - set(short)))
-
-
 @dataclasses.dataclass
 class ModelConfig:
-    """Backbone: ``variant`` + ``size`` pick ``{variant}_{size}_patch16_224`` (or ``arch`` names any timm model);
-    ``embed_dim`` / ``depth`` / ``num_heads`` left at None keep that size's values."""
+    """Backbone: a registered ``variant`` at ``size`` (``unrollattn list --kind models``), or, when ``attention`` /
+    ``block`` are set, timm's ViT layout with that attention in that block (any registered names, a user's own
+    included), or ``arch``: any timm model. ``embed_dim`` / ``depth`` / ``num_heads`` left at None keep the size's.
+    ``match_params`` (a variant, or ``attention-block``): ``depth`` is the reference's depth and this model gets the
+    depth whose blocks have the reference's parameters at the same width."""
 
     variant: str = "vit"
+    attention: str | None = None
+    block: str | None = None
     size: str = "tiny"
     arch: str | None = None
     embed_dim: int | None = None
@@ -111,11 +116,16 @@ class ModelConfig:
     num_heads: int | None = None
     patch_size: int = 4
     drop_path_rate: float = 0.0
+    match_params: str | None = None
 
     def __post_init__(self):
-        if self.arch is None and self.variant not in available_variants():
+        if self.composed:
+            for registry, name in ((ATTENTIONS, self.attention), (BLOCKS, self.block)):
+                if name is not None:
+                    registry.get(name)  # an unknown name lists the closest registered ones
+        elif self.arch is None and self.variant not in available_variants():
             raise ValueError(f"variant: expected one of {', '.join(available_variants())} "
-                             f"(or set arch=<timm model name>), got {self.variant!r}")
+                             f"(or set model.attention / model.block, or arch=<timm model name>), got {self.variant!r}")
         for key in ("embed_dim", "depth", "num_heads", "patch_size"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -124,11 +134,30 @@ class ModelConfig:
             raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate: expected a float in [0, 1), got {self.drop_path_rate!r}")
+        if self.match_params is not None:
+            reference_model(self)
+
+    @property
+    def composed(self) -> bool:
+        return self.arch is None and (self.attention is not None or self.block is not None)
 
     @property
     def label(self) -> str:
-        """Name of this model in run names and tables: the variant, or the explicit arch."""
-        return self.arch or self.variant
+        """Name of this model in run names and tables: the variant, ``attention-block``, or the explicit arch."""
+        if self.arch:
+            return self.arch
+        return f"{self.attention or 'mhsa'}-{self.block or 'transformer'}" if self.composed else self.variant
+
+
+def parse_model_label(label: str) -> dict[str, Any]:
+    """``ModelConfig`` fields of a label: a variant name, or ``attention-block``."""
+    fields = variant_fields(label)
+    return {**fields, "variant": fields["variant"] or ModelConfig.variant, "arch": None}
+
+
+def reference_model(model: ModelConfig) -> ModelConfig:
+    """The model ``match_params`` names, at ``model``'s size, width and heads with ``model.depth`` blocks."""
+    return dataclasses.replace(model, **parse_model_label(model.match_params), match_params=None)
 
 
 @dataclasses.dataclass
@@ -210,16 +239,15 @@ class ClassifyConfig:
 
 
 def timm_name(model: ModelConfig) -> str:
-    """The timm model name of ``model`` (checked to exist); kernel short names resolve to ``vit_<kernel>``."""
-    family = KERNEL_VARIANTS.get(model.variant, model.variant)
-    name = model.arch or f"{family}_{model.size}_patch16_224"
-    if not timm.is_model(name):
-        if model.arch:
-            raise ValueError(f"arch: {name!r} is not a timm model name")
-        sizes = sorted({m["size"] for n in timm.list_models(f"{family}_*_patch16_224")
-                        if (m := _FAMILY_NAME.fullmatch(n)) and m["variant"] == family})
-        raise ValueError(f"size: {model.variant} has no size {model.size!r}; available: {', '.join(sizes)}")
-    return name
+    """The timm model name of ``model`` (checked to exist)."""
+    if model.arch:
+        if not timm.is_model(model.arch):
+            raise ValueError(f"arch: {model.arch!r} is not a timm model name")
+        return model.arch
+    try:
+        return composable_model(TASK, model.size) if model.composed else resolve_variant(TASK, model.variant, model.size)
+    except UnknownNameError as err:
+        raise ValueError(f"size: {err}") from None
 
 
 def build_classifier(model: ModelConfig, *, num_classes: int, in_chans: int, img_size: tuple[int, int]) -> nn.Module:
@@ -227,10 +255,34 @@ def build_classifier(model: ModelConfig, *, num_classes: int, in_chans: int, img
     if img_size[0] % model.patch_size or img_size[1] % model.patch_size:
         raise ValueError(f"image size {img_size[0]}x{img_size[1]} is not divisible by model.patch_size={model.patch_size}"
                          " (set data.img_size or model.patch_size)")
-    dims = {k: getattr(model, k) for k in ("embed_dim", "depth", "num_heads") if getattr(model, k) is not None}
+    dims = {k: getattr(model, k) for k in ("embed_dim", "num_heads") if getattr(model, k) is not None}
+    depth = resolved_depth(model, in_chans=in_chans, img_size=img_size)
+    if depth is not None:
+        dims["depth"] = depth
+    if model.composed:
+        dims.update({k: v for k, v in (("attention", model.attention), ("block", model.block)) if v is not None})
     return timm.create_model(timm_name(model), pretrained=False, num_classes=num_classes, img_size=tuple(img_size),
                              in_chans=in_chans, patch_size=model.patch_size, drop_path_rate=model.drop_path_rate,
                              **dims)
+
+
+def block_stack_params(model: ModelConfig, *, depth: int | None = None, in_chans: int = 3,
+                       img_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(parameters of the blocks, number of blocks) of ``model`` (with ``depth`` blocks if given), on the meta device."""
+    if depth is not None:
+        model = dataclasses.replace(model, depth=depth, match_params=None)
+    size = img_size or (4 * model.patch_size, 4 * model.patch_size)
+    with torch.device("meta"):
+        return stack_parameters(build_classifier(model, num_classes=10, in_chans=in_chans, img_size=size))
+
+
+def resolved_depth(model: ModelConfig, *, in_chans: int = 3, img_size: tuple[int, int] | None = None) -> int | None:
+    """The depth of ``model``: with ``match_params`` the one whose blocks match the reference's parameters."""
+    if model.match_params is None:
+        return model.depth
+    target, _ = block_stack_params(reference_model(model), in_chans=in_chans, img_size=img_size)
+    per_block, _ = block_stack_params(model, depth=1, in_chans=in_chans, img_size=img_size)
+    return matching_depth(per_block, target)
 
 
 # ----------------------------------------------------------------------------------------------- task
@@ -278,6 +330,15 @@ class ClassifyTask:
         return {"input_size": [self.data.in_chans, *self.data.img_size], "mean": mean.tolist(), "std": std.tolist(),
                 "num_classes": self.data.num_classes, "class_names": list(self.data.class_names or ()),
                 "data": self.data.name}
+
+    def run_info(self) -> dict[str, Any]:
+        """The model and data of the run (summary and result.json): variant, timm name, depth and the parameters of
+        its blocks (and of the reference's, with ``model.match_params``)."""
+        model, size = self.cfg.model, dict(in_chans=self.data.in_chans, img_size=self.data.img_size)
+        stack, depth = block_stack_params(model, depth=resolved_depth(model, **size), **size)
+        reference = block_stack_params(reference_model(model), **size)[0] if model.match_params else math.nan
+        return {"variant": model.label, "arch": timm_name(model), "data": self.data.describe(), "depth": depth,
+                "params_stack": stack, "params_reference": reference, "matched_to": model.match_params}
 
     def final_evaluate(self, model: nn.Module, state: DistState) -> dict[str, float]:
         """FGSM / PGD accuracies of the trained model at ``robust.eps`` (:func:`evaluate_robustness`), when enabled."""
@@ -440,13 +501,12 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: Sequence[str] | None = 
 
 
 def run(cfg: ClassifyConfig) -> dict[str, Any]:
-    """Train and evaluate ``cfg``; return fit's summary plus ``variant``, ``arch``, ``data`` and, when ``cfg.robust``
-    is enabled, the adversarial accuracies of the final model (:meth:`ClassifyTask.final_evaluate`: in the
-    summary, ``result.json`` and ``robustness.json``; its time is part of ``wall_s``)."""
+    """Train and evaluate ``cfg``; return fit's summary (also result.json) with the model description
+    (:meth:`ClassifyTask.run_info`) and, when ``cfg.robust`` is enabled, the adversarial accuracies of the final model
+    (:meth:`ClassifyTask.final_evaluate`, also in ``robustness.json``; its time is part of ``wall_s``)."""
     task = ClassifyTask(cfg)
-    summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=f"classify-{cfg.preset}-{cfg.model.label}",
-                  config_for_log=cfg)
-    return {"variant": cfg.model.label, "arch": timm_name(cfg.model), "data": task.data.describe(), **summary}
+    return fit(task, cfg.loop, cfg.optim, run_name_prefix=f"classify-{cfg.preset}-{cfg.model.label}",
+               config_for_log=cfg)
 
 
 def with_data_config(model: nn.Module, preprocessing: dict[str, Any]) -> nn.Module:

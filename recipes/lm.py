@@ -15,6 +15,7 @@ Ablation (one table + plot)::
 
     unrollattn ablate lm --variants gpt2,aot_mhsa,aot_mssa,crate,crate_alpha --preset quick
     unrollattn ablate lm --variants gpt2,bilateral,gaussian,twicing --preset quick --out runs/ablate-lm-quick-kernel
+    unrollattn ablate lm --attention mhsa,mssa,glr,bilateral --block aot --match-params gpt2 --seeds 2 --preset tiny_debug
 
 Variants (papers.md B.3, B.5, B.9, C): ``gpt2`` = HF ``GPT2LMHeadModel``; ``aot_mhsa`` = softmax attention + skip, no
 MLP; ``aot_mssa`` = subspace attention (Q = K = V = U_k^T z) + skip; ``crate`` = MSSA + the CRATE paper's ISTA
@@ -24,12 +25,14 @@ that trains; ``bilateral`` / ``gaussian`` / ``twicing`` = GPT-2-shaped transform
 width and q/k/v/output maps) with kernel-regression attention on 1-D causal positions; ``bilateral`` has *no* learned
 absolute position embedding (``position_embedding="none"``): its Laplacian spatial kernel on token distances (ALiBi's
 form) is the only position signal, so no token-position cross term (C.2, C.5); ``gaussian`` and ``twicing`` keep
-GPT-2's learned positions. ``model.depth`` is a GPT-2-equivalent depth: each variant gets
-``depth * LAYERS_PER_GPT2_LAYER[variant]`` layers, which equalises the non-embedding parameters at any width (a GPT-2
-layer has ~12 d^2 weights, AoT-MHSA 4 d^2, AoT-MSSA 2 d^2, CRATE 3 d^2, CRATE-alpha 4 d^2); left at None, the
-registered size (``gpt2_base``, ``aot_mssa_lm_base``, ...) decides.
+GPT-2's learned positions. Every variant is a registry entry (metadata ``variant``, ``size``, ``attention``,
+``block``), so a user's registered model or attention is a variant too; ``model.attention`` / ``model.block`` compose
+any attention with any block. The presets set ``model.match_params=gpt2``: ``model.depth`` is GPT-2's depth and
+every other model gets the layer count that gives its layer stack GPT-2's parameters at the same width (computed on
+the meta device: AoT-MHSA 3 layers per GPT-2 layer, AoT-MSSA 6, CRATE 4, CRATE-alpha 3 at width 160); with
+``match_params=none`` ``depth`` is the layer count itself, and left at None the registered size decides.
 
-Robustness (issue 5): ``contam_loss`` = loss of the clean val text when 1.5% of its words (word boundaries from the
+Robustness: ``contam_loss`` = loss of the clean val text when 1.5% of its words (word boundaries from the
 tokenizer's token texts; every token of a chosen word) are replaced by a fixed junk token ("@" byte-level, " AAA"
 GPT-2 BPE) in the context; ``loss_ctx2x`` / ``loss_ctx4x`` = val loss on windows 2x / 4x the training block. Every
 variant trains on ``data.block_size`` windows; unless ``model.n_positions`` is set, the context is sized to 4x the
@@ -46,7 +49,6 @@ held-out lines, not LAMBADA itself), tokens/s and peak memory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -66,37 +68,46 @@ from unrollattn.language.evaluation import (
     token_word_table, window_loss, write_icl_curves,
 )
 from unrollattn.language.tokenizer import get_tokenizer, is_byte_level
-from unrollattn.registry import MODELS, Registry
+from unrollattn.registry import (
+    ATTENTIONS, BLOCKS, MODELS, Registry, UnknownNameError, composable_model, model_variants, resolve_variant,
+    variant_fields,
+)
+from unrollattn.utils.params import matching_depth, stack_parameters
 from unrollattn.train import (
-    ConfigError, DistState, LoopConfig, OptimConfig, add_config_arguments, recipe_main, apply_overrides, broadcast_object, fit,
+    ConfigError, DistState, LoopConfig, OptimConfig, recipe_main, apply_overrides, broadcast_object, fit,
     init_distributed, micro_batch_size, step_seed, unwrap_model,
 )
 
 __all__ = [
-    "DEFAULT_PRESET", "DataConfig", "EvalConfig", "ICLConfig", "LAYERS_PER_GPT2_LAYER", "LMConfig", "LMTask",
+    "DEFAULT_PRESET", "DataConfig", "EvalConfig", "ICLConfig", "LMConfig", "LMTask", "available_variants",
+    "layer_stack_params", "parse_model_label", "reference_model", "resolved_n_layer",
     "ModelConfig", "PRESETS", "TASKS", "TOKENIZER_NAMES", "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for",
     "ablation_metric", "build_lm", "export_hf_model", "load_config", "main", "model_kwargs", "registry_name",
     "run",
 ]
 
-VARIANTS = ("gpt2", "aot_mhsa", "aot_mssa", "crate", "crate_alpha", "bilateral", "gaussian", "twicing")
 VARIANT_KEY = "model.variant"
 DEFAULT_PRESET = "quick"  # what `python -m recipes.lm` and `unrollattn ablate lm` run without --preset
 TASKS = ("lm", "icl")
 TOKENIZER_NAMES = ("byte", "gpt2", "gpt2-files", "gpt2-hub")
-# Layers per GPT-2 layer at equal non-embedding parameters (weights per layer: 12 d^2 / 4 d^2 / 2 d^2 / 3 d^2).
-# The kernel variants are GPT-2-shaped (attention + MLP): one layer per GPT-2 layer.
-LAYERS_PER_GPT2_LAYER = {"gpt2": 1, "aot_mhsa": 3, "aot_mssa": 6, "crate": 4, "crate_alpha": 3, "bilateral": 1, "gaussian": 1, "twicing": 1}
-_REGISTRY_PATTERN = {"gpt2": "gpt2_{size}", "aot_mhsa": "aot_mhsa_lm_{size}", "aot_mssa": "aot_mssa_lm_{size}",
-                     "crate": "crate_lm_{size}", "crate_alpha": "crate_alpha_lm_{size}", "bilateral": "bilateral_lm_{size}", "gaussian": "gaussian_lm_{size}",
-                     "twicing": "twicing_lm_{size}"}
+TASK = "causal-lm"  # the registry task of this recipe's models
+
+
+def available_variants() -> tuple[str, ...]:
+    """Every registered causal-LM variant (registry metadata ``variant``), a user's own included."""
+    return tuple(model_variants(TASK))
+
+
+VARIANTS = available_variants()
 
 # summary key -> column header of the ablation table
-_LM_COLUMNS = {"params": "params", "params_non_embedding": "non-emb params", "n_layer": "layers",
+_LM_COLUMNS = {"params": "params", "params_non_embedding": "non-emb params", "params_stack": "layer-stack params",
+               "params_reference": "reference stack", "n_layer": "layers",
                "val_loss": "val loss", "val_ppl": "val ppl", "shift_loss": "shift loss", "last_word_acc": "last-word acc",
                "contam_loss": "contam. loss", "loss_ctx2x": "loss 2x ctx", "loss_ctx4x": "loss 4x ctx",
                "tokens_per_s": "train tok/s", "peak_mem_mb": "peak mem MB", "wall_s": "wall s"}
-_ICL_COLUMNS = {"params": "params", "params_non_embedding": "non-emb params", "n_layer": "layers",
+_ICL_COLUMNS = {"params": "params", "params_non_embedding": "non-emb params", "params_stack": "layer-stack params",
+                "params_reference": "reference stack", "n_layer": "layers",
                 "val_loss": "val loss (err/d)", "icl_err_k1": "err k=1", "icl_err_kd": "err k=d",
                 "icl_err_k2d": "err k=2d", "icl_err_klast": "err k=max", "tokens_per_s": "train tok/s",
                 "peak_mem_mb": "peak mem MB", "wall_s": "wall s"}
@@ -125,14 +136,22 @@ def ablation_columns_for(cfg: "LMConfig") -> dict[str, str]:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Which model: ``variant`` x ``size`` picks a registered preset (``gpt2_tiny``, ``aot_mssa_lm_base``, ...);
-    ``depth`` (GPT-2-equivalent, see the module doc), ``n_layer``, ``n_embd``, ``n_head``, ``n_positions`` override it
-    (``n_layer`` wins over ``depth``; ``n_positions`` None = the data's block size). ``extra``: more keyword
-    overrides for the model config (e.g. ``{"attn_options": {"nonlinearity": "relu"}}``)."""
+    """Which model: a registered ``variant`` (gpt2, aot_mssa, crate_alpha, bilateral, ...; ``unrollattn list``) at
+    ``size``, or, when ``attention`` / ``block`` are set, that attention in that block composed into the GPT-2-shaped
+    ``UnrollAttnForCausalLM`` (any registered names, a user's own included; ``variant`` is then unused).
+
+    Depth: ``depth`` layers; with ``match_params`` (a variant, or ``attention-block`` such as ``mssa-aot``) ``depth``
+    is the *reference's* depth and this model gets the layer count whose layer stack has the reference's parameters
+    at the same width (within one layer's parameters). ``n_layer`` sets the count outright. ``n_embd``, ``n_head``,
+    ``n_positions`` (None = 4x the data's block size) override the preset; ``extra``: more keyword overrides for the
+    model config (e.g. ``{"attn_options": {"nonlinearity": "relu"}}``)."""
 
     variant: str = "gpt2"
+    attention: str | None = None
+    block: str | None = None
     size: str = "tiny"
     depth: int | None = None
+    match_params: str | None = None
     n_layer: int | None = None
     n_embd: int | None = None
     n_head: int | None = None
@@ -141,8 +160,13 @@ class ModelConfig:
     extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.composed:
+            for registry, name in ((ATTENTIONS, self.attention), (BLOCKS, self.block)):
+                if name is not None:
+                    registry.get(name)  # an unknown name lists the closest registered ones
+        elif self.variant not in available_variants():
+            raise ConfigError(f"variant: expected one of {', '.join(available_variants())} (or set model.attention / "
+                              f"model.block), got {self.variant!r}")
         for key in ("depth", "n_layer", "n_embd", "n_head", "n_positions"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -151,6 +175,28 @@ class ModelConfig:
             raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
+        if self.match_params is not None:
+            reference_model(self)  # validates the reference's names
+
+    @property
+    def composed(self) -> bool:
+        return self.attention is not None or self.block is not None
+
+    @property
+    def label(self) -> str:
+        """Name in run names and tables: the variant, or ``attention-block``."""
+        return f"{self.attention or 'mhsa'}-{self.block or 'transformer'}" if self.composed else self.variant
+
+
+def parse_model_label(label: str) -> dict[str, Any]:
+    """``ModelConfig`` fields of a label: a variant name, or ``attention-block``."""
+    fields = variant_fields(label)
+    return {**fields, "variant": fields["variant"] or ModelConfig.variant}
+
+
+def reference_model(model: ModelConfig) -> ModelConfig:
+    """The model ``match_params`` names, at ``model``'s size, width and heads with ``model.depth`` layers."""
+    return dataclasses.replace(model, **parse_model_label(model.match_params), match_params=None, n_layer=None)
 
 
 @dataclasses.dataclass
@@ -258,25 +304,24 @@ class LMConfig:
 
 
 def registry_name(model: ModelConfig) -> str:
-    """The registered model name of ``model`` (checked to exist)."""
-    name = _REGISTRY_PATTERN[model.variant].format(size=model.size)
-    if name not in MODELS:
-        prefix = _REGISTRY_PATTERN[model.variant].split("{")[0]
-        sizes = sorted(n[len(prefix):] for n in unrollattn.list_models(task="causal-lm") if n.startswith(prefix)
-                       and "_" not in n[len(prefix):])
-        raise ConfigError(f"model.size: {model.variant} has no size {model.size!r}; available: {', '.join(sizes)}")
-    return name
+    """The registered model of ``model`` (checked to exist)."""
+    try:
+        return composable_model(TASK, model.size) if model.composed else resolve_variant(TASK, model.variant, model.size)
+    except UnknownNameError as err:
+        raise ConfigError(f"model: {err}") from None
 
 
 def model_kwargs(model: ModelConfig, *, vocab_size: int, eos_token_id: int | None, n_positions: int) -> dict[str, Any]:
     """Keyword overrides for ``unrollattn.build_model(registry_name(model), **kwargs)``."""
     kw: dict[str, Any] = {"vocab_size": vocab_size, "n_positions": model.n_positions or n_positions,
                           "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
-    n_layer = model.n_layer or (model.depth * LAYERS_PER_GPT2_LAYER[model.variant] if model.depth else None)
+    if model.composed:
+        kw.update({k: v for k, v in (("attention", model.attention), ("block", model.block)) if v is not None})
+    n_layer = resolved_n_layer(model)
     for key, value in (("n_layer", n_layer), ("n_embd", model.n_embd), ("n_head", model.n_head)):
         if value is not None:
             kw[key] = value
-    if model.variant == "gpt2":
+    if MODELS.meta(registry_name(model))["family"] == "gpt2":  # HF GPT2Config's dropout names
         kw.update(resid_pdrop=model.dropout, embd_pdrop=model.dropout, attn_pdrop=model.dropout)
     else:
         kw["dropout"] = model.dropout
@@ -288,6 +333,26 @@ def build_lm(model: ModelConfig, *, vocab_size: int, eos_token_id: int | None, n
     """The HF causal LM of ``model`` (``GPT2LMHeadModel`` or ``UnrollAttnForCausalLM``)."""
     return unrollattn.build_model(registry_name(model), **model_kwargs(
         model, vocab_size=vocab_size, eos_token_id=eos_token_id, n_positions=n_positions))
+
+
+def layer_stack_params(model: ModelConfig, n_layer: int | None = None) -> tuple[int, int]:
+    """(layer-stack parameters, layers) of ``model`` (with ``n_layer`` layers if given), counted on the meta device."""
+    if n_layer is not None:
+        model = dataclasses.replace(model, n_layer=n_layer, match_params=None)
+    with torch.device("meta"):
+        return stack_parameters(build_lm(model, vocab_size=8, eos_token_id=None, n_positions=16))
+
+
+def resolved_n_layer(model: ModelConfig) -> int | None:
+    """The layer count of ``model``: ``n_layer``; with ``match_params`` the count that matches the reference's
+    layer-stack parameters; else ``depth`` (None: the preset's)."""
+    if model.n_layer is not None:
+        return model.n_layer
+    if model.match_params is None:
+        return model.depth
+    target, _ = layer_stack_params(reference_model(model))
+    per_layer, _ = layer_stack_params(model, n_layer=1)
+    return matching_depth(per_layer, target)
 
 
 def _embedding_params(model: nn.Module) -> int:
@@ -487,7 +552,7 @@ def make_icl_task(cfg: LMConfig) -> ICLRegressionTask:
         width = backbone().config.n_embd
     return ICLRegressionTask(backbone, width, ICLData(icl.dim, icl.n_points, icl.noise_std, icl.eval_prompts),
                              batch_size=cfg.loop.batch_size, grad_accum=cfg.loop.grad_accum, seed=cfg.loop.seed,
-                             label=cfg.model.variant)
+                             label=cfg.model.label)
 
 
 def _icl_summary_keys(summary: dict[str, Any], cfg: LMConfig) -> None:
@@ -536,7 +601,7 @@ def quick() -> LMConfig:
     ~1.2M non-embedding parameters each), 300 steps of 16 windows (614k tokens), shift corpus Austen."""
     return LMConfig(
         preset="quick",
-        model=ModelConfig(variant="gpt2", size="tiny", depth=4, n_embd=160, n_head=4),
+        model=ModelConfig(variant="gpt2", size="tiny", depth=4, match_params="gpt2", n_embd=160, n_head=4),
         data=DataConfig(corpus="kjv,austen,music21_en", shift_corpus="austen,music21_en,kjv", tokenizer="byte",
                         block_size=128),
         eval=EvalConfig(windows=48, batch_size=16, last_word_passages=100, last_word_context=64),
@@ -551,7 +616,7 @@ def tiny_debug() -> LMConfig:
     """Seconds: byte-level, width 32, GPT-2-equivalent depth 1, 20 steps of 4 x 32 bytes (tests, smoke runs)."""
     return LMConfig(
         preset="tiny_debug",
-        model=ModelConfig(variant="gpt2", size="tiny", depth=1, n_embd=32, n_head=2),
+        model=ModelConfig(variant="gpt2", size="tiny", depth=1, match_params="gpt2", n_embd=32, n_head=2),
         data=DataConfig(corpus="kjv,austen,music21_en", shift_corpus="", tokenizer="byte", block_size=32),
         eval=EvalConfig(windows=8, batch_size=8, last_word_passages=8, last_word_context=16),
         loop=LoopConfig(max_steps=20, batch_size=4, eval_every=10, log_every=5, ckpt_every=0, progress=False),
@@ -587,7 +652,7 @@ def icl_quick() -> LMConfig:
     return LMConfig(
         preset="icl_quick",
         task="icl",
-        model=ModelConfig(variant="gpt2", size="tiny", depth=4, n_embd=64, n_head=4),
+        model=ModelConfig(variant="gpt2", size="tiny", depth=4, match_params="gpt2", n_embd=64, n_head=4),
         icl=ICLConfig(dim=3, n_points=12, noise_std=0.0, eval_prompts=1000),
         loop=LoopConfig(max_steps=1000, batch_size=64, eval_every=250, log_every=50, ckpt_every=0),
         optim=OptimConfig(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), warmup_steps=50, schedule="cosine",
@@ -607,7 +672,7 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: Sequence[str] | None = 
 def run(cfg: LMConfig) -> dict[str, Any]:
     """Train and evaluate ``cfg``; return fit's summary plus the model description (and NaN for ablation columns
     that do not apply to the task, so every run has every column)."""
-    prefix = f"lm-{cfg.preset}-{cfg.model.variant}" if cfg.task == "lm" else f"icl-{cfg.preset}-{cfg.model.variant}"
+    prefix = f"{'lm' if cfg.task == 'lm' else 'icl'}-{cfg.preset}-{cfg.model.label}"
     if cfg.task == "icl":
         task = make_icl_task(cfg)
         summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=prefix, config_for_log=cfg)
@@ -624,8 +689,11 @@ def run(cfg: LMConfig) -> dict[str, Any]:
         model = task.build_model()
     n_emb = _embedding_params(model.backbone if cfg.task == "icl" else model)
     config = (model.backbone if cfg.task == "icl" else model).config
-    out = {"variant": cfg.model.variant, "model_name": registry_name(cfg.model), "n_layer": config.n_layer,
-           "n_embd": config.n_embd, **info, **summary,
+    stack, _ = stack_parameters(model.backbone if cfg.task == "icl" else model)
+    reference = layer_stack_params(reference_model(cfg.model))[0] if cfg.model.match_params else math.nan
+    out = {"variant": cfg.model.label, "model_name": registry_name(cfg.model), "n_layer": config.n_layer,
+           "n_embd": config.n_embd, "params_stack": stack, "params_reference": reference,
+           "matched_to": cfg.model.match_params, **info, **summary,
            "params_non_embedding": summary["params"] - n_emb, "tokens_per_s": summary.get("train_items_per_s")}
     for key in ablation_columns:
         out.setdefault(key, math.nan)

@@ -3,6 +3,8 @@ import json
 
 import pytest
 import timm
+
+import unrollattn
 import torch
 
 from recipes import classify
@@ -26,7 +28,7 @@ def test_overrides_coerce_and_reject():
         ("crate", 1e-3, 7, None, True)
     with pytest.raises(ConfigError, match="did you mean 'model.depth'"):
         classify.load_config("digits_debug", ["model.dept=3"])
-    with pytest.raises(ConfigError, match="variant: expected one of vit, aot_mssa, aot_mhsa, crate"):
+    with pytest.raises(ConfigError, match="variant: expected one of aot_mhsa, aot_mssa, bilateral, crate"):
         classify.load_config("digits_debug", ["model.variant=resnet"])
     with pytest.raises(ConfigError, match="model.embed_dim"):
         classify.load_config("digits_debug", ["model.embed_dim=abc"])
@@ -40,7 +42,7 @@ def test_overrides_coerce_and_reject():
 def test_each_variant_builds_the_requested_backbone(variant):
     model_cfg = classify.ModelConfig(variant=variant, embed_dim=32, depth=2, num_heads=2, patch_size=4)
     model = classify.build_classifier(model_cfg, num_classes=7, in_chans=1, img_size=(8, 8))
-    assert classify.timm_name(model_cfg) == f"{variant}_tiny_patch16_224"
+    assert unrollattn.MODELS.meta(classify.timm_name(model_cfg))["variant"] == variant  # resolved by the registry
     assert len(model.blocks) == 2 and model.embed_dim == 32
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 7)
 
@@ -140,17 +142,17 @@ def test_resume_continues_the_named_run(tmp_path):
 
 
 def test_kernel_short_names_resolve_to_the_kernel_vits():
-    assert set(classify.KERNEL_VARIANTS) <= set(classify.available_variants())
-    assert classify.available_variants()[:len(classify.VARIANTS)] == classify.VARIANTS
+    assert {"bilateral", "gaussian", "twicing", "mahalanobis"} <= set(classify.available_variants())
+    assert classify.available_variants() == classify.VARIANTS
     for short in ("bilateral", "gaussian", "twicing", "mahalanobis"):
         cfg = classify.load_config("digits_debug", [f"model.variant={short}"])
         assert classify.timm_name(cfg.model) == f"vit_{short}_tiny_patch16_224" and cfg.model.label == short
     model = classify.build_classifier(classify.ModelConfig(variant="bilateral", embed_dim=32, depth=2, num_heads=2),
                                       num_classes=7, in_chans=1, img_size=(8, 8))
     assert type(model.blocks[0].attn).__name__ == "BilateralAttention" and model.pos_embed is None
-    with pytest.raises(ConfigError, match="bilateral, .*vit_bilateral"):
+    with pytest.raises(ConfigError, match="expected one of .*bilateral, crate"):
         classify.load_config("digits_debug", ["model.variant=bilaterl"])
-    with pytest.raises(ValueError, match="bilateral has no size 'huge'"):
+    with pytest.raises(ValueError, match="'bilateral' has no size 'huge'; available: base, small, tiny"):
         classify.timm_name(classify.ModelConfig(variant="bilateral", size="huge"))
 
 

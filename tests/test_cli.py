@@ -57,7 +57,7 @@ def test_train_runs_the_recipe(tmp_path, capsys):
     (("train", "classify", "--preset", "quik"), "unknown classify preset 'quik'; closest: quick"),
     (("train", "classify", "--preset", "digits_debug", "optim.lrr=1"), "did you mean 'optim.lr'"),
     (("ablate", "classify", "--variants", "vit,crte", "--preset", "digits_debug"),
-     "unknown variant(s) 'crte' for recipe 'classify'; did you mean crate? variants: vit, aot_mssa, aot_mhsa, crate"),
+     "unknown variant(s) 'crte' for recipe 'classify'; did you mean crate? variants: aot_mhsa, aot_mssa, bilateral, crate"),
     (("ablate", "classify", "--variants", "vit", "--preset", "digits_debug", "model.variant=crate"),
      "ablate sets"),
     (("diagnose", "snrr"), "unknown diagnostic 'snrr'; did you mean snr?"),
@@ -80,19 +80,23 @@ def test_ablate_two_variants_writes_comparison(tmp_path, capsys):
     assert [r["variant"] for r in rows] == ["vit", "aot_mssa"]
     assert {"params", "top1 %", "val_loss", "train img/s", "peak mem MB", "wall s"} <= set(rows[0])
     assert all(0 <= float(r["top1 %"]) <= 100 and int(r["params"]) > 0 for r in rows)
-    assert "| variant | params | top1 % |" in out
+    assert "| variant | params | block params | reference blocks | depth | top1 % |" in out
     assert all(float(r["peak mem MB"]) > 0 for r in rows)
     config = json.loads((out_dir / "aot_mssa" / "config.json").read_text())
     assert config["model"]["variant"] == "aot_mssa" and config["loop"]["max_steps"] == 3
 
 
-def test_ablate_default_out_dir_is_never_reused(tmp_path, capsys, monkeypatch):
+def test_the_same_ablation_resumes_another_gets_a_new_directory(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ("ablate", "classify", "--variants", "vit", "--preset", "digits_debug", "loop.max_steps=2",
-            "loop.eval_every=0", "data.max_test=32")
+            "loop.eval_every=0", "data.max_test=32", "robust.num_images=0")
+    first_dir = tmp_path / "runs" / "ablate-classify-digits_debug"
     assert run_cli(capsys, *args)[0] == 0
-    assert run_cli(capsys, *args)[0] == 0
-    assert (tmp_path / "runs" / "ablate-classify-digits_debug" / "comparison.md").is_file()
+    first = (first_dir / "comparison.csv").read_text()
+    code, out, _ = run_cli(capsys, *args)  # the same command: the finished run is read back, not retrained
+    assert code == 0 and "vit finished earlier" in out and (first_dir / "comparison.csv").read_text() == first
+    assert not (tmp_path / "runs" / "ablate-classify-digits_debug-2").exists()
+    assert run_cli(capsys, *args, "optim.lr=1e-3")[0] == 0  # another ablation: never mixed into the first
     assert (tmp_path / "runs" / "ablate-classify-digits_debug-2" / "comparison.md").is_file()
 
 
@@ -187,11 +191,12 @@ def test_ablate_help_shows_the_recipes_own_variants_and_presets(capsys):
     assert exit_.value.code == 0
     assert f"from: {', '.join(lm.VARIANTS)}" in " ".join(out.split())
     assert "vit" not in out.split("options:")[1] and "default: quick" in out and "gpt2_scale" in out
-    assert "unrollattn ablate lm --variants gpt2,aot_mhsa,aot_mssa,crate --preset quick" in out
+    assert f"unrollattn ablate lm --variants {','.join(lm.VARIANTS[:4])} --preset quick" in out
+    assert "--attention mhsa,mssa,bilateral --block transformer,aot" in out
     with pytest.raises(SystemExit):
         cli.main(["ablate", "--preset", "digits_debug", "classify", "-h"])  # the recipe after options
     out = " ".join(capsys.readouterr().out.split())
-    assert f"from: {', '.join(classify.VARIANTS)}; also:" in out and "bilateral" in out and "digits_debug" in out
+    assert f"from: {', '.join(classify.VARIANTS)}" in out and "bilateral" in out and "digits_debug" in out
     with pytest.raises(SystemExit):
         cli.main(["ablate", "restore", "--help"])
     out = " ".join(capsys.readouterr().out.split())
@@ -211,8 +216,8 @@ def test_ctrl_c_during_an_ablation_prints_the_resume_command(monkeypatch, tmp_pa
                            "loop.max_steps=3")
     assert code == 130
     (line,) = err.strip().splitlines()  # one line, no traceback
-    assert line == (f"interrupted during variant aot_mssa; resume the ablation with: unrollattn ablate lm --variants "
-                    f"gpt2,aot_mssa --preset quick --out {tmp_path / 'abl'} --resume loop.max_steps=3")
+    assert line == (f"interrupted during variant aot_mssa; resume the ablation with: unrollattn ablate lm "
+                    f"--variants=gpt2,aot_mssa --preset quick --out {tmp_path / 'abl'} loop.max_steps=3")
 
 
 def test_ablate_without_preset_runs_the_recipes_default_or_names_the_presets(monkeypatch, tmp_path):

@@ -61,7 +61,7 @@ def test_presets_and_overrides():
 def test_bad_config_values_are_rejected():
     with pytest.raises(KeyError, match="unknown lm preset 'quik'; closest: quick"):
         lm.load_config("quik")
-    with pytest.raises(ConfigError, match="variant: expected one of gpt2, aot_mhsa, aot_mssa, crate"):
+    with pytest.raises(ConfigError, match="variant: expected one of aot_mhsa, aot_mssa, bilateral, crate"):
         lm.load_config("quick", ["model.variant=mamba"])
     with pytest.raises(ConfigError, match=r"data.block_size=512 exceeds the model's context model.n_positions=256"):
         lm.load_config("quick", ["data.block_size=512", "model.n_positions=256"])
@@ -69,19 +69,24 @@ def test_bad_config_values_are_rejected():
         lm.load_config("quick", ["data.tokenizer=sentencepiece"])
     with pytest.raises(ConfigError, match="n_embd=100 must be divisible by n_head=3"):
         lm.load_config("quick", ["model.n_embd=100", "model.n_head=3"])
-    with pytest.raises(ConfigError, match="model.size: aot_mhsa has no size 'huge'; available: base, tiny"):
+    with pytest.raises(ConfigError, match="'aot_mhsa' has no size 'huge'; available: base, tiny"):
         lm.registry_name(lm.ModelConfig(variant="aot_mhsa", size="huge"))
 
 
-def test_variants_have_equal_parameter_counts():
-    counts = {}
-    for variant in lm.VARIANTS:
-        mc = lm.ModelConfig(variant=variant, depth=2, n_embd=64, n_head=4)
+def test_match_params_gives_every_variant_gpt2s_layer_stack():
+    """The layer count is computed on the meta device (it replaced a hand-written table of layers per GPT-2 layer):
+    the published ratios come out (AoT-MHSA 3, AoT-MSSA 6, CRATE 4, CRATE-alpha 3 layers per GPT-2 layer)."""
+    counts, layers = {}, {}
+    for label in (*lm.VARIANTS, "mssa-aot", "glr-aot", "bilateral-transformer"):
+        mc = lm.ModelConfig(**lm.parse_model_label(label), depth=2, match_params="gpt2", n_embd=64, n_head=4)
         with torch.device("meta"):
             model = lm.build_lm(mc, vocab_size=257, eos_token_id=256, n_positions=64)
-        assert model.config.n_layer == 2 * lm.LAYERS_PER_GPT2_LAYER[variant]
-        counts[variant] = sum(p.numel() for p in model.parameters()) - lm._embedding_params(model)
-    assert max(counts.values()) / min(counts.values()) < 1.03, counts
+        layers[label] = model.config.n_layer
+        counts[label] = sum(p.numel() for p in model.transformer.h.parameters())
+    assert {v: layers[v] for v in ("gpt2", "aot_mhsa", "aot_mssa", "crate", "crate_alpha", "mssa-aot")} == \
+        {"gpt2": 2, "aot_mhsa": 6, "aot_mssa": 12, "crate": 8, "crate_alpha": 6, "mssa-aot": 12}
+    for label, count in counts.items():  # the closest layer count: within half a layer of the reference's stack
+        assert abs(count - counts["gpt2"]) <= count / layers[label] / 2, (label, count, counts["gpt2"])
     assert lm.registry_name(lm.ModelConfig(variant="aot_mssa", size="base")) == "aot_mssa_lm_base"
 
 

@@ -164,15 +164,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- ablate
 
 
-def _unique_dir(path: Path) -> Path:
-    if not path.exists() or not any(path.iterdir()):
-        return path
-    n = 2
-    while (candidate := path.with_name(f"{path.name}-{n}")).exists():
-        n += 1
-    return candidate
-
-
 class AblationInterrupted(KeyboardInterrupt):
     """Ctrl-C during an ablation: the variant that was running, the ablation's directory and preset."""
 
@@ -181,93 +172,186 @@ class AblationInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted during variant {variant} of {out_dir}")
 
 
-def ablate(recipe: str, variants: Sequence[str], *, preset: str | None = None, overrides: Sequence[str] = (),
-           out: str | os.PathLike | None = None, resume: bool = False) -> tuple[str, dict[str, dict[str, Any]]]:
-    """Run ``recipe`` once per variant with the same preset (default: :func:`default_preset`) and overrides; write
-    comparison.md / .csv / .png (and summaries.json) into ``out`` (default ``runs/ablate-<recipe>-<preset>``,
-    suffixed -2, -3, ... if taken).
+def ablation_variants(variants: Sequence[str] = (), attention: Sequence[str] = (), block: Sequence[str] = ()
+                      ) -> list[str]:
+    """Variant labels: the named ``variants``, then every ``attention-block`` of the product (an empty side defaults
+    to mhsa / transformer)."""
+    clean = lambda names: [n.strip() for n in names if n.strip()]  # noqa: E731
+    labels = clean(variants)
+    attention, block = clean(attention), clean(block)
+    if attention or block:
+        labels += [f"{a}-{b}" for a in attention or ["mhsa"] for b in block or ["transformer"]]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--variants / --attention x --block: duplicate names in {','.join(labels)}")
+    return labels
 
-    Returns (markdown table, {variant: summary}). A variant that fails (e.g. diverges) does not stop the
-    others: its row shows ``-`` and its error is in its summary (and summaries.json).
+
+def _variant_overrides(mod: ModuleType, label: str) -> list[str]:
+    """Overrides selecting ``label`` (a variant, or attention-block where the recipe composes models)."""
+    if hasattr(mod, "parse_model_label"):
+        return [f"model.{k}={'none' if v is None else v}" for k, v in mod.parse_model_label(label).items()]
+    if "-" in label:
+        raise ValueError(f"recipe {mod.__name__.rsplit('.', 1)[-1]!r} does not compose attention x block; name its "
+                         "variants with --variants")
+    return [f"{getattr(mod, 'VARIANT_KEY', 'model.variant')}={label}"]
+
+
+def _ablation_dir(default: Path, spec: dict[str, Any]) -> tuple[Path, bool]:
+    """(directory, resuming): the first of ``default``, ``default-2``, ... that holds this very ablation (its
+    ablation.json equals ``spec``: resume it) or is free."""
+    for i in range(1, 10_000):
+        path = default if i == 1 else default.with_name(f"{default.name}-{i}")
+        record = path / "ablation.json"
+        if record.is_file():
+            try:
+                if json.loads(record.read_text()) == spec:
+                    return path, True
+            except json.JSONDecodeError:
+                pass
+            continue
+        if not path.exists() or not any(path.iterdir()):
+            return path, False
+    raise ValueError(f"no free ablation directory next to {default}")
+
+
+def ablate(recipe: str, variants: Sequence[str] = (), *, attention: Sequence[str] = (), block: Sequence[str] = (),
+           seeds: int = 1, match_params: str | None = None, preset: str | None = None, overrides: Sequence[str] = (),
+           out: str | os.PathLike | None = None, resume: bool = False) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Run ``recipe`` once per variant (named ``variants`` and every ``attention-block`` of the product) and seed,
+    with the same preset (default: :func:`default_preset`) and overrides; ``match_params`` sizes every variant to
+    the reference's layer-stack parameters. Writes comparison.md / .csv / .png (mean ± std over seeds), summaries.json
+    and ablation.json into ``out`` (default ``runs/ablate-<recipe>-<preset>``): running the same ablation again
+    resumes it (finished runs are read back, unfinished ones resumed); another ablation gets ``-2``, ``-3``, ...
+
+    Returns (markdown table, {run name: summary}). A run that fails (e.g. diverges) does not stop the others: its row
+    shows ``-`` and its error is in its summary (and summaries.json).
     """
     from .train import broadcast_object, compare, init_distributed, plot_comparison
+    from .train.ablate import summarize_seeds
 
     mod = import_recipe(recipe)
-    for attr in ("run", "load_config", "VARIANTS"):
+    for attr in ("run", "load_config"):
         if not hasattr(mod, attr):
             raise ValueError(f"recipe {recipe!r} does not support ablations (it has no {attr})")
     preset = default_preset(mod) if preset is None else preset
-    variants = [v.strip() for v in variants if v.strip()]
-    if not variants:
-        raise ValueError(f"--variants: expected a comma-separated list, e.g. {','.join(mod.VARIANTS)}")
-    if len(set(variants)) != len(variants):
-        raise ValueError(f"--variants: duplicate names in {','.join(variants)}")
+    labels = ablation_variants(variants, attention, block)
+    if not labels:
+        raise ValueError("ablate: name the variants (--variants a,b) or an attention x block product "
+                         "(--attention a,b --block x,y)")
+    if seeds < 1:
+        raise ValueError(f"--seeds: expected an int >= 1, got {seeds}")
     main_variants, also = _recipe_variants(mod)
-    unknown = [v for v in variants if v not in main_variants + also]
+    unknown = [v for v in labels if "-" not in v and v not in main_variants + also]
     if unknown:
         close = difflib.get_close_matches(unknown[0], main_variants + also, n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ValueError(f"unknown variant(s) {', '.join(map(repr, unknown))} for recipe {recipe!r}; {hint}"
                          f"variants: {', '.join(main_variants)}" + (f" (also: {', '.join(also)})" if also else ""))
     variant_key = getattr(mod, "VARIANT_KEY", "model.variant")
-    reserved = {variant_key, "loop.out_dir", "loop.run_name", "out_dir", "run_name"}
+    reserved = {variant_key, "model.attention", "model.block", "loop.out_dir", "loop.run_name", "out_dir", "run_name"}
+    reserved |= {"model.match_params"} if match_params else set()
+    reserved |= {"loop.seed", "seed"} if seeds > 1 else set()
     clash = [o for o in overrides if o.split("=", 1)[0].strip().lstrip("-") in reserved]
     if clash:
         raise ValueError(f"ablate sets {', '.join(sorted(reserved))} itself; remove {', '.join(clash)} "
-                         "(use --variants and --out)")
-    base = mod.load_config(preset, list(overrides), resume=resume)  # validates preset and overrides up front
+                         "(use --variants / --attention / --block, --match-params, --seeds and --out)")
+    common = [*overrides, *([f"model.match_params={match_params}"] if match_params else [])]
+    base = mod.load_config(preset, common, resume=resume)  # validates preset and overrides up front
+    for label in labels:  # and every variant's names (an unknown attention or block lists the registered ones)
+        mod.load_config(preset, [*common, *_variant_overrides(mod, label)])
     state = init_distributed(base.loop.device)
-    default_out = Path(base.loop.out_dir) / f"ablate-{recipe}-{preset}"
-    out_dir = Path(out) if out is not None else (default_out if resume else _unique_dir(default_out))
+    spec = {"recipe": recipe, "preset": preset, "variants": labels, "seeds": seeds, "match_params": match_params,
+            "overrides": list(overrides)}
+    if out is not None:
+        out_dir, resuming = Path(out), resume or (Path(out) / "ablation.json").is_file()
+    else:
+        out_dir, resuming = _ablation_dir(Path(base.loop.out_dir) / f"ablate-{recipe}-{preset}", spec)
+        resuming = resuming or resume
     out_dir = Path(broadcast_object(str(out_dir), state))  # every rank writes to the same directory
+    if state.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from .train._io import atomic_write_json
+
+        atomic_write_json(out_dir / "ablation.json", spec)
 
     runs: dict[str, dict[str, Any]] = {}
-    for i, variant in enumerate(variants, 1):
-        if state.is_main:
-            print(f"== ablate {recipe}/{preset}: variant {variant} ({i}/{len(variants)}) -> {out_dir / variant}",
-                  flush=True)
-        cfg = mod.load_config(preset, [*overrides, f"{variant_key}={variant}", f"loop.out_dir={out_dir}",
-                                       f"loop.run_name={variant}"], resume=resume)
-        try:
-            runs[variant] = mod.run(cfg)
-        except KeyboardInterrupt as stop:  # the run saved its last step (TrainingInterrupted); finished ones stay
-            raise AblationInterrupted(out_dir, variant, preset) from stop
-        except Exception as err:  # e.g. divergence: keep the other variants' results, report this one
-            if os.environ.get("UNROLLATTN_TRACEBACK"):
-                raise
-            runs[variant] = {"variant": variant, "error": f"{type(err).__name__}: {err}",
-                             "run_dir": str(out_dir / variant)}
+    by_label: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    plan = [(label, s) for label in labels for s in range(seeds)]
+    for i, (label, seed) in enumerate(plan, 1):
+        name = label if seeds == 1 else f"{label}-seed{seed}"
+        finished = out_dir / name / "result.json"
+        if resuming and finished.is_file():
+            summary = {"variant": label, **json.loads(finished.read_text())}
             if state.is_main:
-                print(f"   variant {variant} failed: {runs[variant]['error']}", file=sys.stderr, flush=True)
+                print(f"== ablate {recipe}/{preset}: {name} finished earlier ({i}/{len(plan)})", flush=True)
+        else:
+            if state.is_main:
+                print(f"== ablate {recipe}/{preset}: {name} ({i}/{len(plan)}) -> {out_dir / name}", flush=True)
+            seed_override = [f"loop.seed={base.loop.seed + seed}"] if seeds > 1 else []
+            cfg = mod.load_config(preset, [*common, *_variant_overrides(mod, label), *seed_override,
+                                           f"loop.out_dir={out_dir}", f"loop.run_name={name}"], resume=resuming)
+            try:
+                summary = mod.run(cfg)
+            except KeyboardInterrupt as stop:  # the run saved its last step (TrainingInterrupted); finished ones stay
+                raise AblationInterrupted(out_dir, name, preset) from stop
+            except Exception as err:  # e.g. divergence: keep the other variants' results, report this one
+                if os.environ.get("UNROLLATTN_TRACEBACK"):
+                    raise
+                summary = {"variant": label, "error": f"{type(err).__name__}: {err}", "run_dir": str(out_dir / name)}
+                if state.is_main:
+                    print(f"   variant {name} failed: {summary['error']}", file=sys.stderr, flush=True)
+        runs[name] = summary
+        by_label[label].append(summary)
 
     if hasattr(mod, "ablation_columns_for"):  # columns that depend on the preset (e.g. lm vs in-context regression)
         columns = mod.ablation_columns_for(base)
     else:
         columns = getattr(mod, "ablation_columns", ("params", "wall_s"))
     headers = dict(columns) if isinstance(columns, dict) else {c: c for c in columns}
-    table_rows = {v: {headers[k]: s.get(k) for k in headers} for v, s in runs.items()}
     if not state.is_main:
         return "", runs
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summaries.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
-    if all("error" in s for s in runs.values()):
+    ok = {label: [s for s in summaries if "error" not in s] for label, summaries in by_label.items()}
+    ok = {label: summaries for label, summaries in ok.items() if summaries}
+    if not ok:
         return "", runs
-    metric = getattr(mod, "ablation_metric", "top1")
+    rows = summarize_seeds(ok, list(headers))
+    table_rows = {label: {headers[k]: rows.get(label, {}).get(k) for k in headers}
+                  for label in labels}  # a variant whose runs all failed: a row of "-"
     markdown = compare(table_rows, list(headers.values()), out_dir, label="variant")
-    plot_comparison(runs, out_dir, metric=metric, title=f"{recipe} / {preset}: {', '.join(variants)}")
+    metric = getattr(mod, "ablation_metric", "top1")
+    figure_rows = {label: {**ok[label][0], **rows[label]} for label in rows}  # curves from each variant's first seed
+    plot_comparison(figure_rows, out_dir, metric=metric, title=f"{recipe} / {preset}: {', '.join(labels)}"
+                    + (f" ({seeds} seeds)" if seeds > 1 else ""))
     return markdown, runs
+
+
+def import_modules(names: str) -> None:
+    """Import each of the comma-separated modules (e.g. one that registers a user's own attention)."""
+    for name in (n.strip() for n in names.split(",")):
+        if name:
+            try:
+                importlib.import_module(name)
+            except ImportError as err:
+                raise ValueError(f"--import {name}: {err}") from None
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    import_modules(args.imports)
     try:
-        markdown, runs = ablate(args.recipe, args.variants.split(","), preset=args.preset, overrides=args.overrides,
-                                out=args.out, resume=args.resume)
+        markdown, runs = ablate(args.recipe, args.variants.split(","), attention=args.attention.split(","),
+                                block=args.block.split(","), seeds=args.seeds, match_params=args.match_params,
+                                preset=args.preset, overrides=args.overrides, out=args.out, resume=args.resume)
     except AblationInterrupted as stop:
         from .train.config import INTERRUPTED_EXIT
 
-        command = shlex.join(["unrollattn", "ablate", args.recipe, "--variants", args.variants, "--preset", stop.preset,
-                              "--out", str(stop.out_dir), "--resume", *args.overrides])
+        selection = [f"--{k.replace('_', '-')}={v}" for k, v in (
+            ("variants", args.variants), ("attention", args.attention), ("block", args.block),
+            ("match_params", args.match_params), ("import", args.imports)) if v]
+        selection += [f"--seeds={args.seeds}"] if args.seeds > 1 else []
+        command = shlex.join(["unrollattn", "ablate", args.recipe, *selection, "--preset", stop.preset,
+                              "--out", str(stop.out_dir), *args.overrides])
         if int(os.environ.get("RANK", "0") or 0) == 0:
             print(f"interrupted during variant {stop.variant}; resume the ablation with: {command}", file=sys.stderr,
                   flush=True)
@@ -307,6 +391,8 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     args.recipe, args.variants, args.preset, args.resume = "classify", ",".join(QUICKSTART_VARIANTS), "quick", False
+    args.attention = args.block = args.imports = ""
+    args.seeds, args.match_params = 1, None
     return _cmd_ablate(args)
 
 
@@ -337,9 +423,19 @@ def _ablate_arguments(p: argparse.ArgumentParser, mod: ModuleType | None, *, pro
             default = "required: the recipe has no default"
         preset = f"one of: {', '.join(mod.PRESETS.names())} ({default})"
     p.add_argument("recipe", nargs="?" if probe else None, help=recipes)
-    p.add_argument("--variants", required=not probe, help=variants)
+    p.add_argument("--variants", default="", help=variants)
+    p.add_argument("--attention", default="", help="comma-separated registered attentions: with --block, every "
+                   "attention x block is a variant named attention-block (block default transformer)")
+    p.add_argument("--block", default="", help="comma-separated registered blocks (attention default mhsa)")
+    p.add_argument("--match-params", default=None, metavar="REFERENCE",
+                   help="size each variant's depth so its layer stack has REFERENCE's parameters (a variant or "
+                        "attention-block; the preset's depth is REFERENCE's)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per variant (loop.seed + 0..N-1): mean ± std")
+    p.add_argument("--import", dest="imports", default="", metavar="MODULES",
+                   help="comma-separated modules to import first (e.g. one registering your own attention)")
     p.add_argument("--preset", default=None, help=preset)
-    p.add_argument("--out", default=None, help="output directory (default runs/ablate-<recipe>-<preset>)")
+    p.add_argument("--out", default=None, help="output directory (default runs/ablate-<recipe>-<preset>; the same "
+                   "command again resumes it: finished runs are skipped, unfinished ones resumed)")
     p.add_argument("--resume", action="store_true", help="continue the variants' runs in --out")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train <recipe>")
 
@@ -354,8 +450,11 @@ def _ablate_epilog(mod: ModuleType | None) -> str:
     except ValueError:
         preset = presets[0]
     main_variants, _ = _recipe_variants(mod)
-    return (f"example:\n  unrollattn ablate {name} --variants {','.join(main_variants[:4])} --preset {preset}\n\n"
-            f"Config keys for the overrides: unrollattn train {name} --help")
+    composed = (f"  unrollattn ablate {name} --attention mhsa,mssa,bilateral --block transformer,aot "
+                f"--match-params {main_variants[0]} --seeds 3 --preset {preset}\n" if hasattr(mod, "parse_model_label")
+                else "")
+    return (f"examples:\n  unrollattn ablate {name} --variants {','.join(main_variants[:4])} --preset {preset}\n"
+            f"{composed}\nConfig keys for the overrides: unrollattn train {name} --help")
 
 
 def _ablate_recipe_for_help(argv: Sequence[str]) -> ModuleType | None:

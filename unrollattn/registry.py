@@ -115,6 +115,47 @@ def list_models(pattern: str | None = None, *, family: str | None = None, task: 
     return names
 
 
+def model_variants(task: str) -> list[str]:
+    """The short variant names (metadata ``variant``, e.g. ``aot_mssa``, ``bilateral``, ``gpt2``) of ``task``'s models."""
+    return sorted({MODELS.meta(n)["variant"] for n in list_models(task=task) if MODELS.meta(n).get("variant")})
+
+
+def resolve_variant(task: str, variant: str, size: str) -> str:
+    """The registered model of ``task`` whose metadata says ``variant`` at ``size`` (e.g. classification, crate,
+    tiny -> crate_tiny_patch16_224); an error lists the registered variants or that variant's sizes."""
+    names = [n for n in list_models(task=task) if MODELS.meta(n).get("variant") == variant]
+    if not names:
+        known = model_variants(task)
+        close = difflib.get_close_matches(variant, known, n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UnknownNameError(f"unknown {task} variant {variant!r}; {hint}registered: {', '.join(known)}")
+    sized = [n for n in names if MODELS.meta(n).get("size") == size]
+    if len(sized) != 1:
+        sizes = sorted({MODELS.meta(n).get("size") for n in names} - {None})
+        raise UnknownNameError(f"{task} variant {variant!r} has no size {size!r}; available: {', '.join(sizes)}")
+    return sized[0]
+
+
+def composable_model(task: str, size: str) -> str:
+    """The registered model of ``task`` at ``size`` that takes any ``attention=`` and ``block=`` (metadata
+    ``composable``), e.g. classification -> vit_unrolled_tiny_patch16_224, causal-lm -> unrollattn_lm_tiny."""
+    names = [n for n in list_models(task=task) if MODELS.meta(n).get("composable")]
+    sized = [n for n in names if MODELS.meta(n).get("size") == size]
+    if len(sized) != 1:
+        sizes = sorted({MODELS.meta(n).get("size") for n in names} - {None})
+        raise UnknownNameError(f"no {task} model composes attention x block at size {size!r}; sizes: {', '.join(sizes)}")
+    return sized[0]
+
+
+def variant_fields(label: str) -> dict[str, str | None]:
+    """The model fields a variant label names: ``attention-block`` (registered names never contain '-'), or a
+    registered variant."""
+    if "-" in label:
+        attention, block = label.split("-", 1)
+        return {"variant": None, "attention": attention, "block": block}
+    return {"variant": label, "attention": None, "block": None}
+
+
 def build_model(name: str, **overrides):
     """Build a registered model with keyword overrides (e.g. ``num_classes=10, img_size=28``)."""
     return MODELS.get(name)(**overrides)

@@ -165,13 +165,15 @@ def build_gpt2(**config) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg)
 
 
-@register_model("gpt2_tiny", family="gpt2", task="causal-lm", paper_params=None,
+@register_model("gpt2_tiny", family="gpt2", task="causal-lm", paper_params=None, variant="gpt2", size="tiny",
+                attention="mhsa", block="transformer",
                 summary="GPT-2, width 128, 4 heads, 4 layers, context 256 (CPU size)")
 def gpt2_tiny(**overrides) -> GPT2LMHeadModel:
     return build_gpt2(**{**NO_DROPOUT, "n_embd": 128, "n_head": 4, "n_layer": 4, "n_positions": 256, **overrides})
 
 
-@register_model("gpt2_base", family="gpt2", task="causal-lm", paper_params=124_000_000,
+@register_model("gpt2_base", family="gpt2", task="causal-lm", paper_params=124_000_000, variant="gpt2", size="base",
+                attention="mhsa", block="transformer",
                 summary="GPT-2 Base (HF defaults: width 768, 12 heads, 12 layers, context 1024)")
 def gpt2_base(**overrides) -> GPT2LMHeadModel:
     return build_gpt2(**{**NO_DROPOUT, **overrides})

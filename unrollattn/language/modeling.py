@@ -336,8 +336,27 @@ def _preset_builder(name: str, defaults: dict):
 
 
 for _name, (_family, _defaults, _paper, _summary) in LM_PRESETS.items():
-    register_model(_name, family=_family, task="causal-lm", paper_params=_paper, summary=_summary)(
+    _variant, _size = _name.rsplit("_lm_", 1)
+    register_model(_name, family=_family, task="causal-lm", paper_params=_paper, summary=_summary, variant=_variant,
+                   size=_size, attention=_defaults["attention"], block=_defaults["block"])(
         _preset_builder(_name, _defaults))
+
+
+def build_composed_lm(shape: dict, **config) -> UnrollAttnForCausalLM:
+    """GPT-2-shaped ``UnrollAttnForCausalLM`` (4 / 12 layers) with any ``attention`` and ``block`` (default mhsa,
+    transformer); an attention that encodes position itself gets no learned position embedding."""
+    config = {"attention": "mhsa", "block": "transformer", **shape, **config}
+    from ..registry import get_attention
+
+    if getattr(get_attention(config["attention"]), "encodes_position", False):
+        config.setdefault("position_embedding", "none")
+    return build_causal_lm(**config)
+
+
+for _size, _shape in (("tiny", {**TINY, "n_layer": 4}), ("base", {**BASE, "n_layer": 12})):
+    register_model(f"unrollattn_lm_{_size}", family="unrolled", task="causal-lm", size=_size, composable=True,
+                   summary=f"UnrollAttnForCausalLM, GPT-2 {_size} shape, any attention= and block=")(
+        partial(build_composed_lm, _shape))
 
 
 class ParamRow(NamedTuple):

@@ -32,6 +32,7 @@ class AttentionLayer(Configurable, metaclass=ABCMeta):
 
     option_names: tuple[str, ...] = ()
     decode_recomputes_prefix: bool = True
+    encodes_position: bool = False  # True: the layer models token positions itself (models add no position embedding)
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, proj_bias: bool = True, head_dim: int | None = None,

@@ -132,6 +132,7 @@ class MahalanobisAttention(KernelAttention):
 @register_attention("bilateral", summary="range kernel on q/k x spatial kernel on positions, decoupled bandwidths")
 class BilateralAttention(KernelAttention):
     bound_options = {"kernel": "bilateral"}
+    encodes_position = True  # its spatial kernel on token positions replaces an additive position embedding
 
 
 @register_attention("twicing", summary="softmax attention smoother applied as twicing: (2A - A^2) V")

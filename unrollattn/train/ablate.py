@@ -6,8 +6,10 @@ values, or any dicts) to :func:`compare` and :func:`plot_comparison`.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
+import statistics
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -15,11 +17,68 @@ from typing import Any, Mapping, Sequence
 from ._io import atomic_write_text, to_jsonable
 from .runlog import DEFAULT_LOSS_LABEL, METRICS_FILE, draw_curves, read_metrics, save_figure
 
-__all__ = ["compare", "comparison_figure", "format_value", "plot_comparison"]
+__all__ = ["SeedStats", "compare", "comparison_figure", "format_value", "plot_comparison", "summarize_seeds"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedStats:
+    """One table cell over seeds: the values, and whether the mean differs from the first variant's by more than
+    two standard errors of the difference."""
+
+    values: tuple[float, ...]
+    differs: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        if all(v == self.values[0] for v in self.values):  # e.g. a parameter count: keep it as it is
+            return self.values[0]
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if self.n > 1 else 0.0
+
+    @property
+    def sem(self) -> float:
+        return self.std / math.sqrt(self.n)
+
+
+def summarize_seeds(runs: Mapping[str, Sequence[Mapping[str, Any]]], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """{variant: [summary per seed]} -> {variant: {column: SeedStats (numbers) or the first seed's value}}; cells
+    of later variants whose mean differs from the first variant's by more than 2 * sqrt(sem_a^2 + sem_b^2) are
+    marked (``differs``)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for label, summaries in runs.items():
+        row = {}
+        for column in columns:
+            values = [s.get(column) for s in summaries]
+            numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+            row[column] = SeedStats(tuple(numbers)) if numbers and len(numbers) == len(values) else next(
+                (v for v in values if v is not None), None)
+        rows[label] = row
+    first = next(iter(rows), None)
+    for label, row in rows.items():
+        if label == first:
+            continue
+        for column, cell in row.items():
+            base = rows[first].get(column)
+            if isinstance(cell, SeedStats) and isinstance(base, SeedStats) and cell.n > 1 and base.n > 1:
+                bound = 2 * math.sqrt(cell.sem ** 2 + base.sem ** 2)
+                row[column] = dataclasses.replace(cell, differs=abs(cell.mean - base.mean) > bound)
+    return rows
 
 
 def format_value(value: Any) -> str:
-    """Compact text for a table cell: ints with separators, floats to 4 significant digits."""
+    """Compact text for a table cell: ints with separators, floats to 4 significant digits, ``mean ± std`` over seeds
+    (``*``: differs from the first variant by more than two standard errors)."""
+    if isinstance(value, SeedStats):
+        if value.n == 1 or value.std == 0:
+            return format_value(value.mean)
+        return f"{format_value(value.mean)} ± {format_value(value.std)}{' *' if value.differs else ''}"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, bool):
@@ -64,14 +123,22 @@ def compare(runs: Mapping[str, Mapping[str, Any]], columns: Sequence[str], out_d
         lines.append("| " + " | ".join(cells) + " |")
     markdown = "\n".join(lines) + "\n"
 
+    seeded = {c for c in columns if any(isinstance(s.get(c), SeedStats) and s[c].n > 1 for s in runs.values())}
+    if seeded:
+        lines.append(f"\nmean ± std over seeds; * = differs from {next(iter(runs))} by more than two standard errors\n")
+        markdown = "\n".join(lines) + "\n"
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(header)
+    writer.writerow([label] + [h for c in columns for h in ((c, f"{c} std") if c in seeded else (c,))])
     for name, summary in runs.items():
         row = [name]
         for c in columns:
-            v = to_jsonable(summary.get(c))
-            row.append("" if v is None else v)
+            v = summary.get(c)
+            if isinstance(v, SeedStats):
+                row += [v.mean, v.std] if c in seeded else [v.mean]
+                continue
+            v = to_jsonable(v)
+            row += ["" if v is None else v] + ([""] if c in seeded else [])
         writer.writerow(row)
 
     out_dir = Path(out_dir)
@@ -104,11 +171,15 @@ def comparison_figure(runs: Mapping[str, Mapping[str, Any]], *, metric: str = "t
     import matplotlib.pyplot as plt
 
     fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.8))
-    points = [(name, s.get(params_key), s.get(metric)) for name, s in runs.items()]
+    mean = lambda v: v.mean if isinstance(v, SeedStats) else v  # noqa: E731
+    points = [(name, mean(s.get(params_key)), mean(s.get(metric))) for name, s in runs.items()]
     points = [(n, p, m) for n, p, m in points if isinstance(p, (int, float)) and isinstance(m, (int, float))
               and math.isfinite(p) and math.isfinite(m)]
     colours = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # a variant has one colour in both panels
     for name, p, m in points:
+        spread = runs[name].get(metric)
+        if isinstance(spread, SeedStats) and spread.n > 1:  # error bar: one standard deviation over seeds
+            ax_metric.errorbar([p], [m], yerr=[spread.std], fmt="none", ecolor=colours[name], capsize=3)
         ax_metric.scatter([p], [m], s=30, color=colours[name])
         ax_metric.annotate(str(name), (p, m), textcoords="offset points", xytext=(4, 4), fontsize=8)
     log_x = bool(points) and max(p for _, p, _ in points) > 50 * max(1, min(p for _, p, _ in points))

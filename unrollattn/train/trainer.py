@@ -61,6 +61,8 @@ class Task(Protocol):
       summary and result.json, its time ``final_eval_s`` is part of ``wall_s``.
     - ``export(model, run_dir: Path)`` is called on the main rank after the final
       checkpoint (e.g. to write a ``save_pretrained`` directory).
+    - ``run_info() -> dict``: fields that describe the run (model name, data, sizes) for the summary and
+      result.json, which ``fit`` writes once.
     - ``loss_label``: a string naming the training loss with its unit for plot axes, e.g.
       ``"cross-entropy (nats/token)"`` (default ``"loss (mean per item)"``); when set, also in the summary.
     """
@@ -621,6 +623,8 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
                 **({"loss_label": loss_label} if loss_label else {}),
                 "wall_s": round(time.perf_counter() - t_begin, 3),
             }
+            if callable(getattr(task, "run_info", None)):
+                summary = {**task.run_info(), **summary}
 
             def finish() -> None:
                 try:

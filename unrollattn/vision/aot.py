@@ -33,4 +33,4 @@ for _attn in AOT_ATTENTIONS:
     for _size in AOT_SIZES:
         register_vision_model(
             f"aot_{_attn}_{_size}_patch16_224", __name__, partial(_create_aot, _attn, _size), family="aot",
-            doc=f"AoT-{_attn.upper()}-V {_size}: attention-only layers with {_attn}, patch 16, 224 px.")
+            variant=f"aot_{_attn}", size=_size, attention=_attn, block="aot", doc=f"AoT-{_attn.upper()}-V {_size}: attention-only layers with {_attn}, patch 16, 224 px.")

@@ -132,10 +132,11 @@ def set_token_geometry(model: nn.Module, grid: tuple[int, int], num_prefix_token
     return model
 
 
-def register_vision_model(name: str, module: str, create, *, family: str, doc: str):
+def register_vision_model(name: str, module: str, create, *, family: str, doc: str, **meta):
     """Register ``create(pretrained, **kwargs)`` under ``name`` with timm and with the unrollattn registry.
 
-    The entrypoint lives in ``module`` (whose ``default_cfgs`` timm reads at registration).
+    The entrypoint lives in ``module`` (whose ``default_cfgs`` timm reads at registration). ``meta`` goes to the
+    unrollattn registry: ``variant`` (the short name recipes use), ``size``, ``attention``, ``block``.
     """
     def entrypoint(pretrained: bool = False, **kwargs):
         return create(pretrained, **kwargs)
@@ -144,5 +145,5 @@ def register_vision_model(name: str, module: str, create, *, family: str, doc: s
     entrypoint.__module__ = module
     entrypoint.__doc__ = doc
     setattr(sys.modules[module], name, entrypoint)
-    register_unrollattn_model(name, family=family, task="classification")(entrypoint)
+    register_unrollattn_model(name, family=family, task="classification", summary=doc, **meta)(entrypoint)
     return timm_register_model(entrypoint)

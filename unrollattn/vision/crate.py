@@ -30,4 +30,4 @@ def _create_crate(size: str, pretrained: bool = False, **kwargs):
 for _size in CRATE_SIZES:
     register_vision_model(
         f"crate_{_size}_patch16_224", __name__, partial(_create_crate, _size), family="crate",
-        doc=f"CRATE-{_size[0].upper()}/16 at 224 px ({PUBLISHED_PARAMS[_size] / 1e6:.2f}M published parameters).")
+        variant="crate", size=_size, attention="mssa", block="crate", doc=f"CRATE-{_size[0].upper()}/16 at 224 px ({PUBLISHED_PARAMS[_size] / 1e6:.2f}M published parameters).")
