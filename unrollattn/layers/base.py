@@ -1,4 +1,4 @@
-"""The constructor/forward contract shared by every attention layer and block (DESIGN.md, Contracts)."""
+"""The constructor/forward contract shared by every attention layer and block (docs/integration.md 3)."""
 from __future__ import annotations
 
 import difflib

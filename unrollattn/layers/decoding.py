@@ -1,4 +1,4 @@
-"""Incremental decoding storage shared by the layers and blocks (DESIGN.md, Contracts: attention layer).
+"""Incremental decoding storage shared by the layers and blocks (docs/integration.md 2.7, 3.1).
 
 Every layer and block has ``decode(x, cache, layer_idx, attn_mask=None) -> [B, Tq, C]``: ``x`` holds the new tokens
 only, ``cache`` is an HF ``Cache`` used as plain storage (``update`` and ``get_seq_length`` only, so a growing

@@ -9,7 +9,7 @@ absolute position embedding added to the tokens. ``bilateral`` takes position fr
 2-D patch grid (row, col of each patch; the class token has no position and no spatial term) and has **no**
 additive position embedding (``pos_embed="none"``): added to the tokens, it would bring back the
 token-position cross term that bilateral attention removes (docs/papers.md C.2, C.5), and it would put
-position into the values and the residual stream. This is the paper's reading of the kernel (C.5, "Q, K
+position into the values and the residual stream. This is the likely form of the kernel (our reconstruction, C.5: "Q, K
 from the token stream without PE"); whether the original code also drops PE from values is not known, so
 ``pos_embed="learn"`` restores the additive embedding (``timm.create_model(name, pos_embed="learn")``).
 """
