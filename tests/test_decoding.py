@@ -54,6 +54,19 @@ def test_cached_greedy_equals_uncached_and_padding_changes_nothing(kind, attenti
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("attention", ATTENTIONS)
+def test_every_attention_is_causal(kind, attention):
+    """Changing token t changes no logit before t (every registered attention, both LM scaffolds)."""
+    model = build(kind, attention)
+    ids = torch.randint(1, V, (1, 10))
+    changed = ids.clone()
+    changed[0, 6] = (ids[0, 6] + 1) % V
+    before, after = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(after[:, :6], before[:, :6], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(after[:, 6:], before[:, 6:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attention", ATTENTIONS)
 def test_static_cache_matches_dynamic(kind, attention):
     model = build(kind, attention)
     ids = torch.randint(1, V, (2, 6))
