@@ -54,7 +54,7 @@ from torch import nn
 
 import unrollattn
 import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
-from unrollattn.registry import Registry
+from unrollattn.registry import MODELS, Registry, UnknownNameError, model_variants, resolve_variant
 from unrollattn.train import (
     DistState, LoopConfig, OptimConfig, RunDir, all_reduce_tensor, apply_overrides, broadcast_object, count_params, fit,
     init_distributed, load_latest_weights, micro_batch_size, read_run_config, recipe_main, step_seed,
@@ -68,10 +68,17 @@ __all__ = [
     "model_name", "noise_gain_table", "plot_restorations", "run",
 ]
 
-VARIANTS = ("uglr", "ugtv", "transformer", "bilinear", "bicubic", "malvar", "menon")
+REGISTRY_TASK = "restoration"  # the registry task of this recipe's models (their metadata ``size`` is the task)
+
+
+def available_variants() -> tuple[str, ...]:
+    """Every registered restoration variant (registry metadata ``variant``: uglr, ugtv, transformer, bicubic, ...)."""
+    return tuple(model_variants(REGISTRY_TASK))
+
+
+VARIANTS = available_variants()
 VARIANT_KEY = "model.variant"
 TASKS = ("demosaic", "sr2")
-LEARNED = ("uglr", "ugtv", "transformer")
 _GRAPH_KEYS = ("blocks", "heads", "feature_dim", "width", "neighbourhood", "normalization", "metric", "step_sizes",
                "init", "skip_init", "colour_difference", "fidelity")
 _SWIN_KEYS = ("embed_dim", "depth", "num_heads", "window_size", "mlp_ratio")
@@ -86,18 +93,18 @@ DEFAULT_PRESET = "demosaic_quick"  # what the recipe and `unrollattn ablate` run
 
 
 def model_name(task: str, variant: str) -> str:
-    """Registered model name of ``variant`` for ``task`` ("demosaic" | "sr2")."""
+    """Registered model name of ``variant`` for ``task`` ("demosaic" | "sr2"), from the registry's metadata."""
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
-    names = {"uglr": f"uglr_{task}", "ugtv": f"ugtv_{task}", "transformer": f"swin_{task}",
-             "bilinear": f"bilinear_{task}", "bicubic": f"bicubic_{task}", "malvar": "malvar2004_demosaic",
-             "menon": "menon2007_demosaic"}
-    if variant not in names:
-        raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
-    if variant in ("malvar", "menon") and task != "demosaic":
-        raise ValueError(f"variant {variant!r} is a Bayer demosaicking algorithm; use task=demosaic "
-                         f"(for sr2: uglr, ugtv, transformer, bilinear, bicubic)")
-    return names[variant]
+    try:
+        return resolve_variant(REGISTRY_TASK, variant, task, size_label="task")
+    except UnknownNameError as err:
+        raise ValueError(f"variant: {err}") from None
+
+
+def is_learned(variant: str, task: str) -> bool:
+    """Whether the model has parameters to train (registry metadata ``learned``)."""
+    return bool(MODELS.meta(model_name(task, variant)).get("learned"))
 
 
 @dataclasses.dataclass
@@ -131,8 +138,8 @@ class ModelConfig:
     mlp_ratio: float | None = None
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.variant not in available_variants():
+            raise ValueError(f"variant: expected one of {', '.join(available_variants())}, got {self.variant!r}")
 
     def options(self) -> dict[str, Any]:
         keys = _GRAPH_KEYS if self.variant in ("uglr", "ugtv") else _SWIN_KEYS if self.variant == "transformer" else ()
@@ -524,7 +531,7 @@ def run(cfg: RestoreConfig) -> dict[str, Any]:
     plus ``variant``, ``model`` and ``data``."""
     task = RestoreTask(cfg)
     prefix = f"restore-{cfg.preset}-{cfg.model.variant}"
-    if cfg.model.variant in LEARNED:
+    if is_learned(cfg.model.variant, cfg.task):
         summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=prefix, config_for_log=cfg)
     else:
         summary = evaluate_only(task, cfg, run_name_prefix=prefix)
@@ -535,7 +542,7 @@ def load_model(run_dir: str | Path) -> tuple[nn.Module, RestoreConfig]:
     """The model of a finished run directory (trained weights from its latest checkpoint), in eval mode."""
     cfg = read_run_config(run_dir, RestoreConfig, "restore")
     model = unrollattn.build_model(model_name(cfg.task, cfg.model.variant), **cfg.model.options())
-    if cfg.model.variant in LEARNED:
+    if is_learned(cfg.model.variant, cfg.task):
         load_latest_weights(run_dir, model)
     return model.eval(), cfg
 

@@ -28,7 +28,7 @@ def test_metrics_known_values():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="demosaicking algorithm"):
+    with pytest.raises(ValueError, match="variant 'malvar' has no task 'sr2'; available: demosaic"):
         restore.load_config("sr2_quick", ["model.variant=malvar"])
     with pytest.raises(ValueError, match="variant"):
         restore.load_config("tiny", ["model.variant=swinir"])

@@ -120,7 +120,7 @@ def model_variants(task: str) -> list[str]:
     return sorted({MODELS.meta(n)["variant"] for n in list_models(task=task) if MODELS.meta(n).get("variant")})
 
 
-def resolve_variant(task: str, variant: str, size: str) -> str:
+def resolve_variant(task: str, variant: str, size: str, *, size_label: str = "size") -> str:
     """The registered model of ``task`` whose metadata says ``variant`` at ``size`` (e.g. classification, crate,
     tiny -> crate_tiny_patch16_224); an error lists the registered variants or that variant's sizes."""
     names = [n for n in list_models(task=task) if MODELS.meta(n).get("variant") == variant]
@@ -132,7 +132,7 @@ def resolve_variant(task: str, variant: str, size: str) -> str:
     sized = [n for n in names if MODELS.meta(n).get("size") == size]
     if len(sized) != 1:
         sizes = sorted({MODELS.meta(n).get("size") for n in names} - {None})
-        raise UnknownNameError(f"{task} variant {variant!r} has no size {size!r}; available: {', '.join(sizes)}")
+        raise UnknownNameError(f"{task} variant {variant!r} has no {size_label} {size!r}; available: {', '.join(sizes)}")
     return sized[0]
 
 

@@ -280,5 +280,5 @@ def _builder(task: str, prior: str):
 
 for _task in RESTORATION_TASKS:
     for _prior in PRIORS:
-        register_model(f"u{_prior}_{_task}", family=f"u{_prior}", task="restoration",
-                       summary=_builder(_task, _prior).__doc__)(_builder(_task, _prior))
+        register_model(f"u{_prior}_{_task}", family=f"u{_prior}", task="restoration", variant=f"u{_prior}", size=_task,
+                       learned=True, summary=_builder(_task, _prior).__doc__)(_builder(_task, _prior))

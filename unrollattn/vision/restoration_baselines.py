@@ -136,20 +136,20 @@ def _register():
             def build(_task=task, _method=method, **options):
                 return Interpolator(_task, _method, **options)
 
-            register_model(f"{method}_{task}", family="interpolation", task="restoration",
-                           summary=f"{method} {what} (no parameters)")(build)
+            register_model(f"{method}_{task}", family="interpolation", task="restoration", variant=method, size=task,
+                           learned=False, summary=f"{method} {what} (no parameters)")(build)
 
         def build_swin(_task=task, **options):
             return SwinRestorer(_task, **options)
 
-        register_model(f"swin_{task}", family="swin", task="restoration",
-                       summary=f"timm Swin-block transformer for {what}, residual over bilinear")(build_swin)
+        register_model(f"swin_{task}", family="swin", task="restoration", variant="transformer", size=task,
+                       learned=True, summary=f"timm Swin-block transformer for {what}, residual over bilinear")(build_swin)
     for method in CLASSICAL_METHODS:
         def build_classical(_method=method, **options):
             return ClassicalDemosaic(_method, **options)
 
-        register_model(f"{method}_demosaic", family="classical", task="restoration",
-                       summary=f"colour-demosaicing {method} (no parameters; pip install colour-demosaicing)")(build_classical)
+        register_model(f"{method}_demosaic", family="classical", task="restoration", variant=method.rstrip("0123456789"),
+                       size="demosaic", learned=False, summary=f"colour-demosaicing {method} (no parameters; pip install colour-demosaicing)")(build_classical)
 
 
 _register()
