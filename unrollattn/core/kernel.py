@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .masks import additive_mask
+
 KERNELS = ("dot", "gaussian", "mahalanobis", "bilateral")
 SPATIAL_KERNELS = ("gaussian", "laplacian")
 
@@ -66,19 +68,6 @@ def spatial_log_kernel(positions_q: torch.Tensor, positions_k: torch.Tensor, ban
     return -sq_dist.clamp_min(0).sqrt()[None] / h
 
 
-def mask_to_bias(attn_mask: torch.Tensor | None, is_causal: bool, n_query: int, n_key: int, device, dtype):
-    """Additive bias from a bool (True = attend) or float mask and a causal flag; None when neither is set."""
-    bias = None
-    if is_causal:
-        allowed = torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(n_key - n_query)
-        bias = torch.zeros(n_query, n_key, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
-    if attn_mask is not None:
-        extra = (torch.zeros(attn_mask.shape, device=device, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
-                 if attn_mask.dtype == torch.bool else attn_mask.to(dtype))
-        bias = extra if bias is None else bias + extra
-    return bias
-
-
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "dot", *,
                      range_bandwidth: torch.Tensor | float | None = None, metric: torch.Tensor | None = None,
                      spatial_bias: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
@@ -93,7 +82,7 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
     if q.ndim != 4 or k.shape != q.shape[:2] + k.shape[2:] or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"expected q, k, v of shape [B, H, N, d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     heads, n_q, n_k, d = q.shape[1], q.shape[2], k.shape[2], q.shape[-1]
-    bias = mask_to_bias(attn_mask, is_causal, n_q, n_k, q.device, q.dtype)
+    bias = additive_mask(attn_mask, is_causal, n_q, n_k, q.device, q.dtype)
     if kernel == "dot":
         scale = d ** -0.5 if range_bandwidth is None else None
         if range_bandwidth is not None:  # dot logits q.k * 2/h^2 (h^2 = 2 sqrt(d) recovers 1/sqrt(d))
@@ -152,6 +141,6 @@ def _per_head(values: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 __all__ = [
-    "KERNELS", "SPATIAL_KERNELS", "boosting", "default_range_bandwidth", "kernel_attention", "mask_to_bias",
+    "KERNELS", "SPATIAL_KERNELS", "boosting", "default_range_bandwidth", "kernel_attention",
     "spatial_log_kernel", "token_positions", "twicing",
 ]

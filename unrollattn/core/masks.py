@@ -1,4 +1,4 @@
-"""Attention masks for incremental decoding: bool [.., Tq, Tk], True = may attend.
+"""Attention masks: bool [.., Tq, Tk] (True = may attend) or additive float; the one mask -> bias function.
 
 A cached decoding step has ``Tq`` new queries at the last positions of ``Tk`` keys (cached + new), so the causal
 mask is the lower triangle shifted by ``Tk - Tq``.
@@ -11,6 +11,22 @@ import torch
 def offset_causal_mask(n_query: int, n_key: int, device=None) -> torch.Tensor:
     """Bool [Tq, Tk]: query i (absolute position n_key - n_query + i) sees the keys j <= its position."""
     return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(n_key - n_query)
+
+
+def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, n_query: int, n_key: int, device,
+                  dtype) -> torch.Tensor | None:
+    """The one additive attention bias: a bool (True = attend) or additive float ``attn_mask`` plus, with
+    ``is_causal``, the causal mask with the queries at the last ``n_query`` of the ``n_key`` positions; None when
+    neither is given."""
+    bias = None
+    if is_causal:
+        bias = torch.zeros(n_query, n_key, device=device, dtype=dtype).masked_fill(
+            ~offset_causal_mask(n_query, n_key, device), float("-inf"))
+    if attn_mask is not None:
+        extra = (torch.zeros(attn_mask.shape, device=device, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
+                 if attn_mask.dtype == torch.bool else attn_mask.to(dtype))
+        bias = extra if bias is None else bias + extra
+    return bias
 
 
 def nonempty_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -53,4 +69,4 @@ def as_bool_mask(mask: torch.Tensor | None, n_key: int | None = None) -> torch.T
     return mask
 
 
-__all__ = ["as_bool_mask", "full_prefix_mask", "nonempty_rows", "offset_causal_mask"]
+__all__ = ["additive_mask", "as_bool_mask", "full_prefix_mask", "nonempty_rows", "offset_causal_mask"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .masks import additive_mask
+
 NONLINEARITIES = ("softmax", "relu", "thresholded_softmax")
 
 
@@ -21,23 +23,6 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, H, N, p] -> [B, N, H*p]."""
     b, h, n, p = x.shape
     return x.transpose(1, 2).reshape(b, n, h * p)
-
-
-def combine_masks(attn_mask: torch.Tensor | None, is_causal: bool, n_query: int, n_key: int,
-                  device, dtype) -> torch.Tensor | None:
-    """One additive float mask from an optional bool/float mask and a causal flag (bool True = attend)."""
-    if attn_mask is None and not is_causal:
-        return None
-    bias = torch.zeros(n_query, n_key, device=device, dtype=dtype)
-    if is_causal:
-        causal = torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(n_key - n_query)
-        bias = bias.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            bias = bias.masked_fill(~attn_mask, float("-inf"))
-        else:
-            bias = bias + attn_mask.to(dtype)
-    return bias
 
 
 def attention_weights(scores: torch.Tensor, nonlinearity: str = "softmax", threshold: float | None = None) -> torch.Tensor:
@@ -62,7 +47,7 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: to
     combines a causal flag with an explicit mask (SDPA itself accepts only one of them)."""
     n_query, n_key = q.shape[-2], k.shape[-2]
     if is_causal and (attn_mask is not None or n_query != n_key):
-        attn_mask, is_causal = combine_masks(attn_mask, True, n_query, n_key, q.device, q.dtype), False
+        attn_mask, is_causal = additive_mask(attn_mask, True, n_query, n_key, q.device, q.dtype), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                           scale=scale)
 
@@ -75,7 +60,7 @@ def tied_attention(queries: torch.Tensor, keys: torch.Tensor, *, attn_mask: torc
         return causal_sdpa(queries, keys, keys, attn_mask, is_causal, dropout_p=dropout_p, scale=scale)
     scale = queries.shape[-1] ** -0.5 if scale is None else scale
     scores = queries @ keys.transpose(-2, -1) * scale
-    bias = combine_masks(attn_mask, is_causal, queries.shape[-2], keys.shape[-2], queries.device, scores.dtype)
+    bias = additive_mask(attn_mask, is_causal, queries.shape[-2], keys.shape[-2], queries.device, scores.dtype)
     if bias is not None:
         scores = scores + bias
     weights = attention_weights(scores, nonlinearity, threshold)
