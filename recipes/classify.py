@@ -44,7 +44,7 @@ from unrollattn.registry import (
 from unrollattn.utils.params import matching_depth, stack_parameters
 from unrollattn.train import (
     DistState, LoopConfig, OptimConfig, all_reduce_tensor, apply_overrides, epoch_batch_indices, fit,
-    load_latest_weights, read_run_config, recipe_main, step_seed,
+    load_latest_weights, read_run_config, recipe_main, micro_batch_seed,
 )
 from unrollattn.train._io import atomic_write_json
 from unrollattn.vision.datasets import ImageClassificationData, load_classification_data
@@ -360,7 +360,7 @@ class ClassifyTask:
                                   state.world_size, loop.seed)
         out = {"images": self.data.train_images[idx], "labels": self.data.train_labels[idx]}
         if aug.augment:
-            gen = torch.Generator().manual_seed(step_seed(loop.seed, step * loop.grad_accum + micro, state.rank))
+            gen = torch.Generator().manual_seed(micro_batch_seed(loop.seed, step, micro, loop.grad_accum, state.rank))
             p = aug.crop_padding
             out["shift"] = torch.randint(-p, p + 1, (idx.numel(), 2), generator=gen)
             out["flip"] = (torch.rand(idx.numel(), generator=gen) < 0.5) & aug.hflip

@@ -75,7 +75,7 @@ from unrollattn.registry import (
 from unrollattn.utils.params import matching_depth, stack_parameters
 from unrollattn.train import (
     ConfigError, DistState, LoopConfig, OptimConfig, recipe_main, apply_overrides, broadcast_object, fit,
-    init_distributed, micro_batch_size, step_seed, unwrap_model,
+    init_distributed, micro_batch_size, micro_batch_seed, unwrap_model,
 )
 
 __all__ = [
@@ -491,7 +491,7 @@ class LMTask:
     def batch(self, step: int, micro: int, state: DistState) -> dict[str, torch.Tensor]:
         loop, block = self.cfg.loop, self.cfg.data.block_size
         mb = micro_batch_size(loop.batch_size, loop.grad_accum, state.world_size)
-        rng = np.random.default_rng(step_seed(loop.seed, step * loop.grad_accum + micro, state.rank))
+        rng = np.random.default_rng(micro_batch_seed(loop.seed, step, micro, loop.grad_accum, state.rank))
         train = self.corpus.train
         starts = rng.integers(0, len(train) - block - 1, size=mb, endpoint=True)
         w = torch.from_numpy(np.stack([np.asarray(train[s: s + block + 1], dtype=np.int64) for s in starts]))

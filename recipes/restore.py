@@ -57,7 +57,7 @@ import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the res
 from unrollattn.registry import MODELS, Registry, UnknownNameError, model_variants, resolve_variant
 from unrollattn.train import (
     DistState, LoopConfig, OptimConfig, RunDir, all_reduce_tensor, apply_overrides, broadcast_object, count_params, fit,
-    init_distributed, load_latest_weights, micro_batch_size, read_run_config, recipe_main, step_seed,
+    init_distributed, load_latest_weights, micro_batch_size, read_run_config, recipe_main, micro_batch_seed,
 )
 from unrollattn.vision.photos import PhotoDataset, load_photos
 from unrollattn.vision.sampling import crop_to, pad_to_even
@@ -225,6 +225,11 @@ def _sigma_key(sigma: float) -> str:
 # ----------------------------------------------------------------------------------------------- task
 
 
+def noise_generator(seed: int, image: int, sigma: float) -> torch.Generator:
+    """The fixed noise of test image ``image`` at noise level ``sigma`` (the same for every variant and run)."""
+    return torch.Generator().manual_seed(seed + 1009 * image + int(round(sigma * 100)))
+
+
 class RestoreTask:
     """The :class:`unrollattn.train.Task` of demosaicking / ×2 interpolation (L1 or MSE on random crops)."""
 
@@ -257,7 +262,7 @@ class RestoreTask:
     def batch(self, step: int, micro: int, state: DistState) -> dict[str, torch.Tensor]:
         loop = self.cfg.loop
         count = micro_batch_size(loop.batch_size, loop.grad_accum, state.world_size)
-        gen = torch.Generator().manual_seed(step_seed(loop.seed, step * loop.grad_accum + micro, state.rank))
+        gen = torch.Generator().manual_seed(micro_batch_seed(loop.seed, step, micro, loop.grad_accum, state.rank))
         x = self.photos.crops(count, self.cfg.data.crop, gen, augment=self.cfg.data.augment)
         return {"x": x, "y": self.operator(x)}
 
@@ -307,7 +312,7 @@ class RestoreTask:
             totals[1] += ssim
             totals[2] += 1
             for j, sigma in enumerate(sigmas):
-                gen = torch.Generator().manual_seed(d.noise_seed + 1009 * i + int(round(sigma * 100)))
+                gen = noise_generator(d.noise_seed, i, sigma)
                 noise = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
                 noisy = self.restore(model, y + sigma / 255.0 * noise, size)
                 totals[5 + j] += image_metrics(noisy.float(), x, d.border)[0]
@@ -332,7 +337,7 @@ class RestoreTask:
         images = self.photos.test_images()
         for i, x in enumerate(images):
             y, size = self.observe(x)
-            gen = torch.Generator().manual_seed(self.cfg.data.noise_seed + 1009 * i + int(round(sigma * 100)))
+            gen = noise_generator(self.cfg.data.noise_seed, i, sigma)
             noisy_y = y + sigma / 255.0 * torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.dtype)
             clean = self.restore(model, y, size).double()
             noisy = self.restore(model, noisy_y, size).double()

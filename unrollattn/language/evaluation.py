@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..train import DistState, all_reduce_tensor, step_seed, unwrap_model
+from ..train import DistState, all_reduce_tensor, micro_batch_seed, unwrap_model
 
 __all__ = [
     "ICLData", "ICLRegressionTask", "ICLRegressor", "LastWordPassage", "TokenWordTable", "contaminate_word_windows",
@@ -424,7 +424,7 @@ class ICLRegressionTask:
         from ..train import micro_batch_size
 
         mb = micro_batch_size(self.batch_size, self.grad_accum, state.world_size)
-        gen = torch.Generator().manual_seed(step_seed(self.seed, step * self.grad_accum + micro, state.rank))
+        gen = torch.Generator().manual_seed(micro_batch_seed(self.seed, step, micro, self.grad_accum, state.rank))
         xs, ys, _ = icl_batch(mb, self.data, gen)
         return {"xs": xs, "ys": ys}
 

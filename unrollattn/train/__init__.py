@@ -23,7 +23,8 @@ from .distributed import (
 from .optim import Lion, build_optimizer, build_scheduler, lr_factor, param_groups
 from .runlog import RunDir, RunDirError, curves_figure, env_info, plot_curves, progress_bar, read_metrics
 from .trainer import (
-    Task, TrainingInterrupted, count_params, epoch_batch_indices, fit, micro_batch_size, step_seed, to_device,
+    Task, TrainingInterrupted, count_params, epoch_batch_indices, fit, micro_batch_seed, micro_batch_size, step_seed,
+    to_device,
 )
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
     "config_from_dict", "config_to_dict", "count_params", "env_info", "epoch_batch_indices", "fit", "format_value",
     "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_latest_weights", "load_preset",
     "lr_factor",
-    "micro_batch_size", "param_groups", "plot_comparison", "plot_curves", "progress_bar", "prune_checkpoints",
+    "micro_batch_seed", "micro_batch_size", "param_groups", "plot_comparison", "plot_curves", "progress_bar", "prune_checkpoints",
     "read_metrics", "read_run_config", "resolve_device", "save_checkpoint", "step_seed", "to_device", "unwrap_model",
     "verify_checkpoint", "wrap_model",
 ]

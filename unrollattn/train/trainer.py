@@ -178,6 +178,12 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def micro_batch_seed(seed: int, step: int, micro: int, grad_accum: int, rank: int) -> int:
+    """The RNG seed of one micro-batch (``micro`` of ``grad_accum`` at ``step`` on ``rank``): what a Task draws its
+    batch with, so a resumed run draws the same batches."""
+    return step_seed(seed, step * grad_accum + micro, rank)
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
