@@ -12,6 +12,7 @@ import torch
 
 from unrollattn.core.validation import finite_checks_enabled, set_finite_checks
 from unrollattn.diagnostics.memory import peak_memory_mb  # noqa: F401  (re-exported for the benchmarks)
+from unrollattn.utils.params import count_parameters
 
 
 def device_name(device: torch.device) -> str:
@@ -88,7 +89,7 @@ def measure_layer(layer: torch.nn.Module, variant: str, dim: int, heads: int, se
     seconds = time_call(step, device, warmup=2, repeats=repeats)
     return {
         "width": dim, "heads": heads, "seq_len": seq_len, "batch": batch, "variant": variant,
-        "params": sum(p.numel() for p in layer.parameters()), "fwd_bwd_ms": seconds * 1e3,
+        "params": count_parameters(layer), "fwd_bwd_ms": seconds * 1e3,
         "tokens_per_s": batch * seq_len / seconds, "peak_mem_mb": peak_memory_mb(step, device),
     }
 

@@ -22,6 +22,7 @@ import torch
 
 import unrollattn
 import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
+from unrollattn.utils.params import count_parameters
 from benchmarks.common import (
     device_name, markdown_table, peak_memory_mb, time_call, without_finite_checks, write_atomic,
 )
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
         model, name = build(variant, args.task, args.quick)
         model = model.to(device).eval()
-        params = sum(p.numel() for p in model.parameters())
+        params = count_parameters(model)
         previous = None
         for size in sizes:
             row = {"model": name, "params": params,

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import unrollattn  # noqa: F401 (registers the models)
+from unrollattn.utils.params import count_parameters
 from benchmarks.common import (
     device_name, markdown_table, peak_memory_mb, time_call, without_finite_checks, write_atomic,
 )
@@ -86,7 +87,7 @@ def flops_per_token_6n(model, seq_len: int) -> tuple[float, int]:
     """(6N + 12 L d_attn T, N) with N = all parameters but the position embedding."""
     cfg = model.config
     wpe = _position_params(model)
-    n = sum(p.numel() for p in model.parameters()) - wpe
+    n = count_parameters(model) - wpe
     d_attn = cfg.n_head * (getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head)
     return 6 * n + 12 * cfg.n_layer * d_attn * seq_len, n
 
@@ -124,7 +125,7 @@ def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: 
     flops_6n, _ = flops_per_token_6n(model, args.seq_len)
     counted = counted_flops_per_token(model, x[:1]) if args.count_flops else float("nan")
     tokens_per_s = args.batch * args.seq_len / seconds
-    params = sum(p.numel() for p in model.parameters())
+    params = count_parameters(model)
     emb = model.transformer.wte.weight.numel() + _position_params(model)
     return {
         "variant": variant, "layers": model.config.n_layer, "width": args.width, "heads": args.heads,

@@ -107,8 +107,7 @@ def model_params(name: str) -> int | None:
 
     from .registry import build_model
 
-    def count(model) -> int:
-        return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    from .utils.params import count_parameters as count
 
     for overrides in ({"weight_init": "skip"}, {}):
         try:

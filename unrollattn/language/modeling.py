@@ -34,6 +34,7 @@ from ..core.masks import as_bool_mask, nonempty_rows
 from ..layers.blocks import ISTA, attach_layer_zero_input
 from ..layers.decoding import decode_by_recompute
 from ..registry import MODELS, build_model, get_block, list_models, register_model
+from ..utils.params import count_parameters
 from .configuration import UnrollAttnConfig
 from .hf_compat import CACHE_FIELD, LOSS_KEYWORDS, check_keywords, take_cache, with_cache
 
@@ -363,11 +364,6 @@ class ParamRow(NamedTuple):
     name: str
     params: int
     paper_params: int | None
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def parameter_table(pattern: str | None = None) -> list[ParamRow]:

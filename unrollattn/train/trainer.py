@@ -34,6 +34,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ..utils.params import count_parameters
 from ..diagnostics.memory import LiveTensorBytes, optimizer_state_bytes, tensor_bytes
 from .checkpoint import (
     CheckpointError, checkpoint_dir_for_step, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
@@ -162,15 +163,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
-    seen, total = set(), 0
-    for p in unwrap_model(model).parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
-
+    """Number of distinct parameters (tied weights counted once): :func:`unrollattn.utils.params.count_parameters`."""
+    return count_parameters(unwrap_model(model), trainable_only)
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The RNG seed of one (seed, step, rank): a hash, so neighbouring steps get unrelated streams."""

@@ -6,9 +6,10 @@ import torch.nn as nn
 STACK_PATHS = ("blocks", "transformer.h", "h", "model.blocks")  # timm ViT, HF causal LM / GPT-2, a base model, features
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Distinct parameters (tied weights counted once); works on the meta device."""
-    return sum(p.numel() for p in module.parameters())
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Distinct parameters (tied weights counted once; ``parameters()`` yields a shared tensor once), optionally only
+    those that require gradients; works on the meta device and through DDP wrappers."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def layer_stack(model: nn.Module) -> nn.Module:
