@@ -50,7 +50,7 @@ class SeedStats:
 def summarize_seeds(runs: Mapping[str, Sequence[Mapping[str, Any]]], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
     """{variant: [summary per seed]} -> {variant: {column: SeedStats (numbers) or the first seed's value}}; cells
     of later variants whose mean differs from the first variant's by more than 2 * sqrt(sem_a^2 + sem_b^2) are
-    marked (``differs``)."""
+    marked (``differs``), in the columns the seeds change."""
     rows: dict[str, dict[str, Any]] = {}
     for label, summaries in runs.items():
         row = {}
@@ -66,7 +66,8 @@ def summarize_seeds(runs: Mapping[str, Sequence[Mapping[str, Any]]], columns: Se
             continue
         for column, cell in row.items():
             base = rows[first].get(column)
-            if isinstance(cell, SeedStats) and isinstance(base, SeedStats) and cell.n > 1 and base.n > 1:
+            if isinstance(cell, SeedStats) and isinstance(base, SeedStats) and cell.n > 1 and base.n > 1 and \
+                    (cell.std > 0 or base.std > 0):  # not for what seeds do not change (parameter counts)
                 bound = 2 * math.sqrt(cell.sem ** 2 + base.sem ** 2)
                 row[column] = dataclasses.replace(cell, differs=abs(cell.mean - base.mean) > bound)
     return rows
@@ -76,9 +77,10 @@ def format_value(value: Any) -> str:
     """Compact text for a table cell: ints with separators, floats to 4 significant digits, ``mean ± std`` over seeds
     (``*``: differs from the first variant by more than two standard errors)."""
     if isinstance(value, SeedStats):
-        if value.n == 1 or value.std == 0:
-            return format_value(value.mean)
-        return f"{format_value(value.mean)} ± {format_value(value.std)}{' *' if value.differs else ''}"
+        if value.n == 1:
+            return format_value(value.values[0])
+        text = format_value(value.mean) if value.std == 0 else f"{format_value(value.mean)} ± {format_value(value.std)}"
+        return text + (" *" if value.differs else "")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, bool):
