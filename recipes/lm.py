@@ -711,6 +711,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from unrollattn.cli import exit_on_error
+    from unrollattn.utils.errors import exit_on_error
 
     sys.exit(exit_on_error(main))

@@ -26,30 +26,15 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from . import register_all
+from .utils.errors import exit_on_error
 
 __all__ = ["QUICKSTART_VARIANTS", "ablate", "default_preset", "exit_on_error", "import_recipe", "list_recipes", "main",
            "model_params"]
 
 QUICKSTART_VARIANTS = ("vit", "aot_mssa", "aot_mhsa", "crate")
-USAGE_ERROR = 2
-
-
-def exit_on_error(fn: Callable[..., int | None], *args: Any) -> int:
-    """Run ``fn(*args)``; print ``error: <message>`` instead of a traceback and return 2 for bad input
-    (ValueError, KeyError, missing files or network), 1 for a diverged training run."""
-    try:
-        return int(fn(*args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, ConnectionError, FloatingPointError) as err:
-        if os.environ.get("UNROLLATTN_TRACEBACK"):
-            raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
-        return 1 if isinstance(err, FloatingPointError) else USAGE_ERROR
-
-
 # ----------------------------------------------------------------------------------------------- recipes
 
 
