@@ -115,8 +115,8 @@ def _decode_cost(kind: str, cls: type) -> str:
     """How cached decoding extends the output: from stored keys/values, or by recomputing the prefix."""
     if kind == "attentions":
         return "decode: recomputes" if getattr(cls, "decode_recomputes_prefix", True) else "decode: O(T d)/token"
-    # a block with update() runs its attention's own decode; any other block recomputes itself
-    return "decode: recomputes" if getattr(cls, "update", None) is None else "decode: as its attention"
+    # a single-attention block runs its attention's own decode; any other block recomputes itself
+    return "decode: recomputes" if getattr(cls, "decode_recomputes_block", True) else "decode: as its attention"
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

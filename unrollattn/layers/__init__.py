@@ -1,7 +1,10 @@
 """Attention layers and blocks under one constructor/forward contract; importing registers them."""
 from ..registry import get_attention, get_block
 from .attention import AttentionLayer, MultiHeadSelfAttention, MultiHeadSubspaceSelfAttention
-from .blocks import ISTA, AoTBlock, BlockBase, BoostBlock, CrateBlock, LayerZeroInput, TransformerBlock, attach_layer_zero_input
+from .blocks import (
+    ISTA, AoTBlock, BlockBase, BoostBlock, CrateBlock, LayerZeroInput, SingleAttentionBlock, TransformerBlock,
+    attach_layer_zero_input,
+)
 from .kernel_attention import BilateralAttention, GaussianAttention, KernelAttention, MahalanobisAttention, TwicingAttention
 from . import graph_attention  # noqa: F401  (registers glr, gtv)
 
@@ -20,5 +23,5 @@ __all__ = [
     "AoTBlock", "AttentionLayer", "BilateralAttention", "BlockBase", "BoostBlock", "LayerZeroInput",
     "attach_layer_zero_input", "GaussianAttention", "KernelAttention",
     "MahalanobisAttention", "TwicingAttention", "CrateBlock", "ISTA", "MultiHeadSelfAttention",
-    "MultiHeadSubspaceSelfAttention", "TransformerBlock", "build_attention", "build_block",
+    "MultiHeadSubspaceSelfAttention", "SingleAttentionBlock", "TransformerBlock", "build_attention", "build_block",
 ]

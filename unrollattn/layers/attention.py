@@ -71,14 +71,10 @@ class AttentionLayer(Configurable, metaclass=ABCMeta):
         ``layer_idx``, which this call extends. ``attn_mask``: bool [B, 1, Tq, Tk] = causal & key-is-a-token over
         the cached + new keys, or None (plain causal). See ``unrollattn.layers.decoding``."""
         check_tokens(x, self.dim, dtype=self.param_dtype)
-        if self.decode_recomputes_prefix:
+        step = getattr(self, "decode_step", None)  # (x, cache, layer_idx, mask without empty rows) -> token mixing
+        if self.decode_recomputes_prefix or step is None:
             return decode_by_recompute(self, x, cache, layer_idx, attn_mask)
-        return self.proj_drop(self.decode_step(x, cache, layer_idx, nonempty_rows(attn_mask)))
-
-    def decode_step(self, x: torch.Tensor, cache, layer_idx: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """Token mixing of one cached step (layers with ``decode_recomputes_prefix = False``); ``attn_mask`` has no
-        empty rows, None means plain causal."""
-        raise NotImplementedError(f"{type(self).__name__} sets decode_recomputes_prefix=False but has no decode_step")
+        return self.proj_drop(step(x, cache, layer_idx, nonempty_rows(attn_mask)))
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys, values [B, H, N, p] from the fused ``self.qkv`` map (layers that have one)."""

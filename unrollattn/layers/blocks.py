@@ -5,6 +5,7 @@ contract, so ``VisionTransformer(block_fn=Cls)`` builds with it.
 from __future__ import annotations
 
 import math
+from abc import ABCMeta, abstractmethod
 from functools import partial
 
 import torch
@@ -42,10 +43,8 @@ class ISTA(nn.Module):
 class BlockBase(Configurable):
     """Shared constructor for blocks; accepts exactly what timm's ``block_fn`` is called with.
 
-    A block that calls its attention once, with per-token maps around it, defines ``update(x, attend)`` (its forward
-    given a token-mixing callable): ``forward`` runs it with the attention over all tokens and ``decode`` (cached causal
-    decoding, see ``unrollattn.layers.decoding``) with ``attn.decode`` on the new tokens. Any other block recomputes
-    itself over its cached inputs.
+    ``decode`` (cached causal decoding, ``unrollattn.layers.decoding``) reruns the block over its cached inputs;
+    :class:`SingleAttentionBlock` extends it from the attention's own ``decode`` instead.
     """
 
     default_attention = "mhsa"
@@ -72,31 +71,46 @@ class BlockBase(Configurable):
         self.mlp_ratio, self.proj_drop, self.drop_path, self.init_values = mlp_ratio, proj_drop, drop_path, init_values
         self.act_layer, self.mlp_layer = act_layer or nn.GELU, mlp_layer or Mlp
 
-    update = None  # (x, attend) -> output, for blocks that call their attention exactly once
+    decode_recomputes_block = True  # decode reruns the block over its cached inputs (it may call attn more than once)
+
+    @property
+    def decode_recomputes_prefix(self) -> bool:
+        return self.decode_recomputes_block or self.attn.decode_recomputes_prefix
+
+    def decode(self, x: torch.Tensor, cache, layer_idx: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal output of the new tokens ``x`` [B, Tq, C], extending ``cache`` at ``layer_idx``: by default the block
+        is rerun over its cached inputs (exact, as the block is causal)."""
+        return decode_by_recompute(self, x, cache, layer_idx, attn_mask)
+
+
+class SingleAttentionBlock(BlockBase, metaclass=ABCMeta):
+    """A block that calls its attention once, with per-token maps around it: it defines ``update(x, attend)`` (its
+    forward given a token-mixing callable), which runs with the attention over all tokens in ``forward`` and with
+    ``attn.decode`` on the new tokens in ``decode``. A subclass that overrides ``forward`` but not ``update`` decodes
+    by recomputation instead."""
+
+    decode_recomputes_block = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "forward" in cls.__dict__ and "update" not in cls.__dict__:  # own forward: update() no longer describes it
-            cls.update = None
+            cls.decode_recomputes_block = True
 
-    @property
-    def decode_recomputes_prefix(self) -> bool:
-        return self.update is None or self.attn.decode_recomputes_prefix
+    @abstractmethod
+    def update(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """The block's output for ``x``, with ``attend(h)`` as its token mixing."""
 
     def forward(self, x, attn_mask=None, is_causal=False):
-        if self.update is None:
-            raise NotImplementedError(f"{type(self).__name__} defines neither update() nor forward()")
         return self.update(x, lambda h: self.attn(h, attn_mask=attn_mask, is_causal=is_causal))
 
-    def decode(self, x: torch.Tensor, cache, layer_idx: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal output of the new tokens ``x`` [B, Tq, C], extending ``cache`` at ``layer_idx``."""
-        if self.update is None:
-            return decode_by_recompute(self, x, cache, layer_idx, attn_mask)
+    def decode(self, x, cache, layer_idx, attn_mask=None):
+        if self.decode_recomputes_block:
+            return super().decode(x, cache, layer_idx, attn_mask)
         return self.update(x, lambda h: self.attn.decode(h, cache, layer_idx, attn_mask))
 
 
 @register_block("transformer", summary="x + attn(LN(x)); x + MLP(LN(x))")
-class TransformerBlock(BlockBase):
+class TransformerBlock(SingleAttentionBlock):
     """The baseline pre-norm block, with any attention variant."""
 
     def __init__(self, dim, num_heads=8, mlp_ratio=4.0, **kwargs):
@@ -114,7 +128,7 @@ class TransformerBlock(BlockBase):
 
 
 @register_block("aot", summary="x + attn(LN(x)), no MLP (LN optional: use_norm)")
-class AoTBlock(BlockBase):
+class AoTBlock(SingleAttentionBlock):
     """Attention-only layer Z + MSSA(LN(Z)) (docs/papers.md B.3); ``use_norm=False`` drops the LN (vision)."""
 
     default_attention = "mssa"
@@ -164,7 +178,7 @@ class SparseCodingStep(nn.Module):
 
 @register_block("crate", summary="x + MSSA(LN(x)), then ISTA(LN(.)) with no residual (or CRATE-alpha's residual "
                                  "sparse coding)")
-class CrateBlock(BlockBase):
+class CrateBlock(SingleAttentionBlock):
     """CRATE layer (B.5): Z^{l+1/2} = Z + MSSA(LN(Z)), then
 
     - ``ista="crate"`` (default, the CRATE paper and code): Z^{l+1} = ISTA(LN(Z^{l+1/2})), one nonnegative proximal
