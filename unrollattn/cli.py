@@ -265,7 +265,7 @@ def ablate(recipe: str, variants: Sequence[str] = (), *, attention: Sequence[str
         name = label if seeds == 1 else f"{label}-seed{seed}"
         finished = out_dir / name / "result.json"
         if resuming and finished.is_file():
-            summary = {"variant": label, **json.loads(finished.read_text())}
+            summary = {"variant": label, **json.loads(finished.read_text()), "run_dir": str(out_dir / name)}
             if state.is_main:
                 print(f"== ablate {recipe}/{preset}: {name} finished earlier ({i}/{len(plan)})", flush=True)
         else:
