@@ -34,7 +34,7 @@ from unrollattn.utils.params import count_parameters
 from benchmarks.common import (
     device_name, markdown_table, peak_memory_mb, time_call, without_finite_checks, write_atomic,
 )
-from recipes.lm import VARIANTS, ModelConfig, build_lm, parse_model_label
+from unrollattn.recipes.lm import VARIANTS, ModelConfig, build_lm, parse_model_label
 
 COLUMNS = ["variant", "layers", "width", "heads", "params", "non_emb_params", "seq_len", "batch", "step_ms",
            "tokens_per_s", "mflop_per_token_6n", "mflop_per_token_counted", "achieved_gflops", "mfu_pct", "peak_mem_mb"]

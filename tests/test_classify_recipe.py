@@ -7,7 +7,7 @@ import timm
 import unrollattn
 import torch
 
-from recipes import classify
+from unrollattn.recipes import classify
 from unrollattn.train import ConfigError, DistState, read_metrics
 from unrollattn.vision.datasets import load_classification_data
 

@@ -53,14 +53,14 @@ def test_train_runs_the_recipe(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("train", "clasify", "--preset", "quick"), "unknown recipe 'clasify'; did you mean classify?"),
+    (("train", "clasify", "--preset", "quick"), "unknown recipe 'clasify'; closest: classify"),
     (("train", "classify", "--preset", "quik"), "unknown classify preset 'quik'; closest: quick"),
     (("train", "classify", "--preset", "digits_debug", "optim.lrr=1"), "did you mean 'optim.lr'"),
     (("ablate", "classify", "--variants", "vit,crte", "--preset", "digits_debug"),
      "unknown variant(s) 'crte' for recipe 'classify'; did you mean crate? variants: aot_mhsa, aot_mssa, bilateral, crate"),
     (("ablate", "classify", "--variants", "vit", "--preset", "digits_debug", "model.variant=crate"),
      "ablate sets"),
-    (("diagnose", "snrr"), "unknown diagnostic 'snrr'; did you mean snr?"),
+    (("diagnose", "snrr"), "unknown diagnostic 'snrr'; closest: snr"),
 ])
 def test_bad_names_exit_2_with_a_helpful_message(capsys, argv, message):
     code, _, err = run_cli(capsys, *argv)
@@ -108,7 +108,7 @@ def test_diagnose_delegates_to_the_snr_module(tmp_path, capsys):
 
 
 def test_ablate_keeps_other_variants_when_one_fails(tmp_path, capsys, monkeypatch):
-    from recipes import classify
+    from unrollattn.recipes import classify
 
     real_run = classify.run
 
@@ -183,7 +183,7 @@ def test_importing_the_package_registers_timm_and_hf_names():
 
 
 def test_ablate_help_shows_the_recipes_own_variants_and_presets(capsys):
-    from recipes import classify, lm
+    from unrollattn.recipes import classify, lm
 
     with pytest.raises(SystemExit) as exit_:
         cli.main(["ablate", "lm", "--help"])
@@ -204,7 +204,7 @@ def test_ablate_help_shows_the_recipes_own_variants_and_presets(capsys):
 
 
 def test_ctrl_c_during_an_ablation_prints_the_resume_command(monkeypatch, tmp_path, capsys):
-    from recipes import lm
+    from unrollattn.recipes import lm
 
     def run(cfg):
         if cfg.model.variant == "aot_mssa":
@@ -221,7 +221,7 @@ def test_ctrl_c_during_an_ablation_prints_the_resume_command(monkeypatch, tmp_pa
 
 
 def test_ablate_without_preset_runs_the_recipes_default_or_names_the_presets(monkeypatch, tmp_path):
-    from recipes import lm, restore
+    from unrollattn.recipes import lm, restore
 
     assert cli.default_preset(lm) == lm.DEFAULT_PRESET == "quick"
     seen = []
@@ -237,7 +237,7 @@ def test_ablate_without_preset_runs_the_recipes_default_or_names_the_presets(mon
     presets = Registry("preset")
     for name in ("big", "small"):
         presets.register(name, lambda: None)
-    no_default = types.ModuleType("recipes.mine")
+    no_default = types.ModuleType("unrollattn.recipes.mine")
     no_default.PRESETS = presets
     with pytest.raises(ValueError, match="recipe 'mine' has no default preset; choose one with --preset: big, small"):
         cli.default_preset(no_default)
@@ -277,7 +277,7 @@ def test_readme_own_images_then_loading_the_run_back(tmp_path, capsys, monkeypat
     assert (tmp_path / "runs" / "ablate-classify-quick" / "comparison.md").is_file()
 
     import torch
-    from recipes import classify
+    from unrollattn.recipes import classify
 
     run = "runs/my-run"                                 # a classify run directory
     model, cfg = classify.load_model(run)               # config.json + the latest model.safetensors, in eval mode
@@ -316,14 +316,14 @@ def test_readme_own_images_then_loading_the_run_back(tmp_path, capsys, monkeypat
 
 
 def test_readme_loading_a_restoration_run_back(tmp_path, monkeypatch):
-    from recipes import restore as restore_recipe
+    from unrollattn.recipes import restore as restore_recipe
 
     monkeypatch.chdir(tmp_path)
     restore_recipe.run(restore_recipe.load_config("tiny", ["loop.run_name=my-restore-run", "loop.max_steps=2",
                                                            "loop.device=cpu"]))
 
     import torch
-    from recipes import restore
+    from unrollattn.recipes import restore
     from unrollattn.vision.sampling import build_operator
 
     model, cfg = restore.load_model("runs/my-restore-run")

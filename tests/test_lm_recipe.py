@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from recipes import lm
+from unrollattn.recipes import lm
 from unrollattn.language import evaluation as ev
 from unrollattn.language.tokenizer import ByteTokenizer
 from unrollattn.train import ConfigError, DistState, read_metrics

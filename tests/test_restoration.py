@@ -162,7 +162,7 @@ def test_models_own_their_forward_operator(name):
 
 
 def test_the_restore_task_asks_the_model_for_its_forward_operator(tiny_photos):
-    from recipes import restore
+    from unrollattn.recipes import restore
 
     task = restore.RestoreTask(restore.load_config("tiny", ["task=sr2"]), photos=tiny_photos)
     rng = torch.random.get_rng_state()

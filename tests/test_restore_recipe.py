@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import unrollattn
-from recipes import restore
+from unrollattn.recipes import restore
 from unrollattn.cli import ablate
 from unrollattn.train import DistState, read_metrics
 from unrollattn.vision.photos import load_photos

@@ -73,7 +73,7 @@ def run(cfg):
 
 
 def _main(argv):
-    return recipe_main(argv, prog="python -m recipes.toy", description="toy recipe", presets=PRESETS,
+    return recipe_main(argv, prog="python -m unrollattn.recipes.toy", description="toy recipe", presets=PRESETS,
                        default_preset="tiny", load_config=load_config, run=run)
 
 
@@ -111,9 +111,31 @@ def test_resume_command_under_torchrun(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert resume_command("python -m recipes.lm", "quick", ["optim.lr=3e-4", "data.text=a b"], "lm-run") == (
-        "torchrun --standalone --nproc_per_node=2 -m recipes.lm --preset quick --resume optim.lr=3e-4 'data.text=a b' "
+    assert resume_command("python -m unrollattn.recipes.lm", "quick", ["optim.lr=3e-4", "data.text=a b"], "lm-run") == (
+        "torchrun --standalone --nproc_per_node=2 -m unrollattn.recipes.lm --preset quick --resume optim.lr=3e-4 'data.text=a b' "
         "loop.run_name=lm-run")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert resume_command("python -m recipes.lm", "quick", ["run_name=mine"], "mine") == (
+    assert resume_command("python -m unrollattn.recipes.lm", "quick", ["run_name=mine"], "mine") == (
         "unrollattn train lm --preset quick --resume run_name=mine")
+
+
+main = _main  # what `unrollattn train <name>` calls on a registered recipe module
+
+
+def test_a_recipe_of_your_own_runs_by_name_through_the_registry(tmp_path):
+    import importlib.util
+
+    from unrollattn import cli
+    from unrollattn.registry import RECIPES, register_recipe
+
+    assert {"classify", "lm", "restore"} <= set(cli.list_recipes())  # the package's own entry points
+    assert importlib.util.find_spec("recipes") is None  # no top-level package named `recipes` is installed
+    register_recipe("toy", __name__)
+    try:
+        assert "toy" in cli.list_recipes()
+        assert cli.main(["train", "toy", "--preset", "tiny", f"loop.out_dir={tmp_path}"]) == 0
+    finally:
+        RECIPES.unregister("toy")
+    assert "toy" not in cli.list_recipes()
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "result.json").is_file()

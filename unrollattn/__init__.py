@@ -13,15 +13,17 @@ from pathlib import Path
 
 from .registry import (
     ATTENTIONS, BLOCKS, MODELS, UnknownNameError, build_model, get_attention, get_block, list_attentions,
-    list_blocks, list_models, register_attention, register_block, register_model,
+    list_blocks, list_models, list_recipes, register_attention, register_block, register_diagnostic, register_model,
+    register_recipe,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ATTENTIONS", "BLOCKS", "MODELS", "UnknownNameError", "__version__", "build_attention", "build_block",
-    "build_model", "get_attention", "get_block", "list_attentions", "list_blocks", "list_models",
-    "register_all", "register_attention", "register_block", "register_model", "set_finite_checks",
+    "build_model", "get_attention", "get_block", "list_attentions", "list_blocks", "list_models", "list_recipes",
+    "register_all", "register_attention", "register_block", "register_diagnostic", "register_model", "register_recipe",
+    "set_finite_checks",
 ]
 
 # public names defined in heavy modules: imported on first access (after register_all)

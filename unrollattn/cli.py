@@ -6,7 +6,8 @@
     unrollattn diagnose snr [args ...]
     unrollattn quickstart [key=value ...]
 
-Recipes are the modules of the top-level ``recipes`` package, imported on demand; ``train <recipe> --help``
+Recipes and diagnostics are found through the registry (the ``unrollattn.recipes`` / ``unrollattn.diagnostics``
+entry points) and imported on demand; ``train <recipe> --help``
 and ``ablate <recipe> --help`` show that recipe's presets and variants. Bad names and values end with
 ``error: ...`` and exit status 2 (set UNROLLATTN_TRACEBACK=1 to see the traceback).
 
@@ -20,7 +21,6 @@ import difflib
 import importlib
 import json
 import os
-import pkgutil
 import shlex
 import sys
 import time
@@ -39,25 +39,25 @@ QUICKSTART_VARIANTS = ("vit", "aot_mssa", "aot_mhsa", "crate")
 
 
 def list_recipes() -> list[str]:
-    """Names of the recipe modules in the ``recipes`` package."""
-    try:
-        import recipes
-    except ImportError:
-        raise ValueError("the 'recipes' package is not importable: install the repository with `pip install -e .` "
-                         "or run from its root") from None
-    return sorted(m.name for m in pkgutil.iter_modules(recipes.__path__) if not m.name.startswith("_"))
+    """Names of the registered recipes (entry points ``unrollattn.recipes``, or :func:`unrollattn.register_recipe`)."""
+    from .registry import list_recipes as registered
+
+    names = registered()
+    if not names:
+        raise ValueError("no recipe is registered: install the repository (`pip install -e .`) so that its "
+                         "'unrollattn.recipes' entry points exist")
+    return names
 
 
 def import_recipe(name: str) -> ModuleType:
-    """``recipes.<name>`` (after :func:`unrollattn.register_all`: recipes ask the registries for their variants),
-    with a clear error listing the recipes for an unknown name."""
-    known = list_recipes()
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ValueError(f"unknown recipe {name!r}; {hint}available: {', '.join(known) or '(none)'}")
+    """The module of recipe ``name`` (after :func:`unrollattn.register_all`: recipes ask the registries for their
+    variants); an unknown name lists the recipes."""
+    from .registry import recipe_module
+
+    list_recipes()
+    module = recipe_module(name)
     register_all()
-    return importlib.import_module(f"recipes.{name}")
+    return importlib.import_module(module)
 
 
 def default_preset(mod: ModuleType) -> str:
@@ -362,15 +362,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return int(mod.main(list(args.args)) or 0)
 
 
-DIAGNOSTICS = {"snr": "unrollattn.diagnostics.snr"}
-
-
 def _cmd_diagnose(args: argparse.Namespace) -> int:
-    if args.name not in DIAGNOSTICS:
-        close = difflib.get_close_matches(args.name, list(DIAGNOSTICS), n=3, cutoff=0.4)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ValueError(f"unknown diagnostic {args.name!r}; {hint}available: {', '.join(DIAGNOSTICS)}")
-    return int(importlib.import_module(DIAGNOSTICS[args.name]).main(list(args.args)) or 0)
+    from .registry import diagnostic_module
+
+    return int(importlib.import_module(diagnostic_module(args.name)).main(list(args.args)) or 0)
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:

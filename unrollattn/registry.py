@@ -1,7 +1,10 @@
-"""The one registry of unrollattn: attention variants, blocks and models by name.
+"""The one registry of unrollattn: attention variants, blocks, models, HF attention functions, recipes and
+diagnostics by name.
 
 Every family registers here; timm and HF names are generated from these entries, never kept in a
-second table.
+second table. Recipes and diagnostics sit above the library, so they are registered as module paths
+(read from the ``unrollattn.recipes`` / ``unrollattn.diagnostics`` entry points, or added with
+:func:`register_recipe`) and imported only when one is run: nothing here imports upward.
 """
 from __future__ import annotations
 
@@ -50,6 +53,12 @@ class Registry:
             hint = f"closest: {', '.join(close)}" if close else f"registered: {', '.join(sorted(self._entries)) or '(none)'}"
             raise UnknownNameError(f"unknown {self.kind} {name!r}; {hint}") from None
 
+    def unregister(self, name: str) -> Any:
+        """Remove ``name`` (an unknown name is an error listing the registered ones); returns what it held."""
+        target = self.get(name)
+        del self._entries[name], self._meta[name]
+        return target
+
     def meta(self, name: str) -> dict[str, Any]:
         self.get(name)
         return self._meta[name]
@@ -73,6 +82,50 @@ class Registry:
 ATTENTIONS = Registry("attention")
 BLOCKS = Registry("block")
 MODELS = Registry("model")
+HF_KERNELS = Registry("HF attention function")
+RECIPES = Registry("recipe")
+DIAGNOSTICS = Registry("diagnostic")
+
+_ENTRY_POINT_GROUPS = {"recipe": "unrollattn.recipes", "diagnostic": "unrollattn.diagnostics"}
+
+
+def _load_entry_points(registry: Registry) -> Registry:
+    """Add the module paths that installed distributions declare for ``registry`` (entry point group
+    ``unrollattn.recipes`` or ``unrollattn.diagnostics``: ``name = "package.module"``), without importing them."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=_ENTRY_POINT_GROUPS[registry.kind]):
+        if ep.name not in registry:
+            registry.register(ep.name, ep.value)
+    return registry
+
+
+def register_recipe(name: str, module: str, *, overwrite: bool = False) -> str:
+    """Make module path ``module`` (with ``PRESETS``, ``load_config``, ``run``, ``main``; see
+    ``unrollattn/recipes/README.md``) runnable as ``unrollattn train NAME`` / ``unrollattn ablate NAME``."""
+    return RECIPES.register(name, module, overwrite=overwrite)
+
+
+def register_diagnostic(name: str, module: str, *, overwrite: bool = False) -> str:
+    """Make module path ``module`` (with ``main(argv)``) runnable as ``unrollattn diagnose NAME``."""
+    return DIAGNOSTICS.register(name, module, overwrite=overwrite)
+
+
+def recipe_module(name: str) -> str:
+    """The module path of recipe ``name``; an unknown name lists the recipes."""
+    return _load_entry_points(RECIPES).get(name)
+
+
+def list_recipes() -> list[str]:
+    return _load_entry_points(RECIPES).names()
+
+
+def diagnostic_module(name: str) -> str:
+    return _load_entry_points(DIAGNOSTICS).get(name)
+
+
+def list_diagnostics() -> list[str]:
+    return _load_entry_points(DIAGNOSTICS).names()
 
 
 def register_attention(name: str, **meta) -> Callable:

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from ..registry import HF_KERNELS
+
 PREFIX = "unrollattn_"
-HF_KERNELS: dict[str, Callable] = {}
 
 
 def dot_logits(query: torch.Tensor, key: torch.Tensor, *, scaling: float, module=None) -> torch.Tensor:
@@ -89,12 +90,12 @@ def register_hf_kernel(name: str, logits_fn: Callable) -> str:
     fn = make_attention_function(logits_fn)
     AttentionInterface.register(full, fn)
     AttentionMaskInterface.register(full, eager_mask)  # without it the function would receive attention_mask=None
-    HF_KERNELS[full] = fn
+    HF_KERNELS.register(full, fn, overwrite=True)
     return full
 
 
 def list_hf_kernels() -> list[str]:
-    return sorted(HF_KERNELS)
+    return HF_KERNELS.names()
 
 
 register_hf_kernel("dot", dot_logits)

@@ -188,7 +188,7 @@ class CrateBlock(SingleAttentionBlock):
 
     Deep causal language models need the residual form: with ``ista="crate"`` every layer ends in ReLU(LN(.)), the
     active fraction of the stream halves from layer to layer (6% of the coordinates are non-zero after 16 layers at
-    initialisation) and the 16-layer quick-preset LM never leaves the unigram loss (see recipes/lm.py).
+    initialisation) and the 16-layer quick-preset LM never leaves the unigram loss (see unrollattn/recipes/lm.py).
     """
 
     default_attention = "mssa"

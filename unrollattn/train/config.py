@@ -669,15 +669,15 @@ def _recipe_epilog(presets: Any, default_preset: str, module: types.ModuleType |
 
 
 def resume_command(prog: str, preset: str, overrides: Sequence[str], run_name: str | None) -> str:
-    """The shell command that resumes run ``run_name`` of the recipe behind ``prog`` (``python -m recipes.<name>``)
+    """The shell command that resumes run ``run_name`` of the recipe behind ``prog`` (``python -m unrollattn.recipes.<name>``)
     with the same preset and overrides: ``unrollattn train <name> --preset P --resume k=v ... loop.run_name=R``
     (a ``torchrun`` line under torchrun)."""
-    match = re.fullmatch(r"(?:\S*python[\d.]*\s+-m\s+)?recipes\.(\w+)", prog.strip())
+    match = re.fullmatch(r"(?:\S*python[\d.]*\s+-m\s+)?(?:unrollattn\.)?recipes\.(\w+)", prog.strip())
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
         nodes = ["--standalone"] if local == world else [f"--nnodes={world // max(local, 1)}"]
-        script = ["-m", f"recipes.{match.group(1)}"] if match else shlex.split(prog)[-1:]
+        script = ["-m", f"unrollattn.recipes.{match.group(1)}"] if match else shlex.split(prog)[-1:]
         base = ["torchrun", *nodes, f"--nproc_per_node={local}", *script]
     else:
         base = ["unrollattn", "train", match.group(1)] if match else shlex.split(prog)

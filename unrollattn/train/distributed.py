@@ -1,6 +1,6 @@
 """torchrun + DDP plumbing: one process per device, gloo on CPU, nccl on CUDA.
 
-Launch any recipe with ``torchrun --standalone --nproc_per_node=N -m recipes.<name> ...``; without
+Launch any recipe with ``torchrun --standalone --nproc_per_node=N -m unrollattn.recipes.<name> ...``; without
 the torchrun environment (``RANK`` / ``WORLD_SIZE``) everything runs as a single process and every
 collective here is a no-op.
 """

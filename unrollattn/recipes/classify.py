@@ -2,12 +2,12 @@
 
 Single process (CPU or one GPU)::
 
-    python -m recipes.classify --preset quick model.variant=crate
+    python -m unrollattn.recipes.classify --preset quick model.variant=crate
     unrollattn train classify --preset fmnist_tiny model.variant=aot_mssa optim.lr=5e-4
 
 DDP, one process per device (``loop.batch_size`` is the global batch)::
 
-    torchrun --standalone --nproc_per_node=2 -m recipes.classify --preset digits_debug loop.device=cpu
+    torchrun --standalone --nproc_per_node=2 -m unrollattn.recipes.classify --preset digits_debug loop.device=cpu
 
 Ablation over the variants (one table + plot): ``unrollattn ablate classify --variants vit,crate --preset quick``;
 the kernel-regression ViTs by their short names (``gaussian``, ``mahalanobis``, ``bilateral``, ``twicing``:
@@ -537,7 +537,7 @@ def load_model(run_dir: str | Path) -> tuple[nn.Module, ClassifyConfig]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``[--preset NAME] [--resume] [key=value ...]``; prints the summary as JSON."""
-    return recipe_main(argv, prog="python -m recipes.classify", description=__doc__.split("\n\n")[0], presets=PRESETS,
+    return recipe_main(argv, prog="python -m unrollattn.recipes.classify", description=__doc__.split("\n\n")[0], presets=PRESETS,
                        default_preset=DEFAULT_PRESET, load_config=load_config, run=run)
 
 

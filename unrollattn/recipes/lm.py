@@ -2,14 +2,14 @@
 
 Single process (CPU or one GPU)::
 
-    python -m recipes.lm --preset quick model.variant=aot_mssa
+    python -m unrollattn.recipes.lm --preset quick model.variant=aot_mssa
     unrollattn train lm --preset quick model.variant=crate loop.max_steps=100
-    python -m recipes.lm --preset icl_quick model.variant=aot_mhsa        # in-context linear regression
+    python -m unrollattn.recipes.lm --preset icl_quick model.variant=aot_mhsa        # in-context linear regression
 
 DDP, one process per device (``loop.batch_size`` is the global batch; divide ``loop.grad_accum`` by the number
 of processes to keep it)::
 
-    torchrun --standalone --nproc_per_node=8 -m recipes.lm --preset gpt2_scale loop.grad_accum=5
+    torchrun --standalone --nproc_per_node=8 -m unrollattn.recipes.lm --preset gpt2_scale loop.grad_accum=5
 
 Ablation (one table + plot)::
 
@@ -87,7 +87,7 @@ __all__ = [
 ]
 
 VARIANT_KEY = "model.variant"
-DEFAULT_PRESET = "quick"  # what `python -m recipes.lm` and `unrollattn ablate lm` run without --preset
+DEFAULT_PRESET = "quick"  # what `python -m unrollattn.recipes.lm` and `unrollattn ablate lm` run without --preset
 TASKS = ("lm", "icl")
 TOKENIZER_NAMES = ("byte", "gpt2", "gpt2-files", "gpt2-hub")
 TASK = "causal-lm"  # the registry task of this recipe's models
@@ -706,7 +706,7 @@ def run(cfg: LMConfig) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``[--preset NAME] [--resume] [key=value ...]``; prints the summary as JSON."""
-    return recipe_main(argv, prog="python -m recipes.lm", description=__doc__.split("\n\n")[0], presets=PRESETS,
+    return recipe_main(argv, prog="python -m unrollattn.recipes.lm", description=__doc__.split("\n\n")[0], presets=PRESETS,
                        default_preset=DEFAULT_PRESET, load_config=load_config, run=run)
 
 

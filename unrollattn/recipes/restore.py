@@ -2,16 +2,16 @@
 
 Single process (CPU or one GPU)::
 
-    python -m recipes.restore --preset demosaic_quick model.variant=uglr
+    python -m unrollattn.recipes.restore --preset demosaic_quick model.variant=uglr
     unrollattn train restore --preset sr2_quick model.variant=ugtv model.heads=4
 
 DDP (``loop.batch_size`` is the global batch; evaluation photos are sharded over the ranks)::
 
-    torchrun --standalone --nproc_per_node=2 -m recipes.restore --preset demosaic_quick loop.device=cpu
+    torchrun --standalone --nproc_per_node=2 -m unrollattn.recipes.restore --preset demosaic_quick loop.device=cpu
 
 Where the noise-shift loss comes from (noise gain on the samples vs the interpolated pixels of trained runs)::
 
-    python -m recipes.restore noise-gain runs/ablate-restore-demosaic_quick/uglr runs/ablate-restore-demosaic_quick/transformer
+    python -m unrollattn.recipes.restore noise-gain runs/ablate-restore-demosaic_quick/uglr runs/ablate-restore-demosaic_quick/transformer
 
 Ablation, one table + plots::
 
@@ -573,10 +573,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["noise-gain"]:
         if len(argv) < 2:
             raise ValueError("noise-gain: expected one or more restore run directories, e.g. "
-                             "python -m recipes.restore noise-gain runs/ablate-restore-demosaic_quick/uglr")
+                             "python -m unrollattn.recipes.restore noise-gain runs/ablate-restore-demosaic_quick/uglr")
         print(noise_gain_table(argv[1:]))
         return 0
-    return recipe_main(argv, prog="python -m recipes.restore", description=__doc__.split("\n\n")[0], presets=PRESETS,
+    return recipe_main(argv, prog="python -m unrollattn.recipes.restore", description=__doc__.split("\n\n")[0], presets=PRESETS,
                        default_preset=DEFAULT_PRESET, load_config=load_config, run=run)
 
 
