@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from unrollattn.core.validation import finite_checks_enabled, set_finite_checks
-from unrollattn.diagnostics.memory import peak_memory_mb  # noqa: F401  (re-exported for the benchmarks)
+from unrollattn.utils.memory import peak_memory_mb  # noqa: F401  (re-exported for the benchmarks)
 from unrollattn.utils.params import count_parameters
 
 

@@ -8,7 +8,8 @@ import unrollattn
 import torch
 
 from unrollattn.recipes import classify
-from unrollattn.train import ConfigError, DistState, read_metrics
+from unrollattn.train import ConfigError, read_metrics
+from unrollattn.utils.dist import DistState
 from unrollattn.vision.datasets import load_classification_data
 
 

@@ -12,7 +12,8 @@ from torch import nn
 from unrollattn.recipes import lm
 from unrollattn.language import evaluation as ev
 from unrollattn.language.tokenizer import ByteTokenizer
-from unrollattn.train import ConfigError, DistState, read_metrics
+from unrollattn.train import ConfigError, read_metrics
+from unrollattn.utils.dist import DistState
 
 WORDS = {"subject": ["the king", "a servant", "the prophet", "my brother", "the people"],
          "verb": ["went up to", "spake unto", "looked upon", "came down to", "gave bread to"],

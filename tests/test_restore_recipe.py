@@ -9,7 +9,8 @@ import torch
 import unrollattn
 from unrollattn.recipes import restore
 from unrollattn.cli import ablate
-from unrollattn.train import DistState, read_metrics
+from unrollattn.train import read_metrics
+from unrollattn.utils.dist import DistState
 from unrollattn.vision.photos import load_photos
 
 

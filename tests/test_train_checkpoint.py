@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import unrollattn.train._io as train_io
+import unrollattn.utils.io as atomic_io
 from unrollattn.train import (
     CheckpointError, OptimConfig, build_optimizer, build_scheduler, checkpoint_dir_for_step, latest_checkpoint,
     load_checkpoint, prune_checkpoints, save_checkpoint,
@@ -127,7 +127,7 @@ def test_crash_while_moving_files_into_place_is_detected(tmp_path, monkeypatch):
             raise OSError("power cut (simulated)")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(train_io.os, "replace", replace_then_crash)
+    monkeypatch.setattr(atomic_io.os, "replace", replace_then_crash)
     model_b, opt_b, sched_b = _trained(seed=1, steps=4)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(ck, model=model_b, optimizer=opt_b, scheduler=sched_b, step=4)
@@ -147,7 +147,7 @@ def test_trainer_layout_survives_a_crash_before_the_new_step_is_complete(tmp_pat
             raise OSError("killed (simulated)")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(train_io.os, "replace", crash_on_index)
+    monkeypatch.setattr(atomic_io.os, "replace", crash_on_index)
     with pytest.raises(OSError):
         save_checkpoint(checkpoint_dir_for_step(tmp_path, 4), model=model, optimizer=opt, scheduler=sched, step=4)
     monkeypatch.undo()

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from unrollattn.train import (
-    LoopConfig, OptimConfig, all_reduce_mean, all_reduce_sum, cleanup, epoch_batch_indices, fit, init_distributed,
-    latest_checkpoint, read_metrics, unwrap_model, wrap_model,
+    LoopConfig, OptimConfig, cleanup, epoch_batch_indices, fit, init_distributed, latest_checkpoint, read_metrics,
+    wrap_model,
 )
+from unrollattn.utils.dist import all_reduce_mean, all_reduce_sum, unwrap_model
 
 STEPS = 8
 OPTIM = OptimConfig(lr=0.05, warmup_steps=2, weight_decay=0.01, grad_clip=1.0)

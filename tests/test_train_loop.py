@@ -13,8 +13,9 @@ from torch import nn
 
 from unrollattn.train import (
     LoopConfig, OptimConfig, RunDir, RunDirError, build_optimizer, compare, epoch_batch_indices, fit, latest_checkpoint, lr_factor,
-    micro_batch_size, param_groups, plot_comparison, plot_curves, read_metrics,
+    param_groups, plot_comparison, plot_curves, read_metrics,
 )
+from unrollattn.utils.dist import micro_batch_size
 
 
 @pytest.fixture(scope="module")

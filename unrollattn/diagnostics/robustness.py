@@ -8,12 +8,13 @@ attacked function, so the budget means the same for every model and the gradient
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..utils.dist import is_main_process
 
 ATTACKS = ("fgsm", "pgd")
 
@@ -105,7 +106,7 @@ def _progress_printer(progress: bool | Callable[[str], None] | None) -> Callable
     if callable(progress):
         return progress
     if progress is None:
-        progress = int(os.environ.get("RANK", "0") or 0) == 0
+        progress = is_main_process()
     return (lambda line: print(line, flush=True)) if progress else None
 
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..train._io import atomic_path, atomic_write_json, sha256_file
+from ..utils.io import atomic_path, atomic_write_json, sha256_file
 from .tokenizer import ByteTokenizer, get_tokenizer, hub_reachable, tokenizer_key
 
 __all__ = [
@@ -450,7 +450,7 @@ def _locked(directory: Path):
 
 def _write_tokens(path: Path, chunks: Iterable[np.ndarray], total: int, dtype: np.dtype) -> str:
     """Write the concatenated ``chunks`` (``total`` tokens) to ``path`` through a temporary file moved into place
-    with ``os.replace`` (:func:`unrollattn.train._io.atomic_path`); return the file's sha256."""
+    with ``os.replace`` (:func:`unrollattn.utils.io.atomic_path`); return the file's sha256."""
     with atomic_path(path) as tmp:
         if total > 0:
             out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(total,))

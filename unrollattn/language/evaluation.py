@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..train import DistState, all_reduce_tensor, micro_batch_seed, unwrap_model
+from ..utils.dist import DistState, all_reduce_tensor, micro_batch_seed, micro_batch_size, unwrap_model
 
 __all__ = [
     "ICLData", "ICLRegressionTask", "ICLRegressor", "LastWordPassage", "TokenWordTable", "contaminate_word_windows",
@@ -421,8 +421,6 @@ class ICLRegressionTask:
         return ICLRegressor(self.build_backbone(), self.data.dim, self.width)
 
     def batch(self, step: int, micro: int, state: DistState) -> dict[str, Tensor]:
-        from ..train import micro_batch_size
-
         mb = micro_batch_size(self.batch_size, self.grad_accum, state.world_size)
         gen = torch.Generator().manual_seed(micro_batch_seed(self.seed, step, micro, self.grad_accum, state.rank))
         xs, ys, _ = icl_batch(mb, self.data, gen)
@@ -470,7 +468,7 @@ def write_icl_curves(rows: Sequence[Mapping[str, float]], out_dir: Path, *, stem
                      title: str = "in-context linear regression") -> dict[str, Path]:
     """Write ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` (error / d against k) from ``rows``
     (each ``{"k": i, <series>: error, ...}``); returns the paths."""
-    from ..train._io import atomic_write, atomic_write_text
+    from ..utils.io import atomic_write, atomic_write_text
 
     if not rows:
         raise ValueError("write_icl_curves: no rows")

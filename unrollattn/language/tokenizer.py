@@ -29,7 +29,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
-from ..train._io import sha256_file
+from ..utils.io import sha256_file
 
 __all__ = [
     "BYTE_EOS_ID", "BYTE_VOCAB_SIZE", "GPT2_EOS_TOKEN", "GPT2_FILES_PACKAGE", "GPT2_FILES_SHA256", "GPT2_VOCAB_SIZE",

@@ -4,7 +4,6 @@ Single process (CPU or one GPU)::
 
     python -m unrollattn.recipes.lm --preset quick model.variant=aot_mssa
     unrollattn train lm --preset quick model.variant=crate loop.max_steps=100
-    python -m unrollattn.recipes.lm --preset icl_quick model.variant=aot_mhsa        # in-context linear regression
 
 DDP, one process per device (``loop.batch_size`` is the global batch; divide ``loop.grad_accum`` by the number
 of processes to keep it)::
@@ -41,8 +40,8 @@ extrapolation on equal terms.
 
 Presets: ``quick`` (CPU, a few minutes per variant: byte-level KJV, width 160, GPT-2-equivalent depth 4),
 ``gpt2_scale`` (GPU: the paper's base sizes, GPT-2 BPE, context 1024, bf16, torch.compile, grad accumulation,
-cosine with warm-up; OpenWebText when the hub is reachable, else the local corpora), ``icl_quick`` (CPU, in-context
-linear regression d = 3, Garg et al. style). Metrics: val_loss / val_ppl (validation split of the training
+cosine with warm-up; OpenWebText when the hub is reachable, else the local corpora). In-context linear regression
+with the same backbones is the recipe ``icl`` (:mod:`unrollattn.recipes.icl`). Metrics: val_loss / val_ppl (validation split of the training
 corpus), shift_loss (validation split of a *different* corpus: covariate shift), last_word_acc (LAMBADA-style on
 held-out lines, not LAMBADA itself), tokens/s and peak memory.
 """
@@ -64,31 +63,31 @@ import unrollattn
 import unrollattn.language  # noqa: F401  (registers the causal-LM presets)
 from unrollattn.language.corpora import TokenCorpus, prepare_corpus, resolve_corpus
 from unrollattn.language.evaluation import (
-    ICLData, ICLRegressionTask, contaminated_loss, junk_token_id, last_word_accuracy, last_word_passages,
-    token_word_table, window_loss, write_icl_curves,
+    contaminated_loss, junk_token_id, last_word_accuracy, last_word_passages, token_word_table, window_loss,
 )
 from unrollattn.language.tokenizer import get_tokenizer, is_byte_level
 from unrollattn.registry import (
     ATTENTIONS, BLOCKS, MODELS, Registry, UnknownNameError, composable_model, model_variants, resolve_variant,
     variant_fields,
 )
-from unrollattn.utils.params import matching_depth, stack_parameters
+from unrollattn.utils.params import matching_shape, stack_parameters
 from unrollattn.train import (
-    ConfigError, DistState, LoopConfig, OptimConfig, recipe_main, apply_overrides, broadcast_object, fit,
-    init_distributed, micro_batch_size, micro_batch_seed, unwrap_model,
+    ConfigError, LoopConfig, OptimConfig, recipe_main, apply_overrides, fit, init_distributed,
+)
+from unrollattn.utils.dist import (
+    DistState, is_main_process, micro_batch_seed, micro_batch_size, run_on_main, unwrap_model,
 )
 
 __all__ = [
-    "DEFAULT_PRESET", "DataConfig", "EvalConfig", "ICLConfig", "LMConfig", "LMTask", "available_variants",
-    "layer_stack_params", "parse_model_label", "reference_model", "resolved_n_layer",
-    "ModelConfig", "PRESETS", "TASKS", "TOKENIZER_NAMES", "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for",
-    "ablation_metric", "build_lm", "export_hf_model", "load_config", "main", "model_kwargs", "registry_name",
+    "DEFAULT_PRESET", "DataConfig", "EvalConfig", "LMConfig", "LMTask", "available_variants",
+    "layer_stack_params", "matched_model", "parse_model_label", "reference_model",
+    "ModelConfig", "PRESETS", "TOKENIZER_NAMES", "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for",
+    "ablation_metric", "build_lm", "embedding_params", "export_hf_model", "load_config", "main", "model_kwargs", "registry_name",
     "run",
 ]
 
 VARIANT_KEY = "model.variant"
 DEFAULT_PRESET = "quick"  # what `python -m unrollattn.recipes.lm` and `unrollattn ablate lm` run without --preset
-TASKS = ("lm", "icl")
 TOKENIZER_NAMES = ("byte", "gpt2", "gpt2-files", "gpt2-hub")
 TASK = "causal-lm"  # the registry task of this recipe's models
 
@@ -142,7 +141,7 @@ class ModelConfig:
 
     Depth: ``depth`` layers; with ``match_params`` (a variant, or ``attention-block`` such as ``mssa-aot``) ``depth``
     is the *reference's* depth and this model gets the layer count whose layer stack has the reference's parameters
-    at the same width (within one layer's parameters). ``n_layer`` sets the count outright. ``n_embd``, ``n_head``,
+    within 2% at the same width, or, where no count does, the nearest width at which one does (:func:`matched_model`). ``n_layer`` sets the count outright. ``n_embd``, ``n_head``,
     ``n_positions`` (None = 4x the data's block size) override the preset; ``extra``: more keyword overrides for the
     model config (e.g. ``{"attn_options": {"nonlinearity": "relu"}}``)."""
 
@@ -317,8 +316,8 @@ def model_kwargs(model: ModelConfig, *, vocab_size: int, eos_token_id: int | Non
                           "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
     if model.composed:
         kw.update({k: v for k, v in (("attention", model.attention), ("block", model.block)) if v is not None})
-    n_layer = resolved_n_layer(model)
-    for key, value in (("n_layer", n_layer), ("n_embd", model.n_embd), ("n_head", model.n_head)):
+    model = matched_model(model)
+    for key, value in (("n_layer", model.n_layer), ("n_embd", model.n_embd), ("n_head", model.n_head)):
         if value is not None:
             kw[key] = value
     if MODELS.meta(registry_name(model))["family"] == "gpt2":  # HF GPT2Config's dropout names
@@ -343,16 +342,25 @@ def layer_stack_params(model: ModelConfig, n_layer: int | None = None) -> tuple[
         return stack_parameters(build_lm(model, vocab_size=8, eos_token_id=None, n_positions=16))
 
 
-def resolved_n_layer(model: ModelConfig) -> int | None:
-    """The layer count of ``model``: ``n_layer``; with ``match_params`` the count that matches the reference's
-    layer-stack parameters; else ``depth`` (None: the preset's)."""
-    if model.n_layer is not None:
-        return model.n_layer
-    if model.match_params is None:
-        return model.depth
+def matched_model(model: ModelConfig) -> ModelConfig:
+    """``model`` with ``match_params`` resolved (``n_layer`` set, ``match_params`` cleared): the layer count whose
+    stack has the reference's parameters within 2%, and where no count does, the width nearest this one (a multiple
+    of the heads) at which one does (:func:`matching_shape`), counted on the meta device. ``n_layer`` wins."""
+    if model.n_layer is not None or model.match_params is None:
+        return dataclasses.replace(model, n_layer=model.n_layer or model.depth, match_params=None)
     target, _ = layer_stack_params(reference_model(model))
-    per_layer, _ = layer_stack_params(model, n_layer=1)
-    return matching_depth(per_layer, target)
+    with torch.device("meta"):
+        config = build_lm(dataclasses.replace(model, n_layer=1, match_params=None), vocab_size=8, eos_token_id=None,
+                          n_positions=16).config
+    width, heads = model.n_embd or config.n_embd, model.n_head or config.n_head
+
+    def per_layer(n_embd: int) -> int:
+        return layer_stack_params(dataclasses.replace(model, n_embd=n_embd, n_head=heads), n_layer=1)[0]
+
+    n_layer, n_embd = matching_shape(per_layer, target, width=width, width_step=heads)
+    widened = n_embd != width
+    return dataclasses.replace(model, n_layer=n_layer, n_embd=n_embd if widened else model.n_embd,
+                               n_head=heads if widened else model.n_head, match_params=None)
 
 
 def _embedding_params(model: nn.Module) -> int:
@@ -387,22 +395,6 @@ def export_hf_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLi
 # ----------------------------------------------------------------------------------------------------- LM task
 
 
-def _on_main_then_all(state: DistState, action):
-    """Run ``action()`` on rank 0 first (e.g. preparing a corpus), then on the other ranks (which reuse its files)."""
-    result, error = None, None
-    if state.is_main:
-        try:
-            result = action()
-        except Exception as err:
-            error = err
-    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", state)
-    if error is not None:
-        raise error
-    if failed is not None:
-        raise RuntimeError(f"rank 0 failed: {failed}")
-    return result if state.is_main else action()
-
-
 class LMTask:
     """The :class:`unrollattn.train.Task` of next-token prediction on a prepared corpus.
 
@@ -428,7 +420,7 @@ class LMTask:
             return prepare_corpus(spec, self.tokenizer, val_fraction=d.val_fraction, root=d.root)
 
         corpus_spec = resolve_corpus(d.corpus, self.tokenizer, d.val_fraction)
-        self.corpus = _on_main_then_all(self.state, lambda: prepare(corpus_spec))
+        self.corpus = run_on_main(self.state, lambda: prepare(corpus_spec))
         self.shift = None
         if d.shift_corpus.strip():
             try:
@@ -438,7 +430,7 @@ class LMTask:
 
                 warnings.warn(f"no shift corpus: {err}", RuntimeWarning, stacklevel=2)
             else:
-                self.shift = _on_main_then_all(self.state, lambda: prepare(shift_spec))
+                self.shift = run_on_main(self.state, lambda: prepare(shift_spec))
         for corpus in (self.corpus, self.shift):
             if corpus is not None:
                 self._check_ids(corpus)
@@ -536,59 +528,6 @@ class LMTask:
                 "tokenizer": self.corpus.meta["tokenizer"], "last_word_passages": len(self.passages)}
 
 
-# ----------------------------------------------------------------------------------------------------- ICL task
-
-
-def make_icl_task(cfg: LMConfig) -> ICLRegressionTask:
-    """The in-context regression task with ``cfg.model``'s backbone (its base model, fed ``inputs_embeds``)."""
-    icl = cfg.icl
-    n_positions = cfg.model.n_positions or 2 * icl.n_points
-
-    def backbone() -> nn.Module:
-        lm = build_lm(cfg.model, vocab_size=1, eos_token_id=None, n_positions=n_positions)
-        return lm.transformer  # GPT2Model / UnrollAttnModel: the LM head is not used
-
-    with torch.device("meta"):
-        width = backbone().config.n_embd
-    return ICLRegressionTask(backbone, width, ICLData(icl.dim, icl.n_points, icl.noise_std, icl.eval_prompts),
-                             batch_size=cfg.loop.batch_size, grad_accum=cfg.loop.grad_accum, seed=cfg.loop.seed,
-                             label=cfg.model.label)
-
-
-def _icl_summary_keys(summary: dict[str, Any], cfg: LMConfig) -> None:
-    d, k = cfg.icl.dim, cfg.icl.n_points
-    for alias, i in (("icl_err_kd", d), ("icl_err_k2d", 2 * d), ("icl_err_klast", k - 1)):
-        summary[alias] = summary.get(f"icl_err_k{i}", math.nan)
-
-
-def _combine_icl_curves(out_dir: Path) -> Path | None:
-    """``out_dir/icl_curves.{csv,md,png}`` from every run directory in ``out_dir`` that has an ``icl_curve.csv``
-    (e.g. the variants of one ablation): each run's column, with the baselines of the first run."""
-    import csv
-
-    rows: dict[int, dict[str, float]] = {}
-    found = False
-    for run_dir in sorted(p for p in out_dir.iterdir() if (p / "icl_curve.csv").is_file()):
-        with open(run_dir / "icl_curve.csv", newline="") as f:
-            reader = list(csv.DictReader(f))
-        series = [c for c in reader[0] if c not in ("k", "least_squares", "zero")] if reader else []
-        for r in reader:
-            row = rows.setdefault(int(r["k"]), {"k": int(r["k"])})
-            for s in series:
-                row[run_dir.name if len(series) == 1 else f"{run_dir.name}/{s}"] = float(r[s])
-            for base in ("least_squares", "zero"):
-                row.setdefault(base, float(r[base]))
-        found = True
-    if not found:
-        return None
-    ordered = [rows[k] for k in sorted(rows)]
-    names = [c for c in ordered[0] if c not in ("k", "least_squares", "zero")]
-    ordered = [{"k": r["k"], **{n: r.get(n, math.nan) for n in names}, "least_squares": r["least_squares"],
-                "zero": r["zero"]} for r in ordered]
-    return write_icl_curves(ordered, out_dir, stem="icl_curves",
-                            title="in-context linear regression: " + ", ".join(names))["md"]
-
-
 # ----------------------------------------------------------------------------------------------------- presets
 
 PRESETS = Registry("lm preset")
@@ -643,23 +582,6 @@ def gpt2_scale() -> LMConfig:
     )
 
 
-@PRESETS.register("icl_quick")
-def icl_quick() -> LMConfig:
-    """CPU, a few minutes per variant: in-context linear regression with d = 3 and 12 (x, y) pairs per prompt
-    (24 tokens), width 64, 4 heads, GPT-2-equivalent depth 4, 1000 steps of 64 fresh prompts (no curriculum), error
-    vs k over 1000 fixed prompts. (d = 5 needs far more steps than a CPU preset affords: 600 steps stay at the
-    zero-estimator error.)"""
-    return LMConfig(
-        preset="icl_quick",
-        task="icl",
-        model=ModelConfig(variant="gpt2", size="tiny", depth=4, match_params="gpt2", n_embd=64, n_head=4),
-        icl=ICLConfig(dim=3, n_points=12, noise_std=0.0, eval_prompts=1000),
-        loop=LoopConfig(max_steps=1000, batch_size=64, eval_every=250, log_every=50, ckpt_every=0),
-        optim=OptimConfig(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), warmup_steps=50, schedule="cosine",
-                          min_lr_ratio=0.1, grad_clip=1.0),
-    )
-
-
 # ----------------------------------------------------------------------------------------------------- entry points
 
 
@@ -678,7 +600,7 @@ def run(cfg: LMConfig) -> dict[str, Any]:
         summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=prefix, config_for_log=cfg)
         _icl_summary_keys(summary, cfg)
         info: dict[str, Any] = {"task": "icl", "icl_dim": cfg.icl.dim, "icl_points": cfg.icl.n_points}
-        if int(os.environ.get("RANK", "0") or 0) == 0:
+        if is_main_process():
             combined = _combine_icl_curves(Path(summary["run_dir"]).parent)
             info["icl_curves"] = str(combined) if combined else None
     else:
@@ -697,8 +619,8 @@ def run(cfg: LMConfig) -> dict[str, Any]:
            "params_non_embedding": summary["params"] - n_emb, "tokens_per_s": summary.get("train_items_per_s")}
     for key in ablation_columns:
         out.setdefault(key, math.nan)
-    if int(os.environ.get("RANK", "0") or 0) == 0 and out.get("run_dir"):
-        from unrollattn.train._io import atomic_write_json
+    if is_main_process() and out.get("run_dir"):
+        from unrollattn.utils.io import atomic_write_json
 
         atomic_write_json(Path(out["run_dir"]) / "result.json", out)
     return out

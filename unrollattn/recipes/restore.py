@@ -56,9 +56,10 @@ import unrollattn
 import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
 from unrollattn.registry import MODELS, Registry, UnknownNameError, model_variants, resolve_variant
 from unrollattn.train import (
-    DistState, LoopConfig, OptimConfig, RunDir, all_reduce_tensor, apply_overrides, broadcast_object, count_params, fit,
-    init_distributed, load_latest_weights, micro_batch_size, read_run_config, recipe_main, micro_batch_seed,
+    LoopConfig, OptimConfig, RunDir, apply_overrides, count_params, fit, init_distributed, load_latest_weights,
+    read_run_config, recipe_main,
 )
+from unrollattn.utils.dist import DistState, all_reduce_tensor, broadcast_object, micro_batch_seed, micro_batch_size
 from unrollattn.vision.photos import PhotoDataset, load_photos
 from unrollattn.vision.sampling import crop_to, pad_to_even
 

@@ -16,26 +16,18 @@ from .config import (
     RESUME_MUTABLE_KEYS, ConfigError, LoopConfig, OptimConfig, add_config_arguments, recipe_main, apply_overrides,
     config_from_dict, config_help, config_to_dict, load_preset, read_run_config, resume_config_changes,
 )
-from .distributed import (
-    DistState, all_reduce_mean, all_reduce_sum, all_reduce_tensor, barrier, broadcast_object, cleanup,
-    init_distributed, resolve_device, unwrap_model, wrap_model,
-)
+from .distributed import cleanup, init_distributed, resolve_device, wrap_model
 from .optim import Lion, build_optimizer, build_scheduler, lr_factor, param_groups
 from .runlog import RunDir, RunDirError, curves_figure, env_info, plot_curves, progress_bar, read_metrics
-from .trainer import (
-    Task, TrainingInterrupted, count_params, epoch_batch_indices, fit, micro_batch_seed, micro_batch_size, step_seed,
-    to_device,
-)
+from .trainer import Task, TrainingInterrupted, count_params, epoch_batch_indices, fit, to_device
 
 __all__ = [
-    "RESUME_MUTABLE_KEYS", "CheckpointError", "ConfigError", "DistState", "Lion", "LoopConfig", "OptimConfig", "RunDir",
-    "RunDirError", "Task", "TrainingInterrupted", "add_config_arguments", "comparison_figure", "config_help",
-    "curves_figure", "recipe_main", "resume_config_changes", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "apply_overrides", "barrier",
-    "broadcast_object", "build_optimizer", "build_scheduler", "checkpoint_dir_for_step", "cleanup", "compare",
-    "config_from_dict", "config_to_dict", "count_params", "env_info", "epoch_batch_indices", "fit", "format_value",
-    "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_latest_weights", "load_preset",
-    "lr_factor",
-    "micro_batch_seed", "micro_batch_size", "param_groups", "plot_comparison", "plot_curves", "progress_bar", "prune_checkpoints",
-    "read_metrics", "read_run_config", "resolve_device", "save_checkpoint", "step_seed", "to_device", "unwrap_model",
-    "verify_checkpoint", "wrap_model",
+    "CheckpointError", "ConfigError", "Lion", "LoopConfig", "OptimConfig", "RESUME_MUTABLE_KEYS", "RunDir",
+    "RunDirError", "Task", "TrainingInterrupted", "add_config_arguments", "apply_overrides", "build_optimizer",
+    "build_scheduler", "checkpoint_dir_for_step", "cleanup", "compare", "comparison_figure", "config_from_dict",
+    "config_help", "config_to_dict", "count_params", "curves_figure", "env_info", "epoch_batch_indices", "fit",
+    "format_value", "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+    "load_latest_weights", "load_preset", "lr_factor", "param_groups", "plot_comparison", "plot_curves",
+    "progress_bar", "prune_checkpoints", "read_metrics", "read_run_config", "recipe_main", "resolve_device",
+    "resume_config_changes", "save_checkpoint", "to_device", "verify_checkpoint", "wrap_model",
 ]

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ._io import atomic_write_text, to_jsonable
+from ..utils.io import atomic_write_text, to_jsonable
 from .runlog import DEFAULT_LOSS_LABEL, METRICS_FILE, draw_curves, read_metrics, save_figure
 
 __all__ = ["SeedStats", "compare", "comparison_figure", "format_value", "plot_comparison", "summarize_seeds"]

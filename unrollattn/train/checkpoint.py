@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import atomic_path, atomic_write_json, sha256_file
-from .distributed import unwrap_model
+from ..utils.dist import unwrap_model
+from ..utils.io import atomic_path, atomic_write_json, sha256_file
 
 __all__ = [
     "load_latest_weights",

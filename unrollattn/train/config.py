@@ -468,7 +468,7 @@ def _jsonable(value: Any) -> Any:
         return value
     if isinstance(value, enum.Enum):
         return value.name
-    from ._io import to_jsonable
+    from ..utils.io import to_jsonable
 
     return to_jsonable(value)
 
@@ -702,10 +702,11 @@ def recipe_main(argv, *, prog: str, description: str, presets: Any, default_pres
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     from unrollattn.train.distributed import cleanup
+    from unrollattn.utils.dist import is_main_process
     from unrollattn.train.trainer import TrainingInterrupted
 
     preset = args.preset or default_preset
-    is_main = int(os.environ.get("RANK", "0") or 0) == 0
+    is_main = is_main_process()
     try:
         summary = run(load_config(preset, args.overrides, resume=args.resume))
     except TrainingInterrupted as stop:

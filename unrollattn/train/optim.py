@@ -15,7 +15,7 @@ from torch import nn
 from transformers.optimization import _get_wsd_scheduler_lambda  # what get_wsd_schedule wraps in a LambdaLR
 
 from .config import OPTIMIZERS, SCHEDULES, ConfigError, OptimConfig
-from .distributed import unwrap_model
+from ..utils.dist import unwrap_model
 
 __all__ = ["Lion", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
 

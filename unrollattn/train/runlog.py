@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ._io import atomic_write, atomic_write_json, atomic_write_text, to_jsonable
+from ..utils.io import atomic_write, atomic_write_json, atomic_write_text, to_jsonable
 
 __all__ = ["RunDir", "RunDirError", "curves_figure", "draw_curves", "env_info", "plot_curves", "progress_bar", "read_metrics",
            "save_figure"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import math
 import random
 import re
@@ -35,20 +34,21 @@ import torch
 from torch import Tensor, nn
 
 from ..utils.params import count_parameters
-from ..diagnostics.memory import LiveTensorBytes, optimizer_state_bytes, tensor_bytes
 from .checkpoint import (
     CheckpointError, checkpoint_dir_for_step, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
     save_checkpoint, verify_checkpoint,
 )
 from .config import LoopConfig, OptimConfig, config_to_dict
-from .distributed import (
-    DistState, all_reduce_sum, all_reduce_tensor, broadcast_object, init_distributed, unwrap_model, wrap_model,
+from ..utils.dist import (
+    DistState, all_reduce_sum, all_reduce_tensor, broadcast_object, micro_batch_seed, micro_batch_size, step_seed,
+    unwrap_model,
 )
+from ..utils.memory import LiveTensorBytes, optimizer_state_bytes, tensor_bytes
+from .distributed import init_distributed, wrap_model
 from .optim import build_optimizer, build_scheduler
 from .runlog import DEFAULT_LOSS_LABEL, RunDir, RunDirError, plot_curves, progress_bar
 
-__all__ = ["Task", "TrainingInterrupted", "count_params", "epoch_batch_indices", "fit", "micro_batch_size", "step_seed",
-           "to_device"]
+__all__ = ["Task", "TrainingInterrupted", "count_params", "epoch_batch_indices", "fit", "to_device"]
 
 
 @runtime_checkable
@@ -90,18 +90,6 @@ class Task(Protocol):
 
 # ----------------------------------------------------------------------------------------------
 # helpers usable by tasks
-
-
-def micro_batch_size(batch_size: int, grad_accum: int, world_size: int) -> int:
-    """Items per micro-batch on one rank: ``batch_size // (world_size * grad_accum)`` (must divide evenly)."""
-    for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum), ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    parts = world_size * grad_accum
-    if batch_size % parts:
-        raise ValueError(f"batch_size={batch_size} must be divisible by world_size * grad_accum = "
-                         f"{world_size} * {grad_accum} = {parts}")
-    return batch_size // parts
 
 
 @functools.lru_cache(maxsize=4)
@@ -165,18 +153,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of distinct parameters (tied weights counted once): :func:`unrollattn.utils.params.count_parameters`."""
     return count_parameters(unwrap_model(model), trainable_only)
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The RNG seed of one (seed, step, rank): a hash, so neighbouring steps get unrelated streams."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def micro_batch_seed(seed: int, step: int, micro: int, grad_accum: int, rank: int) -> int:
-    """The RNG seed of one micro-batch (``micro`` of ``grad_accum`` at ``step`` on ``rank``): what a Task draws its
-    batch with, so a resumed run draws the same batches."""
-    return step_seed(seed, step * grad_accum + micro, rank)
-
 
 def _seed_all(seed: int) -> None:
     random.seed(seed)

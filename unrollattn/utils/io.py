@@ -1,4 +1,4 @@
-"""Atomic file writes shared by checkpoints, run logs and ablation tables.
+"""Atomic file writes shared by checkpoints, run logs, corpora, tokenizers and tables.
 
 A file is written to a temporary sibling, flushed to disk, then moved over the target with
 ``os.replace``: readers see either the old file or the new one, never a partial one.
