@@ -1,60 +1,118 @@
-"""Forward+backward throughput and peak memory of one attention layer: mssa vs mhsa vs timm Attention.
+"""Forward+backward time and peak memory of one attention layer, for every registered attention (a user's own,
+registered in a module named with ``--import``, included) against a baseline (``mhsa``: SDPA softmax) and timm's
+own ``Attention``.
 
-    python -m benchmarks.attention_throughput                  # CPU defaults, writes benchmarks/results/
-    python -m benchmarks.attention_throughput --device cuda --tokens-per-batch 65536
+    python -m benchmarks.attention_throughput                          # CPU defaults, writes benchmarks/results/
+    python -m benchmarks.attention_throughput --attentions mhsa,gaussian,mahalanobis,bilateral,twicing --qkv-bias
+    python -m benchmarks.attention_throughput --device cuda --tokens-per-batch 65536 --widths 384:6,768:12
 
-Equal width and heads for every variant, no biases in the input projections; tokens per batch fixed
-so every row does the same amount of projection work.
+Equal width and heads for every layer; tokens per batch fixed, so every row does the same projection work and the
+differences come from the attention itself. A length that is a square is laid out as the 2-D patch grid of a square
+image (64 = 8x8, 256 = 16x16, 1024 = 32x32; no class token), which the layers that use geometry (bilateral's spatial
+kernel, the glr/gtv graphs) read; other lengths are 1-D sequences. ``time_vs_baseline`` / ``mem_vs_baseline`` are
+ratios to the baseline at the same shape. CPU memory counts the tensors the dispatcher sees (the attention matrix
+inside a fused SDPA kernel is not one of them); CUDA memory is the allocator's peak.
 """
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 from timm.layers import Attention as TimmAttention
 
 import unrollattn
 from benchmarks.common import device_name, measure_layer, print_row, publish_table, without_finite_checks
+from unrollattn.registry import import_modules, list_attentions
 
-VARIANTS = {
-    "mssa": lambda dim, heads: unrollattn.build_attention("mssa", dim, heads),
-    "mhsa": lambda dim, heads: unrollattn.build_attention("mhsa", dim, heads),
-    "timm_attention": lambda dim, heads: TimmAttention(dim, num_heads=heads),
-}
-COLUMNS = ["width", "heads", "seq_len", "batch", "variant", "params", "fwd_bwd_ms", "tokens_per_s",
-           "speedup_vs_mhsa", "peak_mem_mb"]
+TIMM_REFERENCE = "timm_attention"  # timm.layers.Attention, the field's reference implementation (not registered)
+COLUMNS = ["width", "heads", "seq_len", "batch", "attention", "params", "fwd_bwd_ms", "tokens_per_s",
+           "time_vs_baseline", "peak_mem_mb", "mem_vs_baseline"]
 
 
-def measure(variant: str, dim: int, heads: int, seq_len: int, batch: int, device, dtype, repeats: int) -> dict:
-    torch.manual_seed(0)
-    return measure_layer(VARIANTS[variant](dim, heads), variant, dim, heads, seq_len, batch, device, dtype, repeats)
+def build_layer(attention: str, dim: int, heads: int, seq_len: int, *, qkv_bias: bool = False) -> torch.nn.Module:
+    """Registered ``attention`` (or timm's reference) at width ``dim`` with ``heads`` heads, given the square grid
+    of ``seq_len`` tokens when there is one."""
+    if attention == TIMM_REFERENCE:
+        return TimmAttention(dim, num_heads=heads, qkv_bias=qkv_bias)
+    layer = unrollattn.build_attention(attention, dim, heads, qkv_bias=qkv_bias)
+    side = math.isqrt(seq_len)
+    if side * side == seq_len:
+        layer.set_geometry((side, side), num_prefix_tokens=0)
+    return layer
+
+
+def parse_widths(text: str) -> list[tuple[int, int]]:
+    pairs = []
+    for item in text.split(","):
+        try:
+            dim, heads = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise ValueError(f"--widths: expected width:heads pairs such as 192:3,384:6, got {item!r}") from None
+        if dim < 1 or heads < 1 or dim % heads:
+            raise ValueError(f"--widths: width {dim} must be a positive multiple of heads {heads}")
+        pairs.append((dim, heads))
+    return pairs
+
+
+def selected_attentions(text: str, baseline: str, timm_reference: bool) -> list[str]:
+    """The baseline first, then the named attentions (default: every registered one), then timm's reference."""
+    registered = list_attentions()
+    names = [n.strip() for n in text.split(",") if n.strip()] if text else registered
+    unknown = [n for n in [baseline, *names] if n not in registered]
+    if unknown:
+        raise ValueError(f"unknown attention(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
+    ordered = [baseline] + [n for n in dict.fromkeys(names) if n != baseline]
+    return ordered + ([TIMM_REFERENCE] if timm_reference else [])
 
 
 @without_finite_checks
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--widths", default="192:3,384:6,768:12", help="width:heads pairs")
+    parser.add_argument("--attentions", default="", help="comma-separated registered attentions (default: all)")
+    parser.add_argument("--baseline", default="mhsa", help="the attention every ratio is relative to")
+    parser.add_argument("--no-timm", dest="timm_reference", action="store_false",
+                        help="leave out timm.layers.Attention")
+    parser.add_argument("--qkv-bias", action="store_true", help="biases in the input projections (as in ViT)")
+    parser.add_argument("--import", dest="imports", default="", metavar="MODULES",
+                        help="comma-separated modules to import first (e.g. one registering your own attention)")
+    parser.add_argument("--widths", default="192:3,384:6", help="width:heads pairs")
     parser.add_argument("--seq-lens", default="64,256,1024")
     parser.add_argument("--tokens-per-batch", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype)
+    try:
+        import_modules(args.imports)
+        attentions = selected_attentions(args.attentions, args.baseline, args.timm_reference)
+        widths = parse_widths(args.widths)
+        seq_lens = [int(n) for n in args.seq_lens.split(",")]
+    except ValueError as err:
+        parser.error(str(err))
     rows = []
-    for pair in args.widths.split(","):
-        dim, heads = (int(v) for v in pair.split(":"))
-        for seq_len in (int(n) for n in args.seq_lens.split(",")):
+    for dim, heads in widths:
+        for seq_len in seq_lens:
             batch = max(1, args.tokens_per_batch // seq_len)
-            group = [measure(v, dim, heads, seq_len, batch, device, dtype, args.repeats) for v in VARIANTS]
-            base = next(r for r in group if r["variant"] == "mhsa")["tokens_per_s"]
+            group = []
+            for name in attentions:
+                torch.manual_seed(0)
+                layer = build_layer(name, dim, heads, seq_len, qkv_bias=args.qkv_bias)
+                row = measure_layer(layer, name, dim, heads, seq_len, batch, device, dtype, args.repeats)
+                row["attention"] = row.pop("variant")
+                group.append(row)
+            base = group[0]
             for r in group:
-                r["speedup_vs_mhsa"] = r["tokens_per_s"] / base
+                r["time_vs_baseline"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+                r["mem_vs_baseline"] = r["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] > 0 else math.nan
                 print_row(r, COLUMNS)
             rows.extend(group)
-    title = (f"Attention layer forward+backward, {device_name(device)}, {args.dtype}, torch {torch.__version__}, "
-             f"{args.tokens_per_batch} tokens per batch")
+    title = (f"One attention layer forward+backward vs {args.baseline}, {device_name(device)}, {args.dtype}, "
+             f"torch {torch.__version__}, {args.tokens_per_batch} tokens per batch"
+             + (", qkv bias" if args.qkv_bias else ""))
     publish_table(rows, COLUMNS, name="attention_throughput", title=title, argv=argv, out_dir=args.out, device=device)
     return 0
 

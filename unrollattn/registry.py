@@ -209,6 +209,19 @@ def variant_fields(label: str) -> dict[str, str | None]:
     return {"variant": label, "attention": None, "block": None}
 
 
+def import_modules(names: str | list[str]) -> None:
+    """Import each module of a comma-separated list (``--import``): one that registers a user's own attention,
+    block, model or recipe makes it available by name."""
+    import importlib
+
+    for name in (n.strip() for n in (names.split(",") if isinstance(names, str) else names)):
+        if name:
+            try:
+                importlib.import_module(name)
+            except ImportError as err:
+                raise ValueError(f"--import {name}: {err}") from None
+
+
 def build_model(name: str, **overrides):
     """Build a registered model with keyword overrides (e.g. ``num_classes=10, img_size=28``)."""
     return MODELS.get(name)(**overrides)

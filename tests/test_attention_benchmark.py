@@ -1,0 +1,33 @@
+"""benchmarks/attention_throughput.py runs end to end on tiny shapes over every registered attention and writes its
+table (no timing asserted)."""
+import pytest
+
+from benchmarks import attention_throughput as bench
+from unrollattn.core.validation import finite_checks_enabled
+from unrollattn.registry import list_attentions
+
+
+def test_a_row_per_registered_attention_and_shape(tmp_path):
+    assert bench.main(["--device", "cpu", "--widths", "16:2", "--seq-lens", "9,10", "--tokens-per-batch", "20",
+                       "--repeats", "1", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "attention_throughput_cpu.md").read_text()
+    assert "Command: `python -m benchmarks.attention_throughput --device cpu --widths 16:2" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 16 ")]
+    names = {line.split("|")[5].strip() for line in rows}
+    assert names == set(list_attentions()) | {bench.TIMM_REFERENCE}
+    assert len(rows) == 2 * len(names)
+    assert all(line.count(" 1.00 |") == 2 for line in rows if "| mhsa |" in line)  # the baseline's own ratios
+    assert finite_checks_enabled()  # the benchmark turned the NaN guard off only while it ran
+
+
+def test_square_lengths_get_the_grid_and_bad_arguments_fail():
+    assert bench.build_layer("bilateral", 16, 2, 64).grid == (8, 8)
+    assert bench.build_layer("glr", 16, 2, 64).grid == (8, 8)
+    assert bench.build_layer("bilateral", 16, 2, 10).grid is None  # 1-D positions
+    assert bench.selected_attentions("gaussian,mhsa", "mhsa", False) == ["mhsa", "gaussian"]
+    with pytest.raises(ValueError, match="multiple of heads"):
+        bench.parse_widths("30:4")
+    with pytest.raises(ValueError, match="unknown attention.*cosine; registered: "):
+        bench.selected_attentions("cosine", "mhsa", True)
+    with pytest.raises(SystemExit):
+        bench.main(["--attentions", "cosine", "--out", "/nonexistent"])
