@@ -1,6 +1,8 @@
 """Parameter counting: totals, and the layer stack (the repeated blocks) that depth scales, for parameter matching."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch.nn as nn
 
 STACK_PATHS = ("blocks", "transformer.h", "h", "model.blocks")  # timm ViT, HF causal LM / GPT-2, a base model, features
@@ -39,4 +41,43 @@ def matching_depth(per_layer: int, target: int) -> int:
     return max(1, round(target / per_layer))
 
 
-__all__ = ["STACK_PATHS", "count_parameters", "layer_stack", "matching_depth", "stack_parameters"]
+MATCH_TOLERANCE = 0.02  # parameter matching: the layer stack within 2% of the reference's
+
+
+def matching_shape(per_layer: Callable[[int], int], target: int, *, width: int, width_step: int,
+                   tolerance: float = MATCH_TOLERANCE) -> tuple[int, int]:
+    """(depth, width) of a stack of identical layers with ``per_layer(width)`` parameters each, closest to ``target``.
+
+    Depth first: the matching depth at ``width`` when its stack is within ``tolerance`` of ``target``. Where no depth
+    is (a layer is too large a share of the target), the width nearest ``width`` at which a depth is: multiples of
+    ``width_step`` (the head count, so heads divide it) between half and twice ``width``; ``per_layer`` may raise
+    ValueError for a width a layer cannot take, which is skipped. With no such width, the closest shape found.
+    """
+    if target <= 0 or width < 1 or width_step < 1:
+        raise ValueError(f"matching_shape: expected positive target, width and width_step, got {target}, {width}, "
+                         f"{width_step}")
+
+    def miss(depth: int, per: int) -> float:
+        return abs(depth * per - target) / target
+
+    per = per_layer(width)
+    depth = matching_depth(per, target)
+    best = (miss(depth, per), depth, width)
+    if best[0] <= tolerance:
+        return depth, width
+    candidates = [w for w in range(width_step, 2 * width + 1, width_step) if w != width and 2 * w >= width]
+    for w in sorted(candidates, key=lambda w: (abs(w - width), w)):
+        try:
+            per = per_layer(w)
+        except ValueError:
+            continue
+        depth = matching_depth(per, target)
+        shape = (miss(depth, per), depth, w)
+        if shape[0] <= tolerance:
+            return depth, w
+        best = min(best, shape)
+    return best[1], best[2]
+
+
+__all__ = ["MATCH_TOLERANCE", "STACK_PATHS", "count_parameters", "layer_stack", "matching_depth", "matching_shape",
+           "stack_parameters"]
