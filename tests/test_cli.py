@@ -160,7 +160,7 @@ def test_help_does_not_import_torch_timm_or_transformers(tmp_path, via):
         assert code == 0 and out.startswith("usage: unrollattn"), (argv, err)
         assert "unrollattn" in imported and not imported & set(HEAVY), (argv, sorted(imported & set(HEAVY)))
     code, out, _, _ = _command(tmp_path, "ablate", "--help", via=via)
-    assert "recipe" in out and "classify, lm, restore" in out and "unrollattn ablate <recipe> --help" in out
+    assert "recipe" in out and "classify, icl, lm, restore" in out and "unrollattn ablate <recipe> --help" in out
 
 
 def test_a_subcommand_of_the_command_registers_everything(tmp_path):

@@ -1,4 +1,4 @@
-"""The lm recipe: config, equal-parameter variants, evaluation pieces, an end-to-end byte-level run, ICL, ablation."""
+"""The lm recipe: config, equal-parameter variants, evaluation pieces, an end-to-end byte-level run, ablation."""
 import json
 import math
 import random
@@ -46,7 +46,7 @@ def _tiny(tmp_path, *extra):
 
 
 def test_presets_and_overrides():
-    assert {"quick", "tiny_debug", "gpt2_scale", "icl_quick"} <= set(lm.PRESETS.names())
+    assert {"quick", "tiny_debug", "gpt2_scale"} <= set(lm.PRESETS.names())
     for name in lm.PRESETS.names():
         cfg = lm.PRESETS.get(name)()
         assert cfg.preset == name and cfg.model.variant in lm.VARIANTS
@@ -261,44 +261,6 @@ def test_export_writes_a_loadable_model_and_tokenizer(tmp_path, tokenizer):
     _check_text_generation(out, "Hello world")
     with pytest.raises(TypeError, match="expected a transformers tokenizer"):
         lm.export_hf_model(model, object(), tmp_path / "other")
-
-
-# ----------------------------------------------------------------------------------------------------- ICL
-
-
-def test_least_squares_baseline_is_exact_from_d_examples():
-    data = ev.ICLData(dim=4, n_points=8, eval_prompts=50)
-    xs, ys, _ = ev.icl_batch(50, data, torch.Generator().manual_seed(0))
-    curve = ev.least_squares_curve(xs, ys)
-    assert curve[0] == pytest.approx((ys[:, 0].double() ** 2).mean().item() / 4)  # no example: predict 0
-    assert torch.all(curve[1:4] > 1e-3) and torch.all(curve[4:] < 1e-12)
-
-
-@pytest.mark.parametrize("variant", ["gpt2", "aot_mssa"])
-def test_icl_prediction_never_sees_its_own_label(variant):
-    task = lm.make_icl_task(lm.load_config("icl_quick", [f"model.variant={variant}", "model.n_embd=32", "model.depth=1",
-                                                         "icl.eval_prompts=8"]))
-    model = task.build_model().eval()
-    xs, ys, _ = ev.icl_batch(2, task.data, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        base = model(xs, ys)
-        ys2 = ys.clone()
-        ys2[:, 7] += 10.0
-        moved = model(xs, ys2)
-    assert torch.allclose(base[:, :8], moved[:, :8]) and not torch.allclose(base[:, 8:], moved[:, 8:])
-
-
-def test_icl_recipe_writes_the_error_curve(tmp_path):
-    cfg = lm.load_config("icl_quick", ["model.n_embd=32", "model.depth=1", "loop.max_steps=8", "loop.eval_every=0",
-                                       "loop.batch_size=16", "icl.eval_prompts=64", "icl.n_points=12", "icl.dim=3",
-                                       f"loop.out_dir={tmp_path}", "loop.run_name=icl", "loop.device=cpu"])
-    summary = lm.run(cfg)
-    rows = (tmp_path / "icl" / "icl_curve.csv").read_text().splitlines()
-    assert rows[0] == "k,gpt2,least_squares,zero" and len(rows) == 1 + 12
-    assert (tmp_path / "icl_curves.md").is_file() and (tmp_path / "icl_curves.png").is_file()
-    assert "| 3 |" in (tmp_path / "icl" / "icl_curve.md").read_text()
-    assert math.isfinite(summary["val_loss"]) and summary["icl_err_kd"] == summary["icl_err_k3"]
-    assert math.isnan(summary["shift_loss"])  # LM-only columns exist (for one ablation table) but are empty
 
 
 def test_ablate_lm_through_the_cli(corpus_files):

@@ -83,7 +83,7 @@ __all__ = [
     "layer_stack_params", "matched_model", "parse_model_label", "reference_model",
     "ModelConfig", "PRESETS", "TOKENIZER_NAMES", "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for",
     "ablation_metric", "build_lm", "embedding_params", "export_hf_model", "load_config", "main", "model_kwargs", "registry_name",
-    "run",
+    "run", "run_summary",
 ]
 
 VARIANT_KEY = "model.variant"
@@ -100,26 +100,19 @@ def available_variants() -> tuple[str, ...]:
 VARIANTS = available_variants()
 
 # summary key -> column header of the ablation table
-_LM_COLUMNS = {"params": "params", "params_non_embedding": "non-emb params", "params_stack": "layer-stack params",
-               "params_reference": "reference stack", "n_layer": "layers",
-               "val_loss": "val loss", "val_ppl": "val ppl", "shift_loss": "shift loss", "last_word_acc": "last-word acc",
-               "contam_loss": "contam. loss", "loss_ctx2x": "loss 2x ctx", "loss_ctx4x": "loss 4x ctx",
-               "tokens_per_s": "train tok/s", "peak_mem_mb": "peak mem MB", "wall_s": "wall s"}
-_ICL_COLUMNS = {"params": "params", "params_non_embedding": "non-emb params", "params_stack": "layer-stack params",
-                "params_reference": "reference stack", "n_layer": "layers",
-                "val_loss": "val loss (err/d)", "icl_err_k1": "err k=1", "icl_err_kd": "err k=d",
-                "icl_err_k2d": "err k=2d", "icl_err_klast": "err k=max", "tokens_per_s": "train tok/s",
-                "peak_mem_mb": "peak mem MB", "wall_s": "wall s"}
-ablation_columns = {**_LM_COLUMNS, **{k: v for k, v in _ICL_COLUMNS.items() if k not in _LM_COLUMNS}}
+ablation_columns = {"params": "params", "params_non_embedding": "non-emb params", "params_stack": "layer-stack params",
+                    "params_reference": "reference stack", "n_layer": "layers",
+                    "val_loss": "val loss", "val_ppl": "val ppl", "shift_loss": "shift loss",
+                    "last_word_acc": "last-word acc", "contam_loss": "contam. loss", "loss_ctx2x": "loss 2x ctx",
+                    "loss_ctx4x": "loss 4x ctx", "tokens_per_s": "train tok/s", "peak_mem_mb": "peak mem MB",
+                    "wall_s": "wall s"}
 ablation_metric = "val_loss"
 
 
 def ablation_columns_for(cfg: "LMConfig") -> dict[str, str]:
-    """The ablation columns of ``cfg``'s task (language modelling or in-context regression); the robustness
-    columns follow ``cfg.eval`` (contamination rate, context factors)."""
-    if cfg.task == "icl":
-        return dict(_ICL_COLUMNS)
-    columns = {k: v for k, v in _LM_COLUMNS.items() if not k.startswith(("contam_", "loss_ctx"))}
+    """The ablation columns of ``cfg``: the robustness columns follow ``cfg.eval`` (contamination rate, context
+    factors)."""
+    columns = {k: v for k, v in ablation_columns.items() if not k.startswith(("contam_", "loss_ctx"))}
     robust = {}
     if cfg.eval.contamination > 0:
         robust["contam_loss"] = f"loss {100 * cfg.eval.contamination:g}% words junk"
@@ -259,40 +252,21 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
-class ICLConfig:
-    """In-context linear regression (``task=icl``): x, w ~ N(0, I_dim), ``n_points`` (x, w.x) pairs per prompt."""
-
-    dim: int = 5
-    n_points: int = 20
-    noise_std: float = 0.0
-    eval_prompts: int = 1000
-
-    def __post_init__(self):
-        ICLData(self.dim, self.n_points, self.noise_std, self.eval_prompts)  # raises ValueError on bad values
-
-
-@dataclasses.dataclass
 class LMConfig:
-    """The whole run. ``task``: ``lm`` (language modelling on ``data``) or ``icl`` (in-context regression)."""
+    """The whole run: language modelling on ``data`` (in-context regression is the recipe ``icl``)."""
 
     preset: str = "custom"
-    task: str = "lm"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    icl: ICLConfig = dataclasses.field(default_factory=ICLConfig)
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ConfigError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
-        context = self.model.n_positions
-        need = self.data.block_size if self.task == "lm" else 2 * self.icl.n_points
+        context, need = self.model.n_positions, self.data.block_size
         if context is not None and need > context:
-            what = f"data.block_size={need}" if self.task == "lm" else f"2 * icl.n_points = {need} tokens"
-            raise ConfigError(f"{what} exceeds the model's context model.n_positions={context}")
-        if context is not None and self.task == "lm" and self.eval.context_factors and \
+            raise ConfigError(f"data.block_size={need} exceeds the model's context model.n_positions={context}")
+        if context is not None and self.eval.context_factors and \
                 need * max(self.eval.context_factors) > context:
             raise ConfigError(f"eval.context_factors={self.eval.context_factors} need a context of "
                               f"{need * max(self.eval.context_factors)} tokens (data.block_size={need}); set "
@@ -363,7 +337,7 @@ def matched_model(model: ModelConfig) -> ModelConfig:
                                n_head=heads if widened else model.n_head, match_params=None)
 
 
-def _embedding_params(model: nn.Module) -> int:
+def embedding_params(model: nn.Module) -> int:
     """Token + position embedding parameters (the tied LM head shares the token embedding)."""
     model = unwrap_model(model)
     base = getattr(model, "transformer", model)  # a causal LM, or its base model (the ICL backbone)
@@ -591,39 +565,36 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: Sequence[str] | None = 
     return apply_overrides(cfg, ["loop.resume=true"]) if resume else cfg
 
 
-def run(cfg: LMConfig) -> dict[str, Any]:
-    """Train and evaluate ``cfg``; return fit's summary plus the model description (and NaN for ablation columns
-    that do not apply to the task, so every run has every column)."""
-    prefix = f"{'lm' if cfg.task == 'lm' else 'icl'}-{cfg.preset}-{cfg.model.label}"
-    if cfg.task == "icl":
-        task = make_icl_task(cfg)
-        summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=prefix, config_for_log=cfg)
-        _icl_summary_keys(summary, cfg)
-        info: dict[str, Any] = {"task": "icl", "icl_dim": cfg.icl.dim, "icl_points": cfg.icl.n_points}
-        if is_main_process():
-            combined = _combine_icl_curves(Path(summary["run_dir"]).parent)
-            info["icl_curves"] = str(combined) if combined else None
-    else:
-        task = LMTask(cfg)
-        summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=prefix, config_for_log=cfg)
-        info = {"task": "lm", **task.describe()}
-    with torch.device("meta"):
-        model = task.build_model()
-    n_emb = _embedding_params(model.backbone if cfg.task == "icl" else model)
-    config = (model.backbone if cfg.task == "icl" else model).config
-    stack, _ = stack_parameters(model.backbone if cfg.task == "icl" else model)
-    reference = layer_stack_params(reference_model(cfg.model))[0] if cfg.model.match_params else math.nan
-    out = {"variant": cfg.model.label, "model_name": registry_name(cfg.model), "n_layer": config.n_layer,
+def run_summary(model: ModelConfig, built: nn.Module, info: dict[str, Any], summary: dict[str, Any],
+                columns: Sequence[str]) -> dict[str, Any]:
+    """fit's ``summary`` with the description of ``built`` (the causal LM of ``model`` or its base model, on any
+    device) and ``info``, NaN for the ``columns`` a run did not report; rewrites the run's result.json with it."""
+    config = built.config
+    stack, _ = stack_parameters(built)
+    reference = layer_stack_params(reference_model(model))[0] if model.match_params else math.nan
+    out = {"variant": model.label, "model_name": registry_name(model), "n_layer": config.n_layer,
            "n_embd": config.n_embd, "params_stack": stack, "params_reference": reference,
-           "matched_to": cfg.model.match_params, **info, **summary,
-           "params_non_embedding": summary["params"] - n_emb, "tokens_per_s": summary.get("train_items_per_s")}
-    for key in ablation_columns:
+           "matched_to": model.match_params, **info, **summary,
+           "params_non_embedding": summary["params"] - embedding_params(built),
+           "tokens_per_s": summary.get("train_items_per_s")}
+    for key in columns:
         out.setdefault(key, math.nan)
     if is_main_process() and out.get("run_dir"):
         from unrollattn.utils.io import atomic_write_json
 
         atomic_write_json(Path(out["run_dir"]) / "result.json", out)
     return out
+
+
+def run(cfg: LMConfig) -> dict[str, Any]:
+    """Train and evaluate ``cfg``; return fit's summary plus the model description (and NaN for ablation columns
+    the run did not report, e.g. ``shift_loss`` without a shift corpus, so every run has every column)."""
+    task = LMTask(cfg)
+    summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=f"lm-{cfg.preset}-{cfg.model.label}",
+                  config_for_log=cfg)
+    with torch.device("meta"):
+        model = task.build_model()
+    return run_summary(cfg.model, model, {"task": "lm", **task.describe()}, summary, ablation_columns)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
