@@ -225,3 +225,14 @@ def test_register_custom_kernel(cleanup_registrations):
     torch.testing.assert_close(model(ids).logits[:, :4], model(changed).logits[:, :4], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="non-empty"):
         L.register_hf_kernel("", laplace)
+
+
+def test_the_gpt2_anchor_runs_torchs_tanh_gelu_which_equals_hfs_default():
+    import unrollattn
+
+    fast = unrollattn.build_model("gpt2_tiny", n_layer=1).double().eval()
+    assert fast.config.activation_function == "gelu_pytorch_tanh"
+    slow = unrollattn.build_model("gpt2_tiny", n_layer=1, activation_function="gelu_new").double().eval()
+    slow.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, fast.config.vocab_size, (2, 12))
+    torch.testing.assert_close(fast(ids).logits, slow(ids).logits, rtol=0, atol=1e-12)
