@@ -1,7 +1,6 @@
 """Measurement helpers shared by the benchmarks: wall-clock timing and peak tensor memory."""
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import functools
@@ -13,6 +12,7 @@ import torch
 from unrollattn.core.validation import finite_checks_enabled, set_finite_checks
 from unrollattn.utils.memory import peak_memory_mb  # noqa: F401  (re-exported for the benchmarks)
 from unrollattn.utils.params import count_parameters
+from unrollattn.utils.tables import write_table
 
 
 def device_name(device: torch.device) -> str:
@@ -40,39 +40,23 @@ def time_call(fn, device: torch.device, warmup: int = 2, repeats: int = 5) -> fl
     return statistics.median(samples)
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def print_row(row: dict, columns: list[str]) -> None:
     """One measurement as ``key=value`` pairs, flushed, so a long run shows progress."""
     print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in columns), flush=True)
 
 
-def publish_table(rows: list[dict], columns: list[str], *, name: str, title: str, argv, out_dir, device: torch.device) -> str:
-    """Print the markdown table and write it, with the command that made it, to ``out_dir/<name>_<cpu|cuda>.md``."""
+def publish_table(rows: list[dict], columns: list[str], *, name: str, title: str, argv, out_dir, device: torch.device,
+                  note: str | None = None) -> str:
+    """Write the markdown table (``note`` under it), headed by ``title`` and the command that made it, to
+    ``out_dir/<name>_<cpu|cuda>.md``; print it and return it."""
     import sys
 
-    table = markdown_table(rows, columns)
     command = f"python -m benchmarks.{name} " + " ".join(argv if argv is not None else sys.argv[1:])
     tag = "cuda" if device.type == "cuda" else "cpu"
-    write_atomic(Path(out_dir) / f"{name}_{tag}.md", f"# {title}\n\nCommand: `{command.strip()}`\n\n{table}\n")
-    print(f"\n{title}\n\n{table}")
-    return table
+    document = write_table(rows, columns, Path(out_dir) / f"{name}_{tag}.md",
+                           heading=f"# {title}\n\nCommand: `{command.strip()}`", note=note)
+    print("\n" + document)
+    return document
 
 
 def measure_layer(layer: torch.nn.Module, variant: str, dim: int, heads: int, seq_len: int, batch: int, device, dtype,

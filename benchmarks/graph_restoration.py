@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 import unrollattn
 import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
 from unrollattn.utils.params import count_parameters
-from benchmarks.common import (
-    device_name, markdown_table, peak_memory_mb, time_call, without_finite_checks, write_atomic,
-)
+from benchmarks.common import device_name, peak_memory_mb, publish_table, time_call, without_finite_checks
 
 QUICK = {"uglr": dict(blocks=3, heads=2, iters=4), "ugtv": dict(blocks=3, heads=2, iters=2, cg_iters=2)}
 COLUMNS = ["model", "params", "size", "megapixels", "seconds", "s_per_mp", "peak_mem_mb", "time_ratio", "mem_ratio",
@@ -96,18 +93,14 @@ def main(argv=None) -> int:
             rows.append(row)
     title = (f"Restoration forward pass (batch 1, no grad, {args.task}) vs image size, {device_name(device)}, "
              f"torch {torch.__version__}{', quick-preset model sizes' if args.quick else ', default model sizes'}")
-    table = markdown_table(rows, COLUMNS)
-    command = "python -m benchmarks.graph_restoration " + " ".join(argv if argv is not None else sys.argv[1:])
     load_end = os.getloadavg()[0]
     note = (f"time_ratio / mem_ratio: against the previous size (4x the pixels for doubling sizes); linear = both "
             f"ratios <= {LINEAR_LIMIT} per 4x pixels. CPU peak memory counts live tensor storages created during the "
             f"call (benchmarks/common.py). Machine load (1-min load average, {os.cpu_count()} cores) at start / end: "
             f"{load_start:.2f} / {load_end:.2f}" + (" - the CPU was shared, timings are noisy." if max(load_start, load_end)
                                                      > 1.5 else "."))
-    tag = "cuda" if device.type == "cuda" else "cpu"
-    write_atomic(Path(args.out) / f"graph_restoration_{tag}.md",
-                 f"# {title}\n\nCommand: `{command.strip()}`\n\n{table}\n\n{note}\n")
-    print(f"\n{title}\n\n{table}\n\n{note}")
+    publish_table(rows, COLUMNS, name="graph_restoration", title=title, argv=argv, out_dir=args.out, device=device,
+                  note=note)
     failed = [f"{n}@{s}" for n, s, ok in verdicts if not ok and not n.startswith("swin")]
     if failed:
         print(f"graph models not linear at: {', '.join(failed)}", file=sys.stderr)

@@ -3,7 +3,8 @@ two standard errors, std columns in the CSV, error bars in the plot."""
 import csv
 import math
 
-from unrollattn.train.ablate import SeedStats, compare, comparison_figure, format_value, summarize_seeds
+from unrollattn.train.ablate import compare, comparison_figure, summarize_seeds
+from unrollattn.utils.tables import SeedStats, format_value
 
 
 def test_mean_std_and_the_two_standard_error_mark(tmp_path):

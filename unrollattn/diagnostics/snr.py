@@ -10,16 +10,15 @@ next to that factor.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..layers.attention import MultiHeadSubspaceSelfAttention
+from ..utils.plots import Series, series_figure
+from ..utils.tables import markdown_table, write_table
 
 
 @dataclass(frozen=True)
@@ -116,52 +115,25 @@ def run(deltas=(0.2, 0.5), layers=6, eta=0.2, tau=0.75, subspaces=4, subspace_di
     return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) and not math.isnan(v) else ("" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_outputs(rows: list[dict], out_dir: str | Path, eta: float, tau: float) -> Path:
+    """``out_dir/snr.md``, ``snr.csv`` (every column of ``rows``) and ``snr.png`` (SNR against layer, log scale, with
+    the theorem's (1 + ητ)^ℓ growth dashed)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "snr.md", (to_markdown(rows) + "\n").encode())
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    _atomic_write(out / "snr.csv", buf.getvalue().encode())
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    columns = list(rows[0])
+    write_table(rows, columns, out / "snr.md", out / "snr.csv")
+    series = []
     for delta in sorted({r["delta"] for r in rows}):
         sub = [r for r in rows if r["delta"] == delta]
         xs = [r["layer"] for r in sub]
-        for key in (k for k in sub[0] if k.startswith("snr_")):
-            ax.plot(xs, [r[key] for r in sub], marker="o", label=f"δ={delta}, {key[4:]}")
-        ax.plot(xs, [sub[0][next(k for k in sub[0] if k.startswith('snr_'))] * (1 + eta * tau) ** x for x in xs],
-                "k--", lw=0.8, label=f"δ={delta}, theory (1+ητ)^ℓ" if delta == rows[0]["delta"] else None)
-    ax.set_yscale("log")
-    ax.set_xlabel("layer ℓ")
-    ax.set_ylabel("SNR (mean over subspaces)")
-    ax.set_title(f"Unrolled MSSA with true bases, η={eta}, τ={tau}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = out / "snr.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out / "snr.png")
+        snr_keys = [k for k in columns if k.startswith("snr_")]
+        series += [Series(xs, [r[key] for r in sub], label=f"δ={delta}, {key[4:]}", style={"marker": "o"})
+                   for key in snr_keys]
+        start = sub[0][snr_keys[0]]
+        series.append(Series(xs, [start * (1 + eta * tau) ** x for x in xs],
+                             label=f"δ={delta}, theory (1+ητ)^ℓ" if delta == rows[0]["delta"] else None,
+                             style={"color": "k", "linestyle": "--", "linewidth": 0.8}))
+    series_figure(series, out / "snr.png", dpi=120, log_y=True, xlabel="layer ℓ", ylabel="SNR (mean over subspaces)",
+                  title=f"Unrolled MSSA with true bases, η={eta}, τ={tau}")
     return out
 
 
@@ -184,7 +156,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--deltas: expected comma-separated numbers, got {args.deltas!r}") from None
     rows = run(deltas, args.layers, args.eta, args.tau, args.subspaces, args.subspace_dim, args.tokens, args.seed)
     out = write_outputs(rows, args.out, args.eta, args.tau)
-    print(to_markdown(rows))
+    print(markdown_table(rows, list(rows[0])))
     print(f"\nwrote {out}/snr.md, snr.csv, snr.png")
     return 0
 

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.dist import DistState, all_reduce_tensor, micro_batch_seed, micro_batch_size, unwrap_model
+from ..utils.plots import Series, draw_series, new_figure, save_figure
+from ..utils.tables import write_table
 
 __all__ = [
     "ICLData", "ICLRegressionTask", "ICLRegressor", "LastWordPassage", "TokenWordTable", "contaminate_word_windows",
@@ -468,37 +470,23 @@ def write_icl_curves(rows: Sequence[Mapping[str, float]], out_dir: Path, *, stem
                      title: str = "in-context linear regression") -> dict[str, Path]:
     """Write ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` (error / d against k) from ``rows``
     (each ``{"k": i, <series>: error, ...}``); returns the paths."""
-    from ..utils.io import atomic_write, atomic_write_text
-
     if not rows:
         raise ValueError("write_icl_curves: no rows")
     series = [c for c in rows[0] if c != "k"]
+    rows = [{"k": int(r["k"]), **{s: float(r[s]) for s in series}} for r in rows]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_text = ",".join(["k", *series]) + "\n" + "".join(
-        ",".join([str(int(r["k"]))] + [f"{float(r[s]):.6g}" for s in series]) + "\n" for r in rows)
-    md = ["| k (in-context examples) | " + " | ".join(series) + " |", "|---:|" + "---:|" * len(series)]
-    md += ["| " + " | ".join([str(int(r["k"]))] + [f"{float(r[s]):.4f}" for s in series]) + " |" for r in rows]
     paths = {"csv": out_dir / f"{stem}.csv", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
-    atomic_write_text(paths["csv"], csv_text)
-    atomic_write_text(paths["md"], f"{title}: squared error / d\n\n" + "\n".join(md) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ks = [int(r["k"]) for r in rows]
-    for i, s in enumerate(series):
-        style = {"least_squares": ("k--", 1.0), "zero": ("k:", 1.0)}.get(s, (f"C{i % 10}-", 1.6))
-        ax.plot(ks, [float(r[s]) for r in rows], style[0], lw=style[1], label=s)
-    ax.set_ylim(bottom=0.0)
-    ax.set_xlabel("in-context examples k")
-    ax.set_ylabel("squared error / d")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    write_table(rows, ["k", *series], paths["md"], paths["csv"], headers={"k": "k (in-context examples)"},
+                heading=f"{title}: squared error / d")
+    baseline_styles = {"least_squares": {"color": "k", "linestyle": "--", "linewidth": 1.0},
+                       "zero": {"color": "k", "linestyle": ":", "linewidth": 1.0}}
+    ks = [r["k"] for r in rows]
+    lines = [Series(ks, [r[s] for r in rows], label=s,
+                    style=baseline_styles.get(s, {"color": f"C{i % 10}", "linewidth": 1.6}))
+             for i, s in enumerate(series)]
+    fig, axes = new_figure()
+    draw_series(axes[0, 0], lines, xlabel="in-context examples k", ylabel="squared error / d", title=title)
+    axes[0, 0].set_ylim(bottom=0.0)
     fig.tight_layout()
-    atomic_write(paths["png"], lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, paths["png"])
     return paths

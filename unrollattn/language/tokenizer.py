@@ -29,7 +29,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
-from ..utils.io import sha256_file
+from ..utils.io import atomic_write_text, sha256_file
 
 __all__ = [
     "BYTE_EOS_ID", "BYTE_VOCAB_SIZE", "GPT2_EOS_TOKEN", "GPT2_FILES_PACKAGE", "GPT2_FILES_SHA256", "GPT2_VOCAB_SIZE",
@@ -210,7 +210,7 @@ class ByteTokenizer(PreTrainedTokenizerFast):
                 path = Path(name)
                 config = json.loads(path.read_text(encoding="utf-8"))
                 config["tokenizer_class"] = "PreTrainedTokenizerFast"
-                path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+                atomic_write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return files
 
 

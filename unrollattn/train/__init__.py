@@ -6,7 +6,7 @@ functions in a :class:`unrollattn.registry.Registry`, and a :class:`Task`; :func
     cfg = load_preset(PRESETS, args.preset, args.overrides)
     summary = fit(MyTask(cfg), cfg.loop, cfg.optim, run_name_prefix=f"mytask-{args.preset}", config_for_log=cfg)
 """
-from .ablate import compare, comparison_figure, format_value, plot_comparison
+from .ablate import compare, comparison_figure, plot_comparison
 from .checkpoint import (
     CheckpointError, checkpoint_dir_for_step, latest_checkpoint, list_checkpoints, load_checkpoint, load_latest_weights,
     prune_checkpoints,
@@ -26,7 +26,7 @@ __all__ = [
     "RunDirError", "Task", "TrainingInterrupted", "add_config_arguments", "apply_overrides", "build_optimizer",
     "build_scheduler", "checkpoint_dir_for_step", "cleanup", "compare", "comparison_figure", "config_from_dict",
     "config_help", "config_to_dict", "count_params", "curves_figure", "env_info", "epoch_batch_indices", "fit",
-    "format_value", "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+    "init_distributed", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
     "load_latest_weights", "load_preset", "lr_factor", "param_groups", "plot_comparison", "plot_curves",
     "progress_bar", "prune_checkpoints", "read_metrics", "read_run_config", "recipe_main", "resolve_device",
     "resume_config_changes", "save_checkpoint", "to_device", "verify_checkpoint", "wrap_model",

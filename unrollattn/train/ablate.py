@@ -5,46 +5,17 @@ values, or any dicts) to :func:`compare` and :func:`plot_comparison`.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
-import statistics
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..utils.io import atomic_write_text, to_jsonable
-from .runlog import DEFAULT_LOSS_LABEL, METRICS_FILE, draw_curves, read_metrics, save_figure
+from ..utils.plots import Series, draw_series, new_figure, save_figure
+from ..utils.tables import SeedStats, write_table
+from .runlog import DEFAULT_LOSS_LABEL, METRICS_FILE, draw_curves, read_metrics
 
-__all__ = ["SeedStats", "compare", "comparison_figure", "format_value", "plot_comparison", "summarize_seeds"]
-
-
-@dataclasses.dataclass(frozen=True)
-class SeedStats:
-    """One table cell over seeds: the values, and whether the mean differs from the first variant's by more than
-    two standard errors of the difference."""
-
-    values: tuple[float, ...]
-    differs: bool = False
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float:
-        if all(v == self.values[0] for v in self.values):  # e.g. a parameter count: keep it as it is
-            return self.values[0]
-        return statistics.fmean(self.values)
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if self.n > 1 else 0.0
-
-    @property
-    def sem(self) -> float:
-        return self.std / math.sqrt(self.n)
+__all__ = ["compare", "comparison_figure", "plot_comparison", "summarize_seeds"]
 
 
 def summarize_seeds(runs: Mapping[str, Sequence[Mapping[str, Any]]], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -73,31 +44,6 @@ def summarize_seeds(runs: Mapping[str, Sequence[Mapping[str, Any]]], columns: Se
     return rows
 
 
-def format_value(value: Any) -> str:
-    """Compact text for a table cell: ints with separators, floats to 4 significant digits, ``mean ± std`` over seeds
-    (``*``: differs from the first variant by more than two standard errors)."""
-    if isinstance(value, SeedStats):
-        if value.n == 1:
-            return format_value(value.values[0])
-        text = format_value(value.mean) if value.std == 0 else f"{format_value(value.mean)} ± {format_value(value.std)}"
-        return text + (" *" if value.differs else "")
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
-            return f"{value:.3e}"
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _escape_md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def compare(runs: Mapping[str, Mapping[str, Any]], columns: Sequence[str], out_dir: str | os.PathLike,
             *, label: str = "variant") -> str:
     """Write ``comparison.md`` and ``comparison.csv`` (one row per run, the given columns) to ``out_dir``.
@@ -117,37 +63,12 @@ def compare(runs: Mapping[str, Mapping[str, Any]], columns: Sequence[str], out_d
         known = sorted({k for s in runs.values() for k in s})
         raise ValueError(f"compare: column(s) {', '.join(map(repr, absent))} appear in no run; available: {', '.join(known)}")
 
-    header = [label, *columns]
-    lines = ["| " + " | ".join(_escape_md(h) for h in header) + " |",
-             "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
-    for name, summary in runs.items():
-        cells = [_escape_md(str(name))] + [_escape_md(format_value(summary.get(c))) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    markdown = "\n".join(lines) + "\n"
-
-    seeded = {c for c in columns if any(isinstance(s.get(c), SeedStats) and s[c].n > 1 for s in runs.values())}
-    if seeded:
-        lines.append(f"\nmean ± std over seeds; * = differs from {next(iter(runs))} by more than two standard errors\n")
-        markdown = "\n".join(lines) + "\n"
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow([label] + [h for c in columns for h in ((c, f"{c} std") if c in seeded else (c,))])
-    for name, summary in runs.items():
-        row = [name]
-        for c in columns:
-            v = summary.get(c)
-            if isinstance(v, SeedStats):
-                row += [v.mean, v.std] if c in seeded else [v.mean]
-                continue
-            v = to_jsonable(v)
-            row += ["" if v is None else v] + ([""] if c in seeded else [])
-        writer.writerow(row)
-
+    seeded = any(isinstance(s.get(c), SeedStats) and s[c].n > 1 for s in runs.values() for c in columns)
+    note = (f"mean ± std over seeds; * = differs from {next(iter(runs))} by more than two standard errors"
+            if seeded else None)
+    rows = [{**summary, label: name} for name, summary in runs.items()]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "comparison.md", markdown)
-    atomic_write_text(out_dir / "comparison.csv", buf.getvalue())
-    return markdown
+    return write_table(rows, [label, *columns], out_dir / "comparison.md", out_dir / "comparison.csv", note=note)
 
 
 def _metrics_path(summary: Mapping[str, Any]) -> Path | None:
@@ -167,33 +88,28 @@ def comparison_figure(runs: Mapping[str, Mapping[str, Any]], *, metric: str = "t
     """The matplotlib Figure of :func:`plot_comparison` (the caller closes it)."""
     if not runs:
         raise ValueError("plot_comparison: expected at least one run (label -> summary dict)")
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = new_figure(1, 2, figsize=(13, 4.8))
+    ax_metric, ax_loss = axes[0]
     mean = lambda v: v.mean if isinstance(v, SeedStats) else v  # noqa: E731
     points = [(name, mean(s.get(params_key)), mean(s.get(metric))) for name, s in runs.items()]
     points = [(n, p, m) for n, p, m in points if isinstance(p, (int, float)) and isinstance(m, (int, float))
               and math.isfinite(p) and math.isfinite(m)]
     colours = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # a variant has one colour in both panels
+    series = []
     for name, p, m in points:
-        spread = runs[name].get(metric)
-        if isinstance(spread, SeedStats) and spread.n > 1:  # error bar: one standard deviation over seeds
-            ax_metric.errorbar([p], [m], yerr=[spread.std], fmt="none", ecolor=colours[name], capsize=3)
-        ax_metric.scatter([p], [m], s=30, color=colours[name])
-        ax_metric.annotate(str(name), (p, m), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        spread = runs[name].get(metric)  # error bar: one standard deviation over seeds
+        yerr = [spread.std] if isinstance(spread, SeedStats) and spread.n > 1 else None
+        series.append(Series([p], [m], kind="points", yerr=yerr, style={"color": colours[name]}))
     log_x = bool(points) and max(p for _, p, _ in points) > 50 * max(1, min(p for _, p, _ in points))
-    if points:
-        ax_metric.set_xscale("log" if log_x else "linear")
-    else:
+    params_name = "parameters" if params_key == "params" else params_key
+    draw_series(ax_metric, series, xlabel=f"{params_name}{' (log scale)' if log_x else ''}", ylabel=metric,
+                log_x=log_x, legend=False)
+    ax_metric.set_title(f"{metric} vs {params_name}")
+    for name, p, m in points:
+        ax_metric.annotate(str(name), (p, m), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if not points:
         ax_metric.text(0.5, 0.5, f"no run has both {params_key!r} and {metric!r}", ha="center", va="center",
                        transform=ax_metric.transAxes)
-    ax_metric.set_xlabel(f"{'parameters' if params_key == 'params' else params_key}{' (log scale)' if log_x else ''}")
-    ax_metric.set_ylabel(metric)
-    ax_metric.set_title(f"{metric} vs {'parameters' if params_key == 'params' else params_key}")
-    ax_metric.grid(alpha=0.3)
 
     curves = {}
     for name, summary in runs.items():

@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..utils.io import atomic_write, atomic_write_json, atomic_write_text, to_jsonable
+from ..utils.io import atomic_write_json, atomic_write_text, to_jsonable
+from ..utils.plots import new_figure, save_figure
 
-__all__ = ["RunDir", "RunDirError", "curves_figure", "draw_curves", "env_info", "plot_curves", "progress_bar", "read_metrics",
-           "save_figure"]
+__all__ = ["RunDir", "RunDirError", "curves_figure", "draw_curves", "env_info", "plot_curves", "progress_bar", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.csv"
@@ -409,12 +409,7 @@ def curves_figure(metrics_jsonl_paths: Mapping[str, str | os.PathLike] | str | o
     losses = [k for k in keys if _is_loss(k)]
     panels = ([losses] if losses else []) + [[k] for k in keys if not _is_loss(k)]
 
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(6 * len(panels), 4.2))
     for ax, panel in zip(axes[0], panels):
         draw_curves(ax, runs, panel, ylabel=ylabel if panel is losses else panel[0])
         ax.set_title("loss curves" if panel is losses else panel[0])
@@ -437,18 +432,6 @@ def plot_curves(metrics_jsonl_paths: Mapping[str, str | os.PathLike] | str | os.
         out_png = (first if first.is_dir() else first.parent) / "curves.png"
     fig = curves_figure(metrics_jsonl_paths, keys, ylabel=ylabel)
     return save_figure(fig, out_png)
-
-
-def save_figure(fig: Any, out_png: str | os.PathLike) -> Path:
-    """Write ``fig`` to ``out_png`` atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    out_png = Path(out_png)
-    try:
-        atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-    return out_png
 
 
 # ----------------------------------------------------------------------------------------------
