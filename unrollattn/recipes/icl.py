@@ -35,7 +35,7 @@ from torch import nn
 
 from unrollattn.language.evaluation import ICLData, ICLRegressionTask, write_icl_curves
 from unrollattn.recipes.lm import (
-    VARIANT_KEY, ModelConfig, available_variants, build_lm, parse_model_label, run_summary,
+    VARIANT_KEY, ModelConfig, available_variants, build_lm, derived_fields, model_description, parse_model_label,
 )
 from unrollattn.registry import Registry
 from unrollattn.train import ConfigError, LoopConfig, OptimConfig, apply_overrides, fit, recipe_main
@@ -97,7 +97,8 @@ class ICLConfig:
 
 
 class ICLTask(ICLRegressionTask):
-    """The regression task of ``cfg``; its export also refreshes the combined curves of ``loop.out_dir``."""
+    """The regression task of ``cfg`` with the run's description, the error aliases and the combined curves of
+    ``loop.out_dir`` (refreshed by its export)."""
 
     def __init__(self, cfg: ICLConfig):
         self.cfg = cfg
@@ -117,6 +118,19 @@ class ICLTask(ICLRegressionTask):
     def export(self, model: nn.Module, run_dir: Path) -> None:
         super().export(model, run_dir)
         combine_icl_curves(Path(run_dir).parent)
+
+    def run_info(self) -> dict[str, Any]:
+        """The backbone (the lm recipe's :func:`~unrollattn.recipes.lm.model_description`) and the prompts."""
+        with torch.device("meta"):
+            backbone = self._backbone()
+        return {**model_description(self.cfg.model, backbone), "icl_dim": self.cfg.data.dim,
+                "icl_points": self.cfg.data.n_points}
+
+    def summary_fields(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """:func:`error_aliases`, where the combined curves are, and the lm recipe's table fields."""
+        aliases = error_aliases(summary, self.cfg.data)
+        return {**aliases, "icl_curves": str(Path(summary["run_dir"]).parent / "icl_curves.md"),
+                **derived_fields({**summary, **aliases}, ablation_columns)}
 
 
 def error_aliases(summary: dict[str, Any], prompts: PromptConfig) -> dict[str, float]:
@@ -185,16 +199,10 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: Sequence[str] | None = 
 
 
 def run(cfg: ICLConfig) -> dict[str, Any]:
-    """Train and evaluate ``cfg``; return fit's summary with the model description and the error aliases."""
-    task = ICLTask(cfg)
-    summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=f"icl-{cfg.preset}-{cfg.model.label}",
-                  config_for_log=cfg)
-    summary.update(error_aliases(summary, cfg.data))
-    with torch.device("meta"):
-        backbone = task.build_model().backbone
-    info = {"icl_dim": cfg.data.dim, "icl_points": cfg.data.n_points,
-            "icl_curves": str(Path(summary["run_dir"]).parent / "icl_curves.md")}
-    return run_summary(cfg.model, backbone, info, summary, ablation_columns)
+    """Train and evaluate ``cfg``; return fit's summary (also result.json) with the backbone's description and the
+    error aliases (:meth:`ICLTask.run_info`, :meth:`ICLTask.summary_fields`)."""
+    return fit(ICLTask(cfg), cfg.loop, cfg.optim, run_name_prefix=f"icl-{cfg.preset}-{cfg.model.label}",
+               config_for_log=cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

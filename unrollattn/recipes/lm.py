@@ -75,7 +75,7 @@ from unrollattn.train import (
     ConfigError, LoopConfig, OptimConfig, recipe_main, apply_overrides, fit, init_distributed,
 )
 from unrollattn.utils.dist import (
-    DistState, is_main_process, micro_batch_seed, micro_batch_size, run_on_main, unwrap_model,
+    DistState, micro_batch_seed, micro_batch_size, run_on_main, unwrap_model,
 )
 
 __all__ = [
@@ -83,7 +83,7 @@ __all__ = [
     "layer_stack_params", "matched_model", "parse_model_label", "reference_model",
     "ModelConfig", "PRESETS", "TOKENIZER_NAMES", "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for",
     "ablation_metric", "build_lm", "embedding_params", "export_hf_model", "load_config", "main", "model_kwargs", "registry_name",
-    "run", "run_summary",
+    "derived_fields", "model_description", "run",
 ]
 
 VARIANT_KEY = "model.variant"
@@ -344,6 +344,26 @@ def embedding_params(model: nn.Module) -> int:
     return sum(getattr(base, name).weight.numel() for name in ("wte", "wpe") if getattr(base, name, None) is not None)
 
 
+def model_description(model: ModelConfig, built: nn.Module) -> dict[str, Any]:
+    """The run fields that describe ``built`` (the causal LM of ``model`` or its base model, on any device): label,
+    registered name, layers, width, layer-stack parameters (and the ``match_params`` reference's) and
+    ``params_embedding`` (token + position embeddings)."""
+    config = built.config
+    stack, _ = stack_parameters(built)
+    reference = layer_stack_params(reference_model(model))[0] if model.match_params else math.nan
+    return {"variant": model.label, "model_name": registry_name(model), "n_layer": config.n_layer,
+            "n_embd": config.n_embd, "params_stack": stack, "params_reference": reference,
+            "matched_to": model.match_params, "params_embedding": embedding_params(built)}
+
+
+def derived_fields(summary: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+    """What a run's summary (fit's, with :func:`model_description`) adds for the tables: ``params_non_embedding``,
+    ``tokens_per_s`` and NaN for each of ``columns`` it does not report, so every run has every column."""
+    out = {"params_non_embedding": summary["params"] - summary["params_embedding"],
+           "tokens_per_s": summary.get("train_items_per_s")}
+    return {**out, **{key: math.nan for key in columns if key not in summary and key not in out}}
+
+
 def export_hf_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike) -> Path:
     """Write ``model`` (``save_pretrained``: config.json, model.safetensors, generation_config.json) and the
     ``tokenizer`` it was trained with (byte-level or GPT-2 BPE: tokenizer.json, tokenizer_config.json) into
@@ -501,6 +521,16 @@ class LMTask:
                 "shift_corpus": self.shift.name if self.shift is not None else None,
                 "tokenizer": self.corpus.meta["tokenizer"], "last_word_passages": len(self.passages)}
 
+    def run_info(self) -> dict[str, Any]:
+        """The model (:func:`model_description`) and the data (:meth:`describe`) of the run."""
+        with torch.device("meta"):
+            model = self.build_model()
+        return {**model_description(self.cfg.model, model), **self.describe()}
+
+    def summary_fields(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """:func:`derived_fields` over the ablation columns (NaN e.g. for ``shift_loss`` without a shift corpus)."""
+        return derived_fields(summary, ablation_columns)
+
 
 # ----------------------------------------------------------------------------------------------------- presets
 
@@ -565,36 +595,11 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: Sequence[str] | None = 
     return apply_overrides(cfg, ["loop.resume=true"]) if resume else cfg
 
 
-def run_summary(model: ModelConfig, built: nn.Module, info: dict[str, Any], summary: dict[str, Any],
-                columns: Sequence[str]) -> dict[str, Any]:
-    """fit's ``summary`` with the description of ``built`` (the causal LM of ``model`` or its base model, on any
-    device) and ``info``, NaN for the ``columns`` a run did not report; rewrites the run's result.json with it."""
-    config = built.config
-    stack, _ = stack_parameters(built)
-    reference = layer_stack_params(reference_model(model))[0] if model.match_params else math.nan
-    out = {"variant": model.label, "model_name": registry_name(model), "n_layer": config.n_layer,
-           "n_embd": config.n_embd, "params_stack": stack, "params_reference": reference,
-           "matched_to": model.match_params, **info, **summary,
-           "params_non_embedding": summary["params"] - embedding_params(built),
-           "tokens_per_s": summary.get("train_items_per_s")}
-    for key in columns:
-        out.setdefault(key, math.nan)
-    if is_main_process() and out.get("run_dir"):
-        from unrollattn.utils.io import atomic_write_json
-
-        atomic_write_json(Path(out["run_dir"]) / "result.json", out)
-    return out
-
-
 def run(cfg: LMConfig) -> dict[str, Any]:
-    """Train and evaluate ``cfg``; return fit's summary plus the model description (and NaN for ablation columns
-    the run did not report, e.g. ``shift_loss`` without a shift corpus, so every run has every column)."""
-    task = LMTask(cfg)
-    summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=f"lm-{cfg.preset}-{cfg.model.label}",
-                  config_for_log=cfg)
-    with torch.device("meta"):
-        model = task.build_model()
-    return run_summary(cfg.model, model, {"task": "lm", **task.describe()}, summary, ablation_columns)
+    """Train and evaluate ``cfg``; return fit's summary (also result.json) with the model and data of the run
+    (:meth:`LMTask.run_info`) and the table fields (:meth:`LMTask.summary_fields`)."""
+    return fit(LMTask(cfg), cfg.loop, cfg.optim, run_name_prefix=f"lm-{cfg.preset}-{cfg.model.label}",
+               config_for_log=cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -289,6 +289,10 @@ class RestoreTask:
     def items_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["x"].shape[0])
 
+    def run_info(self) -> dict[str, Any]:
+        """The variant, its registered model, the task and the photos of the run."""
+        return {"variant": self.cfg.model.variant, "model": self.name, "task": self.cfg.task, "data": self.photos.name}
+
     def evaluate(self, model: nn.Module, state: DistState) -> dict[str, float]:
         """PSNR / SSIM / s per MP on clean samples and PSNR per noise σ, averaged over the test photos
         (sharded over ranks and all-reduced)."""
@@ -522,7 +526,7 @@ def evaluate_only(task: RestoreTask, cfg: RestoreConfig, *, run_name_prefix: str
         metrics = task.evaluate(model, state)
     run.log(0, **metrics)
     run.summary({"step": 0, **metrics})
-    summary = {"run_dir": str(run.dir), "steps": 0, "start_step": 0, "params": 0, "train_loss": math.nan, **metrics,
+    summary = {**task.run_info(), "run_dir": str(run.dir), "steps": 0, "start_step": 0, "params": 0, "train_loss": math.nan, **metrics,
                "train_items_per_s": math.nan, "world_size": state.world_size, "checkpoint": None}
     if state.is_main:
         task.export(model, run.dir)
@@ -541,7 +545,7 @@ def run(cfg: RestoreConfig) -> dict[str, Any]:
         summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=prefix, config_for_log=cfg)
     else:
         summary = evaluate_only(task, cfg, run_name_prefix=prefix)
-    return {"variant": cfg.model.variant, "model": task.name, "task": cfg.task, "data": task.photos.name, **summary}
+    return summary
 
 
 def load_model(run_dir: str | Path) -> tuple[nn.Module, RestoreConfig]:

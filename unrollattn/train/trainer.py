@@ -64,6 +64,9 @@ class Task(Protocol):
       checkpoint (e.g. to write a ``save_pretrained`` directory).
     - ``run_info() -> dict``: fields that describe the run (model name, data, sizes) for the summary and
       result.json, which ``fit`` writes once.
+    - ``summary_fields(summary) -> dict``: fields computed from the finished run's summary (say parameters net of
+      the embeddings, or aliases of metrics), called on every rank and merged into the summary before result.json
+      is written; what ``fit`` returns is what result.json holds.
     - ``loss_label``: a string naming the training loss with its unit for plot axes, e.g.
       ``"cross-entropy (nats/token)"`` (default ``"loss (mean per item)"``); when set, also in the summary.
     """
@@ -601,6 +604,8 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
             }
             if callable(getattr(task, "run_info", None)):
                 summary = {**task.run_info(), **summary}
+            if callable(getattr(task, "summary_fields", None)):
+                summary = {**summary, **task.summary_fields(dict(summary))}
 
             def finish() -> None:
                 try:
