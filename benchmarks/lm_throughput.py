@@ -31,10 +31,11 @@ import torch.nn.functional as F
 
 import unrollattn  # noqa: F401 (registers the models)
 from unrollattn.utils.params import count_parameters
-from benchmarks.common import (
-    device_name, markdown_table, peak_memory_mb, time_call, without_finite_checks, write_atomic,
-)
-from unrollattn.recipes.lm import VARIANTS, ModelConfig, build_lm, parse_model_label
+from benchmarks.common import device_name, peak_memory_mb, time_call, without_finite_checks
+from unrollattn.utils.io import atomic_write_text
+from unrollattn.utils.tables import markdown_table
+from unrollattn.recipes.lm import TASK, ModelConfig, build_lm, parse_model_label
+from unrollattn.registry import ATTENTIONS, BLOCKS, import_modules, model_variants, variant_fields
 
 COLUMNS = ["variant", "layers", "width", "heads", "params", "non_emb_params", "seq_len", "batch", "step_ms",
            "tokens_per_s", "mflop_per_token_6n", "mflop_per_token_counted", "achieved_gflops", "mfu_pct", "peak_mem_mb"]
@@ -136,12 +137,29 @@ def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: 
     }
 
 
+def selected_variants(text: str) -> list[str]:
+    """The named labels (default: every registered causal-LM variant); each a registered variant or an
+    ``attention-block`` pair of registered names."""
+    known = model_variants(TASK)
+    labels = [v.strip() for v in text.split(",") if v.strip()] if text else known
+    for label in labels:
+        fields = variant_fields(label)
+        if fields["variant"] is not None and fields["variant"] not in known:
+            raise ValueError(f"unknown variant {label!r}; registered: {', '.join(known)} (or attention-block)")
+        if fields["variant"] is None:
+            ATTENTIONS.get(fields["attention"]), BLOCKS.get(fields["block"])  # an unknown name lists the registered
+    return labels
+
+
 @without_finite_checks
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="", help="comma-separated registered LM variants or attention-block "
+                        "labels (default: every registered causal-LM variant)")
+    parser.add_argument("--import", dest="imports", default="", metavar="MODULES",
+                        help="comma-separated modules to import first (e.g. one registering your own attention)")
     parser.add_argument("--width", type=int, default=160)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--depth", type=int, default=4, help="GPT-2-equivalent depth (equal parameters)")
@@ -157,12 +175,14 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    unknown = [v for v in args.variants.split(",") if "-" not in v and v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} or attention-block")
+    try:
+        import_modules(args.imports)
+        variants = selected_variants(args.variants)
+    except ValueError as err:
+        parser.error(str(err))
     peak, peak_text = peak_gflops(device, args.peak_tflops)
     rows = []
-    for variant in args.variants.split(","):
+    for variant in variants:
         row = measure(variant, args, device, dtype, peak)
         rows.append(row)
         print(f"{variant:9s} {row['layers']:3d} layers  {row['tokens_per_s']:10,.0f} tok/s  "
@@ -176,7 +196,7 @@ def main(argv=None) -> int:
     print()
     print(text)
     out = Path(args.out) / f"lm_throughput_{device.type}.md"
-    write_atomic(out, text)
+    atomic_write_text(out, text)
     print(f"wrote {out}")
     return 0
 

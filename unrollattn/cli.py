@@ -210,7 +210,9 @@ def ablate(recipe: str, variants: Sequence[str] = (), *, attention: Sequence[str
     Returns (markdown table, {run name: summary}). A run that fails (e.g. diverges) does not stop the others: its row
     shows ``-`` and its error is in its summary (and summaries.json).
     """
-    from .train import broadcast_object, compare, init_distributed, plot_comparison
+    from .train import compare, init_distributed, plot_comparison
+    from .utils.dist import broadcast_object
+    from .utils.io import atomic_write_json
     from .train.ablate import summarize_seeds
 
     mod = import_recipe(recipe)
@@ -254,8 +256,6 @@ def ablate(recipe: str, variants: Sequence[str] = (), *, attention: Sequence[str
     out_dir = Path(broadcast_object(str(out_dir), state))  # every rank writes to the same directory
     if state.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        from .train._io import atomic_write_json
-
         atomic_write_json(out_dir / "ablation.json", spec)
 
     runs: dict[str, dict[str, Any]] = {}
@@ -294,7 +294,7 @@ def ablate(recipe: str, variants: Sequence[str] = (), *, attention: Sequence[str
     headers = dict(columns) if isinstance(columns, dict) else {c: c for c in columns}
     if not state.is_main:
         return "", runs
-    (out_dir / "summaries.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
+    atomic_write_json(out_dir / "summaries.json", runs)
     ok = {label: [s for s in summaries if "error" not in s] for label, summaries in by_label.items()}
     ok = {label: summaries for label, summaries in ok.items() if summaries}
     if not ok:
@@ -310,17 +310,10 @@ def ablate(recipe: str, variants: Sequence[str] = (), *, attention: Sequence[str
     return markdown, runs
 
 
-def import_modules(names: str) -> None:
-    """Import each of the comma-separated modules (e.g. one that registers a user's own attention)."""
-    for name in (n.strip() for n in names.split(",")):
-        if name:
-            try:
-                importlib.import_module(name)
-            except ImportError as err:
-                raise ValueError(f"--import {name}: {err}") from None
-
-
 def _cmd_ablate(args: argparse.Namespace) -> int:
+    from .registry import import_modules
+    from .utils.dist import is_main_process
+
     t0 = time.perf_counter()
     import_modules(args.imports)
     try:
@@ -336,7 +329,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         selection += [f"--seeds={args.seeds}"] if args.seeds > 1 else []
         command = shlex.join(["unrollattn", "ablate", args.recipe, *selection, "--preset", stop.preset,
                               "--out", str(stop.out_dir), *args.overrides])
-        if int(os.environ.get("RANK", "0") or 0) == 0:
+        if is_main_process():
             print(f"interrupted during variant {stop.variant}; resume the ablation with: {command}", file=sys.stderr,
                   flush=True)
         return INTERRUPTED_EXIT
@@ -347,7 +340,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         print(f"wrote {out_dir}/comparison.md, comparison.csv, comparison.png, summaries.json "
               f"({time.perf_counter() - t0:.0f} s)")
     failed = [v for v, s in runs.items() if "error" in s]
-    if failed and int(os.environ.get("RANK", "0") or 0) == 0:
+    if failed and is_main_process():
         print(f"error: variant(s) {', '.join(failed)} failed (see summaries.json)", file=sys.stderr)
     return 1 if failed else 0
 
@@ -407,8 +400,9 @@ def _ablate_arguments(p: argparse.ArgumentParser, mod: ModuleType | None, *, pro
                    "attention x block is a variant named attention-block (block default transformer)")
     p.add_argument("--block", default="", help="comma-separated registered blocks (attention default mhsa)")
     p.add_argument("--match-params", default=None, metavar="REFERENCE",
-                   help="size each variant's depth so its layer stack has REFERENCE's parameters (a variant or "
-                        "attention-block; the preset's depth is REFERENCE's)")
+                   help="size each variant so its layer stack has REFERENCE's parameters within 2%%: its depth, or "
+                        "where no depth comes that close the nearest width (REFERENCE: a variant or attention-block; "
+                        "the preset's depth is REFERENCE's)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per variant (loop.seed + 0..N-1): mean ± std")
     p.add_argument("--import", dest="imports", default="", metavar="MODULES",
                    help="comma-separated modules to import first (e.g. one registering your own attention)")

@@ -35,23 +35,25 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.v2 import functional as TF
 
 import unrollattn  # noqa: F401  (registers the aot_* / crate_* timm models)
 from unrollattn.diagnostics.robustness import ATTACKS, adversarial_counts, check_eps, eps_label
 from unrollattn.registry import (
     ATTENTIONS, BLOCKS, Registry, UnknownNameError, composable_model, model_variants, resolve_variant, variant_fields,
 )
-from unrollattn.utils.params import matching_depth, stack_parameters
+from unrollattn.utils.params import layer_stack, matching_shape, stack_parameters
 from unrollattn.train import (
-    DistState, LoopConfig, OptimConfig, all_reduce_tensor, apply_overrides, epoch_batch_indices, fit,
-    load_latest_weights, read_run_config, recipe_main, micro_batch_seed,
+    LoopConfig, OptimConfig, apply_overrides, epoch_batch_indices, fit, load_latest_weights, read_run_config,
+    recipe_main,
 )
-from unrollattn.train._io import atomic_write_json
+from unrollattn.utils.dist import DistState, all_reduce_tensor, micro_batch_seed
+from unrollattn.utils.io import atomic_write_json
 from unrollattn.vision.datasets import ImageClassificationData, load_classification_data
 
 __all__ = [
     "DEFAULT_PRESET", "ClassifyConfig", "ClassifyTask", "DataConfig", "ModelConfig", "PRESETS", "RobustConfig",
-    "block_stack_params", "parse_model_label", "reference_model", "resolved_depth",
+    "block_stack_params", "matched_model", "parse_model_label", "reference_model",
     "VARIANTS", "VARIANT_KEY", "ablation_columns", "ablation_columns_for", "ablation_metric", "available_variants",
     "build_classifier", "evaluate_robustness", "load_config", "load_model", "main", "random_translate_flip",
     "with_data_config",
@@ -104,7 +106,8 @@ class ModelConfig:
     ``block`` are set, timm's ViT layout with that attention in that block (any registered names, a user's own
     included), or ``arch``: any timm model. ``embed_dim`` / ``depth`` / ``num_heads`` left at None keep the size's.
     ``match_params`` (a variant, or ``attention-block``): ``depth`` is the reference's depth and this model gets the
-    depth whose blocks have the reference's parameters at the same width."""
+    depth whose blocks have the reference's parameters within 2% at the same width, or, where no depth does, the
+    nearest width (a multiple of the heads) at which one does (:func:`matched_model`)."""
 
     variant: str = "vit"
     attention: str | None = None
@@ -255,10 +258,8 @@ def build_classifier(model: ModelConfig, *, num_classes: int, in_chans: int, img
     if img_size[0] % model.patch_size or img_size[1] % model.patch_size:
         raise ValueError(f"image size {img_size[0]}x{img_size[1]} is not divisible by model.patch_size={model.patch_size}"
                          " (set data.img_size or model.patch_size)")
-    dims = {k: getattr(model, k) for k in ("embed_dim", "num_heads") if getattr(model, k) is not None}
-    depth = resolved_depth(model, in_chans=in_chans, img_size=img_size)
-    if depth is not None:
-        dims["depth"] = depth
+    model = matched_model(model, in_chans=in_chans, img_size=img_size)
+    dims = {k: getattr(model, k) for k in ("embed_dim", "num_heads", "depth") if getattr(model, k) is not None}
     if model.composed:
         dims.update({k: v for k, v in (("attention", model.attention), ("block", model.block)) if v is not None})
     return timm.create_model(timm_name(model), pretrained=False, num_classes=num_classes, img_size=tuple(img_size),
@@ -276,33 +277,43 @@ def block_stack_params(model: ModelConfig, *, depth: int | None = None, in_chans
         return stack_parameters(build_classifier(model, num_classes=10, in_chans=in_chans, img_size=size))
 
 
-def resolved_depth(model: ModelConfig, *, in_chans: int = 3, img_size: tuple[int, int] | None = None) -> int | None:
-    """The depth of ``model``: with ``match_params`` the one whose blocks match the reference's parameters."""
+def matched_model(model: ModelConfig, *, in_chans: int = 3, img_size: tuple[int, int] | None = None) -> ModelConfig:
+    """``model`` with ``match_params`` resolved: the depth whose blocks have the reference's parameters within 2%, and
+    where no depth does, the width nearest the reference's that has one (:func:`matching_shape`), on the meta device."""
     if model.match_params is None:
-        return model.depth
-    target, _ = block_stack_params(reference_model(model), in_chans=in_chans, img_size=img_size)
-    per_block, _ = block_stack_params(model, depth=1, in_chans=in_chans, img_size=img_size)
-    return matching_depth(per_block, target)
+        return model
+    size = dict(in_chans=in_chans, img_size=img_size or (4 * model.patch_size, 4 * model.patch_size))
+    target, _ = block_stack_params(reference_model(model), **size)
+    with torch.device("meta"):
+        probe = build_classifier(dataclasses.replace(model, depth=1, match_params=None), num_classes=10, **size)
+    width = model.embed_dim or probe.embed_dim
+    heads = model.num_heads or getattr(layer_stack(probe)[0].attn, "num_heads", 1)
+
+    def per_block(embed_dim: int) -> int:
+        shape = dataclasses.replace(model, embed_dim=embed_dim, num_heads=heads, match_params=None)
+        return block_stack_params(shape, depth=1, **size)[0]
+
+    depth, width_matched = matching_shape(per_block, target, width=width, width_step=heads)
+    embed_dim = model.embed_dim if width_matched == width else width_matched
+    return dataclasses.replace(model, depth=depth, embed_dim=embed_dim,
+                               num_heads=model.num_heads if embed_dim == model.embed_dim else heads, match_params=None)
 
 
 # ----------------------------------------------------------------------------------------------- task
 
 
 def random_translate_flip(images: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-    """Shift each image of ``images`` [B, C, H, W] by ``shift[b] = (dy, dx)`` pixels with zero fill (a random
-    crop of the zero-padded image), then mirror those with ``flip[b]`` left-right."""
+    """Shift each image of ``images`` [B, C, H, W] by ``shift[b] = (dy, dx)`` pixels with zero fill (torchvision's
+    crop of the zero-padded image), then mirror those with ``flip[b]`` left-right. The offsets come from the run's
+    seeded sampler rather than torchvision's global RNG, so a resumed run draws the same augmentations."""
     if images.ndim != 4 or shift.shape != (images.shape[0], 2):
         raise ValueError(f"expected images [B, C, H, W] and shift [B, 2], got {list(images.shape)} and {list(shift.shape)}")
-    b, _, h, w = images.shape
-    shift = shift.to(images.device)
-    rows = torch.arange(h, device=images.device) + shift[:, :1]  # [B, H]
-    cols = torch.arange(w, device=images.device) + shift[:, 1:]  # [B, W]
-    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # [B, H, W]
-    batch = torch.arange(b, device=images.device)[:, None, None]
-    out = images[batch, :, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]  # [B, H, W, C]
-    out = (out * inside[..., None].to(out.dtype)).permute(0, 3, 1, 2)
+    h, w = images.shape[-2:]
+    pad = int(shift.abs().max()) if shift.numel() else 0
+    padded = TF.pad(images, [pad], fill=0)
+    out = torch.stack([TF.crop(padded[b], pad + dy, pad + dx, h, w) for b, (dy, dx) in enumerate(shift.tolist())])
     if flip is not None:
-        out = torch.where(flip.to(images.device)[:, None, None, None], out.flip(-1), out)
+        out = torch.where(flip.to(images.device)[:, None, None, None], TF.horizontal_flip(out), out)
     return out.contiguous()
 
 
@@ -335,10 +346,14 @@ class ClassifyTask:
         """The model and data of the run (summary and result.json): variant, timm name, depth and the parameters of
         its blocks (and of the reference's, with ``model.match_params``)."""
         model, size = self.cfg.model, dict(in_chans=self.data.in_chans, img_size=self.data.img_size)
-        stack, depth = block_stack_params(model, depth=resolved_depth(model, **size), **size)
+        matched = matched_model(model, **size)
+        with torch.device("meta"):
+            built = build_classifier(matched, num_classes=self.data.num_classes, **size)
+        stack, depth = stack_parameters(built)
         reference = block_stack_params(reference_model(model), **size)[0] if model.match_params else math.nan
         return {"variant": model.label, "arch": timm_name(model), "data": self.data.describe(), "depth": depth,
-                "params_stack": stack, "params_reference": reference, "matched_to": model.match_params}
+                "width": built.embed_dim, "params_stack": stack, "params_reference": reference,
+                "matched_to": model.match_params}
 
     def final_evaluate(self, model: nn.Module, state: DistState) -> dict[str, float]:
         """FGSM / PGD accuracies of the trained model at ``robust.eps`` (:func:`evaluate_robustness`), when enabled."""
