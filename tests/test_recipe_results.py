@@ -22,6 +22,7 @@ RECIPES = {
     "icl": (icl, "quick", lambda tmp: ["model.n_embd=32", "model.depth=1", "loop.max_steps=2", "loop.batch_size=8",
                                        "data.eval_prompts=16"]),
     "restore": (restore, "tiny", lambda tmp: ["loop.max_steps=2", "model.variant=uglr"]),
+    "restore-baseline": (restore, "tiny", lambda tmp: ["model.variant=bicubic"]),  # fit with loop.max_steps=0
 }
 
 

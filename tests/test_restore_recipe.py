@@ -1,4 +1,5 @@
 """The restore recipe: metrics, the training task, end-to-end runs, the ablation table and figure."""
+import dataclasses
 import json
 import math
 
@@ -73,12 +74,19 @@ def test_run_end_to_end_and_ablation(tmp_path):
     model, cfg = restore.load_model(run_dir)
     assert cfg.task == "demosaic" and sum(p.numel() for p in model.parameters()) == summary["params"]
 
-    # no-parameter baselines: evaluated without training by the same evaluate()
-    base = restore.run(restore.load_config("tiny", [f"loop.out_dir={tmp_path}", "loop.run_name=bicubic",
-                                                    "model.variant=bicubic"]))
-    assert base["params"] == 0 and base["steps"] == 0 and math.isfinite(base["psnr"])
+    # no-parameter baselines: fit with loop.max_steps=0, evaluated once by the same evaluate(), no checkpoint
+    base_cfg = restore.load_config("tiny", [f"loop.out_dir={tmp_path}", "loop.run_name=bicubic", "model.variant=bicubic"])
+    base = restore.run(base_cfg)
+    assert base["params"] == 0 and base["steps"] == 0 and math.isfinite(base["psnr"]) and base["checkpoint"] is None
+    for name in ("config.json", "env.json", "metrics.jsonl", "summary.csv", "result.json"):
+        assert (tmp_path / "bicubic" / name).is_file(), name
+    assert not (tmp_path / "bicubic" / "checkpoints").exists()
+    assert json.loads((tmp_path / "bicubic" / "config.json").read_text())["loop"]["max_steps"] == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "bicubic")] == [0]
     result = json.loads((tmp_path / "bicubic" / "result.json").read_text())
-    assert result["psnr"] == pytest.approx(base["psnr"])
+    assert result["psnr"] == pytest.approx(base["psnr"]) and result["model"] == "bicubic_demosaic"
+    resumed = restore.run(dataclasses.replace(base_cfg, loop=dataclasses.replace(base_cfg.loop, resume=True)))
+    assert resumed == result and [r["step"] for r in read_metrics(tmp_path / "bicubic")] == [0]
     with np.load(tmp_path / "bicubic" / "restoration_samples.npz") as z:
         assert z["target"].shape == z["output"].shape == (24, 24, 3)
     assert (tmp_path / "restorations_demosaic_tiny.png").stat().st_size > 0

@@ -472,3 +472,51 @@ def test_final_evaluation_joins_the_summary_and_the_wall_time(tmp_path, digits, 
     assert json.loads((tmp_path / "final" / "result.json").read_text())["attacked_top1"] == 12.5
     out = capsys.readouterr().out
     assert "final evaluation (RobustTask.final_evaluate)" in out and "final evaluation done in" in out
+
+
+class NearestMeanTask(DigitsTask):
+    """A model without parameters (class means as buffers): evaluated with loop.max_steps=0, never trained."""
+
+    def build_model(self):
+        means = torch.stack([self.x[self.y == c].mean(0) for c in range(10)])
+        model = nn.Module()
+        model.register_buffer("means", means)
+        model.forward = lambda x: -torch.cdist(x, model.means)
+        return model
+
+
+def test_zero_steps_evaluate_a_parameter_free_model_in_the_one_loop(tmp_path, digits):
+    loop = _loop(tmp_path, "means", max_steps=0)
+    summary = fit(NearestMeanTask(digits, loop), loop, OPTIM)
+    run = tmp_path / "means"
+    for name in ("config.json", "env.json", "metrics.jsonl", "summary.csv", "curves.png", "result.json"):
+        assert (run / name).is_file(), name
+    assert not (run / "checkpoints").exists() and summary["checkpoint"] is None
+    assert (summary["steps"], summary["params"], summary["start_step"]) == (0, 0, 0) and summary["top1"] > 80
+    assert math.isnan(summary["train_loss"]) and math.isnan(summary["train_items_per_s"])
+    assert read_metrics(run) == [{"step": 0, "val_loss": summary["val_loss"], "top1": summary["top1"]}]
+    assert json.loads((run / "result.json").read_text())["top1"] == summary["top1"]
+
+    # resuming the finished evaluation changes nothing it wrote (config.json and resume_changes.json record the
+    # resume) and gives its result back
+    written = lambda: {p.name: p.read_bytes() for p in run.iterdir()  # noqa: E731
+                       if p.name not in ("config.json", "resume_changes.json")}
+    before = written()
+    again = fit(NearestMeanTask(digits, loop), dataclasses.replace(loop, resume=True), OPTIM)
+    assert written() == before
+    assert again == json.loads((run / "result.json").read_text())
+
+    # an evaluation that stopped before result.json runs again; the earlier rows move to the rewound file
+    (run / "result.json").unlink()
+    redone = fit(NearestMeanTask(digits, loop), dataclasses.replace(loop, resume=True), OPTIM)
+    assert redone["top1"] == summary["top1"] and len(read_metrics(run)) == 1
+    assert len(read_metrics(run / "metrics.rewound.jsonl")) == 1
+
+
+def test_training_a_model_without_parameters_is_refused(tmp_path, digits):
+    loop = _loop(tmp_path, "means", max_steps=3)
+    with pytest.raises(ValueError, match="without trainable parameters; set loop.max_steps=0"):
+        fit(NearestMeanTask(digits, loop), loop, OPTIM)
+    assert not (tmp_path / "means").exists()
+    with pytest.raises(ValueError, match=r"max_steps: expected an int >= 0 \(0 = evaluate only\), got -1"):
+        _loop(tmp_path, "x", max_steps=-1)

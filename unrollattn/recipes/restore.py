@@ -19,8 +19,8 @@ Ablation, one table + plots::
 
 Variants (``model.variant``): ``uglr``, ``ugtv`` (:mod:`unrollattn.vision.restoration`), ``transformer``
 (timm Swin blocks), ``bilinear``, ``bicubic``, and for demosaicking ``malvar`` / ``menon``
-(colour-demosaicing) — the last four have no parameters and are evaluated without training, through
-the same :meth:`RestoreTask.evaluate` as the trained ones.
+(colour-demosaicing) — the last four have no parameters and run through the same ``fit`` with
+``loop.max_steps=0``: evaluated once by the same :meth:`RestoreTask.evaluate` as the trained ones, no checkpoint.
 
 Data: :mod:`unrollattn.vision.photos` (fixed split by photo; random ``data.crop`` training crops drawn
 from a generator seeded by (seed, step, micro-batch, rank), so resuming is exact). Training uses clean
@@ -56,16 +56,16 @@ import unrollattn
 import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
 from unrollattn.registry import MODELS, Registry, UnknownNameError, model_variants, resolve_variant
 from unrollattn.train import (
-    LoopConfig, OptimConfig, RunDir, apply_overrides, count_params, fit, init_distributed, load_latest_weights,
+    LoopConfig, OptimConfig, apply_overrides, count_params, fit, load_latest_weights,
     read_run_config, recipe_main,
 )
-from unrollattn.utils.dist import DistState, all_reduce_tensor, broadcast_object, micro_batch_seed, micro_batch_size
+from unrollattn.utils.dist import DistState, all_reduce_tensor, micro_batch_seed, micro_batch_size
 from unrollattn.vision.photos import PhotoDataset, load_photos
 from unrollattn.vision.sampling import crop_to, pad_to_even
 
 __all__ = [
     "DEFAULT_PRESET", "DataConfig", "ModelConfig", "PRESETS", "RestoreConfig", "RestoreTask", "VARIANTS", "VARIANT_KEY",
-    "ablation_columns", "ablation_metric", "evaluate_only", "image_metrics", "load_config", "load_model", "main",
+    "ablation_columns", "ablation_metric", "image_metrics", "load_config", "load_model", "main",
     "model_name", "noise_gain_table", "plot_restorations", "run",
 ]
 
@@ -506,46 +506,13 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: Sequence[str] | None = 
     return apply_overrides(cfg, ["loop.resume=true"]) if resume else cfg
 
 
-def evaluate_only(task: RestoreTask, cfg: RestoreConfig, *, run_name_prefix: str) -> dict[str, Any]:
-    """The no-training path for models without parameters: one run directory (config.json, env.json,
-    metrics.jsonl, summary.csv, result.json, restoration_samples.npz) and ``task.evaluate`` — the same
-    metrics code as after training. Returns a summary with fit's keys."""
-    t0 = time.perf_counter()
-    state = init_distributed(cfg.loop.device)
-    model = task.build_model().to(state.device).eval()
-    params = count_params(model)
-    if params:
-        raise ValueError(f"evaluate_only: {task.name} has {params} parameters; train it with fit")
-    name = cfg.loop.run_name or f"{run_name_prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-    name = broadcast_object(name, state)
-    if state.is_main:
-        RunDir.create(cfg.loop.out_dir, name, cfg, resume=cfg.loop.resume, device=state.device,
-                      world_size=state.world_size)
-    run = RunDir(Path(cfg.loop.out_dir) / name, is_main=state.is_main)
-    with torch.no_grad():
-        metrics = task.evaluate(model, state)
-    run.log(0, **metrics)
-    run.summary({"step": 0, **metrics})
-    summary = {**task.run_info(), "run_dir": str(run.dir), "steps": 0, "start_step": 0, "params": 0, "train_loss": math.nan, **metrics,
-               "train_items_per_s": math.nan, "world_size": state.world_size, "checkpoint": None}
-    if state.is_main:
-        task.export(model, run.dir)
-        summary["wall_s"] = round(time.perf_counter() - t0, 3)
-        run.write_json("result.json", summary)
-    summary["wall_s"] = round(time.perf_counter() - t0, 3)
-    return summary
-
-
 def run(cfg: RestoreConfig) -> dict[str, Any]:
-    """Train (learned variants, via ``fit``) or only evaluate (no-parameter baselines) ``cfg``; return the summary
-    plus ``variant``, ``model`` and ``data``."""
-    task = RestoreTask(cfg)
-    prefix = f"restore-{cfg.preset}-{cfg.model.variant}"
-    if is_learned(cfg.model.variant, cfg.task):
-        summary = fit(task, cfg.loop, cfg.optim, run_name_prefix=prefix, config_for_log=cfg)
-    else:
-        summary = evaluate_only(task, cfg, run_name_prefix=prefix)
-    return summary
+    """Train ``cfg`` with ``fit``, or, for a variant without parameters, evaluate it there with ``loop.max_steps=0``;
+    return fit's summary (also result.json) with ``variant``, ``model``, ``task`` and ``data``."""
+    if not is_learned(cfg.model.variant, cfg.task):
+        cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, max_steps=0))
+    return fit(RestoreTask(cfg), cfg.loop, cfg.optim, run_name_prefix=f"restore-{cfg.preset}-{cfg.model.variant}",
+               config_for_log=cfg)
 
 
 def load_model(run_dir: str | Path) -> tuple[nn.Module, RestoreConfig]:

@@ -87,6 +87,8 @@ class LoopConfig:
     ``grad_accum`` micro-batches of ``batch_size // (world_size * grad_accum)`` items.
     ``eval_every`` / ``ckpt_every`` = 0 mean "only at the end". ``keep_checkpoints`` is how many
     step checkpoints stay in the run directory (older ones are deleted once a newer one is complete).
+    ``max_steps`` = 0 trains nothing: the model is evaluated once, as step 0, and no checkpoint is written (how
+    models without parameters run).
     """
 
     max_steps: int = 100
@@ -107,7 +109,7 @@ class LoopConfig:
 
     def __post_init__(self):
         _check_finite_fields(self)
-        _check(self.max_steps >= 1, "max_steps", "an int >= 1", self.max_steps)
+        _check(self.max_steps >= 0, "max_steps", "an int >= 0 (0 = evaluate only)", self.max_steps)
         _check(self.batch_size >= 1, "batch_size", "an int >= 1", self.batch_size)
         _check(self.grad_accum >= 1, "grad_accum", "an int >= 1", self.grad_accum)
         _check(self.batch_size % self.grad_accum == 0, "batch_size",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import random
 import re
@@ -349,10 +350,11 @@ def _check_finite_eval(metrics: Mapping[str, float], step: int, run: RunDir) -> 
                                  f"stopped before checkpointing step {step} (metrics in {run.path('metrics.jsonl')})")
 
 
-def _resume_point(run_dir: Path) -> tuple[Path | None, int | None, list[str]]:
+def _resume_point(run_dir: Path, *, evaluate_only: bool = False) -> tuple[Path | None, int | None, list[str]]:
     """The newest checkpoint of ``run_dir`` that passes :func:`verify_checkpoint` and its step (None, None if there
     is none), and a note for each newer one that failed. RunDirError when there is none but the directory holds
-    history that a start from step 0 would replay over."""
+    history that a start from step 0 would replay over, unless ``evaluate_only`` (``loop.max_steps=0``) and that
+    history is an evaluation of step 0 only, which evaluating again replaces."""
     skipped = []
     for _, path in reversed(list_checkpoints(run_dir)):
         try:
@@ -360,12 +362,19 @@ def _resume_point(run_dir: Path) -> tuple[Path | None, int | None, list[str]]:
         except CheckpointError as err:
             skipped.append(f"{path.name} skipped: {err}")
     history = RunDir(run_dir).history()
-    if history is not None:
+    if history is not None and not (evaluate_only and _only_step_zero(RunDir(run_dir))):
         why = f" ({'; '.join(skipped)})" if skipped else ""
         raise RunDirError(f"--resume: {run_dir} has no complete checkpoint to continue from{why}, but it holds an "
                           f"earlier run's history ({history}); nothing was changed. Restore a checkpoint to resume it, "
                           "or start a new run with another loop.run_name=NAME")
     return None, None, skipped
+
+
+def _only_step_zero(run: RunDir) -> bool:
+    """Whether every row ``run`` logged is of step 0 and it holds no checkpoint: the history of a zero-step run."""
+    checkpoints = run.dir / "checkpoints"
+    return (not (checkpoints.is_dir() and any(checkpoints.iterdir()))
+            and all(r.get("step") == 0 for r in run.metrics()) and all(r.get("step") in ("0", "0.0") for r in run.summary_rows()))
 
 
 def _on_main(state: DistState, action) -> Any:
@@ -415,27 +424,37 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
     model.to(device)
     n_params = count_params(model)
     cpu_peak_mb = tensor_bytes(model) / 2**20
-    optimizer = build_optimizer(model, optim)
-    scheduler = build_scheduler(optimizer, optim, loop.max_steps)
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    if loop.max_steps > 0 and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{type(task).__name__}.build_model gave a {type(model).__name__} without trainable "
+                         "parameters; set loop.max_steps=0 to evaluate it without training")
+    # loop.max_steps=0 only evaluates: no optimizer, schedule or checkpoint
+    optimizer = build_optimizer(model, optim) if loop.max_steps > 0 else None
+    scheduler = build_scheduler(optimizer, optim, loop.max_steps) if optimizer is not None else None
+    trainable = [p for group in optimizer.param_groups for p in group["params"]] if optimizer is not None else []
 
     if config_for_log is None:
         config_for_log = {"loop": config_to_dict(loop), "optim": config_to_dict(optim)}
 
-    def open_run() -> tuple[str, str | None]:
+    def open_run() -> tuple[str, str | None, dict | None]:
         name = loop.run_name or _auto_run_name(loop.out_dir, run_name_prefix, loop.resume)
         ckpt, ckpt_step = None, None
         if loop.resume:  # checked before anything in the directory is written
-            ckpt, ckpt_step, skipped = _resume_point(Path(loop.out_dir) / name)
+            ckpt, ckpt_step, skipped = _resume_point(Path(loop.out_dir) / name, evaluate_only=loop.max_steps == 0)
             for note in skipped:
                 print(f"warning: {note}", flush=True)
-        RunDir.create(loop.out_dir, name, config_for_log, resume=loop.resume, device=device,
-                      world_size=state.world_size,
-                      resume_from={"step": ckpt_step or 0, "checkpoint": ckpt.name if ckpt is not None else None})
-        return name, (str(ckpt) if ckpt is not None else None)
+        run = RunDir.create(loop.out_dir, name, config_for_log, resume=loop.resume, device=device,
+                            world_size=state.world_size,
+                            resume_from={"step": ckpt_step or 0, "checkpoint": ckpt.name if ckpt is not None else None})
+        finished = None
+        if loop.resume and loop.max_steps == 0 and ckpt is None and run.path("result.json").is_file():
+            finished = json.loads(run.path("result.json").read_text(encoding="utf-8"))
+        return name, (str(ckpt) if ckpt is not None else None), finished
 
-    run_name, resume_ckpt = _on_main(state, open_run)
+    run_name, resume_ckpt, finished = _on_main(state, open_run)
     run = RunDir(Path(loop.out_dir) / run_name, is_main=state.is_main)
+    if finished is not None:
+        _print0(state, f"{run.dir} is evaluated already (loop.max_steps=0, result.json): nothing to resume")
+        return {**finished, "run_dir": str(run.dir)}
 
     start = 0
     ckpt_path, ckpt_step = None, None  # the newest complete checkpoint of this run
@@ -445,13 +464,16 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
         start = ckpt_step = info["step"]
         _print0(state, f"resuming {run.dir} from {ckpt_path.name} (step {start})")
         run.rewind(start)
+    elif loop.resume and loop.max_steps == 0:
+        run.rewind(-1)  # the rows of an evaluation that did not finish move to the *.rewound.* files
+        _print0(state, f"evaluating {run.dir} again (loop.max_steps=0: no training to resume, no result.json yet)")
     elif loop.resume:
         _print0(state, f"nothing to resume in {run.dir} yet (no checkpoint, no history); starting from step 0")
     bar = progress_bar(loop.max_steps, initial=min(start, loop.max_steps), enabled=loop.progress,
                        is_main=state.is_main, desc=run_name)
 
     compiled = torch.compile(model) if loop.compile else model
-    train_model = wrap_model(compiled, state, **(ddp_kwargs or {}))
+    train_model = wrap_model(compiled, state, **(ddp_kwargs or {})) if optimizer is not None else compiled
     is_ddp = train_model is not compiled
 
     n_run = max(0, loop.max_steps - start)
@@ -572,7 +594,13 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
                 else:
                     window_t0 += paused
 
-            if n_run == 0:  # nothing left to train: report the checkpoint's metrics
+            if n_run == 0 and resume_ckpt is None:  # loop.max_steps=0: the one evaluation is step 0's
+                last_eval = _evaluate(task, compiled, state, loop.precision)
+                run.log(done, **last_eval)
+                run.summary({"step": done, **last_eval})
+                bar.write(f"eval step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+                _check_finite_eval(last_eval, done, run)
+            elif n_run == 0:  # nothing left to train: report the checkpoint's metrics
                 last_eval = _evaluate(task, compiled, state, loop.precision)
                 previous = _on_main(state, lambda: next((r["train_loss"] for r in reversed(run.metrics()) if "train_loss" in r), None))
                 train_loss = math.nan if previous is None else previous
@@ -622,7 +650,7 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
         # Ctrl-C: the main rank saves the last completed step (no collective: the other ranks are being interrupted
         # too), unless it is saved already or its weights are not finite. A second Ctrl-C abandons the save; the
         # atomic writer then leaves the previous checkpoint as it was.
-        if state.is_main and ckpt_step != done and not _non_finite_tensors(model):
+        if state.is_main and optimizer is not None and ckpt_step != done and not _non_finite_tensors(model):
             with contextlib.suppress(KeyboardInterrupt):
                 ckpt_path, ckpt_step = save(done), done
         raise TrainingInterrupted(done, run.dir, run_name, ckpt_path, ckpt_step) from None
