@@ -68,29 +68,27 @@ def spatial_log_kernel(positions_q: torch.Tensor, positions_k: torch.Tensor, ban
     return -sq_dist.clamp_min(0).sqrt()[None] / h
 
 
-def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "dot", *,
-                     range_bandwidth: torch.Tensor | float | None = None, metric: torch.Tensor | None = None,
-                     spatial_bias: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                     is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
-    """Nadaraya-Watson attention [B, H, N, d] with the log-kernels of C.9 through one SDPA call.
+def kernel_terms(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", *,
+                 range_bandwidth: torch.Tensor | float | None = None, metric: torch.Tensor | None = None,
+                 spatial_bias: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                 is_causal: bool = False) -> dict:
+    """The log-kernel l_ij + m_ij of C.9 as SDPA takes it: ``l_ij = scale * q'_i . k'_j + key_bias_j + spatial_ij``.
 
-    ``range_bandwidth`` h_y: scalar or [H] (default (4d)^{1/4}); ``metric``: diagonal Mahalanobis
-    weights [H, d] (> 0); ``spatial_bias``: a precomputed spatial log-kernel [H, N, N] (bilateral).
-    """
+    Returns ``q``, ``k`` (rescaled per kernel), ``scale`` (for SDPA), ``key_bias`` [B, H, 1, Nk] or None (the
+    gaussian key-norm term -||k_j||^2/h^2), ``spatial`` [H, Nq, Nk] or None and ``mask`` (additive) or None; the range
+    part of the log-kernel is ``scale * q.k + key_bias`` and the spatial part ``spatial`` (C.5)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
-    if q.ndim != 4 or k.shape != q.shape[:2] + k.shape[2:] or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"expected q, k, v of shape [B, H, N, d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if q.ndim != 4 or k.shape != q.shape[:2] + k.shape[2:]:
+        raise ValueError(f"expected q, k of shape [B, H, N, d], got {list(q.shape)}, {list(k.shape)}")
     heads, n_q, n_k, d = q.shape[1], q.shape[2], k.shape[2], q.shape[-1]
-    bias = additive_mask(attn_mask, is_causal, n_q, n_k, q.device, q.dtype)
+    mask = additive_mask(attn_mask, is_causal, n_q, n_k, q.device, q.dtype)
     if kernel == "dot":
-        scale = d ** -0.5 if range_bandwidth is None else None
+        scale = d ** -0.5
         if range_bandwidth is not None:  # dot logits q.k * 2/h^2 (h^2 = 2 sqrt(d) recovers 1/sqrt(d))
             q = q * _per_head(2.0 / _as_tensor(range_bandwidth, q).square(), heads)
             scale = 1.0
-        if spatial_bias is not None:
-            bias = spatial_bias if bias is None else bias + spatial_bias
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+        return {"q": q, "k": k, "scale": scale, "key_bias": None, "spatial": spatial_bias, "mask": mask}
     if kernel == "mahalanobis":
         if metric is None:
             raise ValueError("kernel='mahalanobis' needs metric= (diagonal weights [H, d], positive)")
@@ -104,11 +102,45 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
     h = _as_tensor(default_range_bandwidth(d) if range_bandwidth is None else range_bandwidth, q)
     check_bandwidth(h, "range_bandwidth")
     inv_h2 = _per_head(1.0 / h.square(), heads)  # [1, H, 1, 1]
-    key_norm = -(k.square().sum(-1) * inv_h2[..., 0])[:, :, None, :]  # -||k_j||^2 / h^2, [B, H, 1, Nk]
-    total = key_norm if bias is None else key_norm + bias
-    if kernel == "bilateral" and spatial_bias is not None:
-        total = total + spatial_bias
-    return F.scaled_dot_product_attention(q * (2 * inv_h2), k, v, attn_mask=total, dropout_p=dropout_p, scale=1.0)
+    key_bias = -(k.square().sum(-1) * inv_h2[..., 0])[:, :, None, :]  # -||k_j||^2 / h^2, [B, H, 1, Nk]
+    return {"q": q * (2 * inv_h2), "k": k, "scale": 1.0, "key_bias": key_bias,
+            "spatial": spatial_bias if kernel == "bilateral" else None, "mask": mask}
+
+
+def _sum_biases(*biases: torch.Tensor | None) -> torch.Tensor | None:
+    present = [b for b in biases if b is not None]
+    return None if not present else sum(present[1:], present[0])
+
+
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "dot", *,
+                     range_bandwidth: torch.Tensor | float | None = None, metric: torch.Tensor | None = None,
+                     spatial_bias: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                     is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """Nadaraya-Watson attention [B, H, N, d] with the log-kernels of C.9 through one SDPA call.
+
+    ``range_bandwidth`` h_y: scalar or [H] (default (4d)^{1/4}); ``metric``: diagonal Mahalanobis
+    weights [H, d] (> 0); ``spatial_bias``: a precomputed spatial log-kernel [H, N, N] (bilateral).
+    """
+    if v.ndim != 4 or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"expected q, k, v of shape [B, H, N, d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    t = kernel_terms(q, k, kernel, range_bandwidth=range_bandwidth, metric=metric, spatial_bias=spatial_bias,
+                     attn_mask=attn_mask, is_causal=is_causal)
+    bias = _sum_biases(t["key_bias"], t["mask"], t["spatial"])
+    return F.scaled_dot_product_attention(t["q"], t["k"], v, attn_mask=bias, dropout_p=dropout_p, scale=t["scale"])
+
+
+def kernel_weights(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", **options) -> dict[str, torch.Tensor]:
+    """The explicit weights of :func:`kernel_attention` (same keywords but ``v`` / ``dropout_p``): ``weights``
+    w_ij [B, H, Nq, Nk] (C.9) and, with a spatial term, its two factors each normalised over the keys — ``range``
+    softmax_j(range log-kernel + m_ij) and ``spatial`` softmax_j(S_ij + m_ij) — whose renormalised product is
+    ``weights`` (C.5)."""
+    t = kernel_terms(q, k, kernel, **options)
+    range_logits = _sum_biases(t["q"] @ t["k"].transpose(-2, -1) * t["scale"], t["key_bias"], t["mask"])
+    out = {"weights": _sum_biases(range_logits, t["spatial"]).softmax(-1)}
+    if t["spatial"] is not None:
+        out["range"] = range_logits.softmax(-1)
+        out["spatial"] = _sum_biases(t["spatial"].expand(range_logits.shape), t["mask"]).softmax(-1)
+    return out
 
 
 def twicing(smooth: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor) -> torch.Tensor:
@@ -141,6 +173,7 @@ def _per_head(values: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 __all__ = [
-    "KERNELS", "SPATIAL_KERNELS", "boosting", "default_range_bandwidth", "kernel_attention",
+    "KERNELS", "SPATIAL_KERNELS", "boosting", "default_range_bandwidth", "kernel_attention", "kernel_terms",
+    "kernel_weights",
     "spatial_log_kernel", "token_positions", "twicing",
 ]

@@ -52,18 +52,27 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: to
                                           scale=scale)
 
 
+def score_weights(queries: torch.Tensor, keys: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+                  is_causal: bool = False, scale: float | None = None, nonlinearity: str = "softmax",
+                  threshold: float | None = None) -> torch.Tensor:
+    """The explicit weights phi(q_i . k_j * scale + m_ij) [B, H, Tq, Tk] that :func:`causal_sdpa` (softmax) and
+    :func:`tied_attention` average the values with; ``scale`` defaults to 1/sqrt(p), causal aligned as there."""
+    scale = queries.shape[-1] ** -0.5 if scale is None else scale
+    scores = queries @ keys.transpose(-2, -1) * scale
+    bias = additive_mask(attn_mask, is_causal, queries.shape[-2], keys.shape[-2], queries.device, scores.dtype)
+    if bias is not None:
+        scores = scores + bias
+    return attention_weights(scores, nonlinearity, threshold)
+
+
 def tied_attention(queries: torch.Tensor, keys: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
                    is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
                    nonlinearity: str = "softmax", threshold: float | None = None) -> torch.Tensor:
     """phi(U^T z_i . U^T z_j) U^T z_j per head with the keys as values (B.2-B.3): [B, H, Tq, p] x [B, H, Tk, p]."""
     if nonlinearity == "softmax":
         return causal_sdpa(queries, keys, keys, attn_mask, is_causal, dropout_p=dropout_p, scale=scale)
-    scale = queries.shape[-1] ** -0.5 if scale is None else scale
-    scores = queries @ keys.transpose(-2, -1) * scale
-    bias = additive_mask(attn_mask, is_causal, queries.shape[-2], keys.shape[-2], queries.device, scores.dtype)
-    if bias is not None:
-        scores = scores + bias
-    weights = attention_weights(scores, nonlinearity, threshold)
+    weights = score_weights(queries, keys, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                            nonlinearity=nonlinearity, threshold=threshold)
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)
     return weights @ keys

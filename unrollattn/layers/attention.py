@@ -15,15 +15,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.masks import nonempty_rows
-from ..core.subspace import NONLINEARITIES, causal_sdpa, merge_heads, split_heads, tied_attention
+from ..core.subspace import NONLINEARITIES, causal_sdpa, merge_heads, score_weights, split_heads, tied_attention
 from ..core.validation import check_heads, check_mask, check_tokens
 from ..registry import register_attention
-from .base import Configurable
+from .base import Configurable, RecordsAttention
 from .decoding import append_to_cache, decode_by_recompute
 
 
-class AttentionLayer(Configurable, metaclass=ABCMeta):
+class AttentionLayer(Configurable, RecordsAttention, metaclass=ABCMeta):
     """Common constructor: width, heads, dropout, device/dtype; timm's extra keywords are ignored.
+
+    With ``record_attention`` set, ``forward`` records its attention weights (``RecordsAttention``): ``weights``
+    [B, H, N, N] for the dense layers, the learned graph for ``glr`` / ``gtv``.
 
     ``decode`` (cached causal decoding of new tokens) defaults to storing the inputs and recomputing the layer over
     the prefix; a layer that extends its output from stored keys/values overrides it and sets
@@ -127,6 +130,8 @@ class MultiHeadSelfAttention(AttentionLayer):
 
     def attend(self, x, attn_mask, is_causal, grid=None):
         q, k, v = self.project_qkv(x)
+        if self.record_attention:  # out = weights @ v per head
+            self.record(weights=score_weights(q, k, attn_mask=attn_mask, is_causal=is_causal))
         return self.proj(merge_heads(causal_sdpa(q, k, v, attn_mask, is_causal, dropout_p=self.attn_dropout)))
 
     def decode_step(self, x, cache, layer_idx, attn_mask):
@@ -176,6 +181,9 @@ class MultiHeadSubspaceSelfAttention(AttentionLayer):
 
     def attend(self, x, attn_mask, is_causal, grid=None):
         heads = self.project(x)
+        if self.record_attention:  # SA_k = weights @ (U_k^T Z)
+            self.record(weights=score_weights(heads, heads, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                              nonlinearity=self.nonlinearity, threshold=self.threshold))
         return self.mix(heads, heads, attn_mask, is_causal)
 
     def decode_step(self, x, cache, layer_idx, attn_mask):

@@ -7,6 +7,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+class RecordsAttention:
+    """Opt-in record of what a layer's own forward computed — attention weights, a learned graph's edge weights —
+    for ``unrollattn.diagnostics.attention_maps``. With ``record_attention`` set (``diagnostics.recording(model)``
+    sets it and reads ``recorded`` from a forward hook), a layer computes the explicit weights of its forward and
+    passes them to :meth:`record`; unset (the default) nothing extra is computed or kept."""
+
+    record_attention: bool = False
+
+    def record(self, **tensors: torch.Tensor) -> None:
+        """Keep detached copies of ``tensors`` in ``self.recorded`` (a dict) while ``record_attention`` is set."""
+        if self.record_attention:
+            self.__dict__.setdefault("recorded", {}).update({k: v.detach() for k, v in tensors.items()})
+
+
 class UnknownOptionError(TypeError, ValueError):
     """A keyword no layer option matches (a typo would otherwise silently keep the default). A TypeError like
     any unexpected keyword argument, and a ValueError like every other bad option of the project."""

@@ -59,6 +59,7 @@ from ..core.subspace import merge_heads
 from ..core.validation import check_float, check_int
 from ..registry import register_attention
 from .attention import AttentionLayer
+from .base import RecordsAttention
 
 PRIORS = ("glr", "gtv")
 METRICS = ("diagonal", "full")
@@ -84,7 +85,7 @@ def _log_parameter(name: str, value, shape: tuple[int, ...], **factory) -> nn.Pa
     return nn.Parameter(torch.full(shape, math.log(_positive(name, value)), **factory))
 
 
-class GraphFilter(nn.Module):
+class GraphFilter(nn.Module, RecordsAttention):
     """The learned graph and its unrolled low-pass filter, per head: the one implementation of "the graph is the
     attention" shared by the ``glr`` / ``gtv`` token mixers and the uGLR / uGTV restoration blocks.
 
@@ -233,6 +234,8 @@ class GraphFilter(nn.Module):
         :meth:`learned_graph`; ``dropout``: applied to the edge weights. Returns [B, G, N, C], or [B, N, C] with
         ``mix_heads``."""
         weights, log_degree = self.learned_graph(f, nbhd, mask=mask, with_degrees=self.needs_degrees)
+        if self.record_attention:  # the graph is the attention (A.4): weights [B, G, N, k] on the neighbour table
+            self.record(edge_weights=weights, neighbour_index=nbhd.index, neighbour_valid=nbhd.valid)
         if dropout is not None:
             weights = dropout(weights)
         if observed is None:
@@ -348,7 +351,10 @@ class GraphAttentionBase(AttentionLayer, GraphFilter):
         if attn_mask is not None:
             rows = attn_mask[..., :prefix, :]
             logits = logits.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else logits + rows.to(logits.dtype)
-        return self.attn_drop(torch.softmax(logits, dim=-1)) @ v
+        weights = torch.softmax(logits, dim=-1)
+        if self.record_attention:  # prefix rows [B, G, P, N]: dense like softmax attention
+            self.record(prefix_weights=weights)
+        return self.attn_drop(weights) @ v
 
     # ------------------------------------------------------------------ forward
     def attend(self, x, attn_mask, is_causal, grid):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..core.kernel import (
-    KERNELS, SPATIAL_KERNELS, boosting, default_range_bandwidth, kernel_attention, spatial_log_kernel,
+    KERNELS, SPATIAL_KERNELS, boosting, default_range_bandwidth, kernel_attention, kernel_weights, spatial_log_kernel,
     token_positions,
 )
 from ..core.subspace import merge_heads
@@ -82,16 +82,22 @@ class KernelAttention(AttentionLayer):
         return spatial_log_kernel(pos[n_key - n_query:], pos, self.log_spatial_bandwidth.exp().to(dtype),
                                   self.spatial_kernel)
 
+    def kernel_options(self, q, keys, attn_mask, is_causal: bool, grid) -> dict:
+        """The keywords of ``core.kernel.kernel_attention`` / ``kernel_weights`` for these queries and keys."""
+        return {"range_bandwidth": self.log_range_bandwidth.exp(),
+                "spatial_bias": self.spatial_bias(q.shape[-2], keys.shape[-2], grid, q.device, q.dtype),
+                "metric": self.log_metric.exp() if self.kernel == "mahalanobis" else None, "attn_mask": attn_mask,
+                "is_causal": is_causal}
+
     def smooth(self, q, keys, values, attn_mask, is_causal: bool, grid) -> torch.Tensor:
         """Nadaraya-Watson average of ``values`` [B, H, Tk, p] for the queries [B, H, Tq, p] (C.9)."""
-        return kernel_attention(
-            q, keys, values, self.kernel, range_bandwidth=self.log_range_bandwidth.exp(),
-            spatial_bias=self.spatial_bias(q.shape[-2], keys.shape[-2], grid, q.device, q.dtype),
-            metric=self.log_metric.exp() if self.kernel == "mahalanobis" else None, attn_mask=attn_mask,
-            is_causal=is_causal, dropout_p=self.attn_dropout)
+        return kernel_attention(q, keys, values, self.kernel, dropout_p=self.attn_dropout,
+                                **self.kernel_options(q, keys, attn_mask, is_causal, grid))
 
     def attend(self, x, attn_mask, is_causal, grid=None):
         q, k, v = self.project_qkv(x)
+        if self.record_attention:  # single: out = weights @ v; twicing (2A - A^2) v; boost [I - (I - A)^{k+1}] v (C.4)
+            self.record(**kernel_weights(q, k, self.kernel, **self.kernel_options(q, k, attn_mask, is_causal, grid)))
         smooth = lambda values: self.smooth(q, k, values, attn_mask, is_causal, grid)  # noqa: E731
         if self.smoother == "single":
             out = smooth(v)
