@@ -131,3 +131,23 @@ def test_a_model_without_attention_layers_is_refused():
     with pytest.raises(NoAttentionLayersError, match="no unrollattn attention layer"):
         attention_maps(nn.Sequential(nn.Linear(4, 4)), torch.randn(1, 4))
     assert attention_name(nn.Linear(2, 2)) == "Linear"
+
+
+def test_timm_vit_attention_is_recorded_from_its_own_unfused_path():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    fused = [blk.attn.fused_attn for blk in model.blocks]
+    reference = model(x)
+    records = attention_maps(model, x)
+    assert [r.attention for r in records] == ["mhsa (timm)"] * 2 and records[0].grid == (4, 4)
+    assert records[0].num_prefix_tokens == 1 and records[0].tensors["weights"].shape == (2, 2, 17, 17)
+    attn = model.blocks[0].attn
+    tokens = model.blocks[0].norm1(model._pos_embed(model.patch_embed(x)))
+    b, n, _ = tokens.shape
+    v = attn.qkv(tokens).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)[2]
+    torch.testing.assert_close(attn.proj(merge_heads(records[0].tensors["weights"] @ v)), records[0].output)
+    assert [blk.attn.fused_attn for blk in model.blocks] == fused  # restored
+    torch.testing.assert_close(model(x), reference)

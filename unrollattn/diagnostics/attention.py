@@ -13,7 +13,9 @@ forward hooks; :func:`attention_maps` runs one forward and returns them::
     records[0].output                    # what the layer returned (restoration blocks: the image after the block)
 
 There is no second forward implementation: the weights are those of the layer's forward, and the tests check
-that weights @ V reproduces the layer's output where that identity holds.
+that weights @ V reproduces the layer's output where that identity holds. timm's own ``Attention`` (the ``vit``
+baseline) is recorded the same way from its own non-fused path: while recording, its ``fused_attn`` is off and a
+hook on its ``attn_drop`` reads the softmax weights that path computes (named ``mhsa (timm)``).
 """
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
+from timm.layers.attention import Attention as TimmAttention
 
 from ..layers.base import RecordsAttention
 from ..registry import ATTENTIONS
 
 __all__ = ["AttentionRecord", "NoAttentionLayersError", "attention_layers", "attention_maps", "attention_name",
-           "recording"]
+           "recording", "token_geometry"]
 
 
 class NoAttentionLayersError(ValueError):
@@ -56,6 +59,8 @@ class AttentionRecord:
 def attention_name(module: nn.Module) -> str:
     """The registered attention name of ``module`` (the most specific registered class it is an instance of), or
     ``u<prior>`` for a restoration graph block; the class name otherwise."""
+    if isinstance(module, TimmAttention):
+        return "mhsa (timm)"
     registered = {ATTENTIONS.get(name): name for name in ATTENTIONS.names()}
     for cls in type(module).__mro__:
         if cls in registered:
@@ -71,14 +76,25 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     layer inside another (none today) is listed once, as the outer one."""
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if isinstance(module, RecordsAttention) and not any(name.startswith(outer + ".") for outer, _ in found):
+        if isinstance(module, (RecordsAttention, TimmAttention)) and not any(name.startswith(outer + ".") for outer, _ in found):
             found.append((name, module))
     if not found:
         raise NoAttentionLayersError(
             f"{type(model).__name__} has no unrollattn attention layer to record (expected a model built from the "
-            f"registered attentions {', '.join(ATTENTIONS.names())} or a uGLR / uGTV restoration model; HF's own "
-            f"GPT-2 attention is not one)")
+            f"registered attentions {', '.join(ATTENTIONS.names())}, timm's ViT attention or a uGLR / uGTV "
+            f"restoration model; HF's own GPT-2 attention is not one)")
     return found
+
+
+def token_geometry(model: nn.Module, module: nn.Module) -> tuple[tuple[int, int] | None, int]:
+    """(patch grid, number of prefix tokens) that ``module`` of ``model`` sees: the layer's own (``set_geometry``),
+    else the ViT's (``patch_embed.grid_size``, ``num_prefix_tokens``) for timm's attention, else (None, 0)."""
+    if isinstance(module, RecordsAttention):
+        return getattr(module, "grid", None), int(getattr(module, "num_prefix_tokens", 0))
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None and getattr(embed, "grid_size", None) is not None:
+        return tuple(int(g) for g in embed.grid_size), int(getattr(model, "num_prefix_tokens", 0))
+    return None, 0
 
 
 @contextlib.contextmanager
@@ -88,6 +104,7 @@ def recording(model: nn.Module) -> Iterator[list[AttentionRecord]]:
     layers = attention_layers(model)
     records: list[AttentionRecord] = []
     calls: dict[str, int] = {}
+    geometry = {name: token_geometry(model, module) for name, module in layers}
     handles = []
 
     def before(module, args):
@@ -101,20 +118,32 @@ def recording(model: nn.Module) -> Iterator[list[AttentionRecord]]:
                 name=name, layer=index, call=call, attention=attention_name(module),
                 tensors=dict(module.__dict__.pop("recorded", {})),
                 output=output.detach() if isinstance(output, torch.Tensor) else None,
-                grid=getattr(module, "grid", None), num_prefix_tokens=int(getattr(module, "num_prefix_tokens", 0)),
-                module=module))
+                grid=geometry[name][0], num_prefix_tokens=geometry[name][1], module=module))
         return after
 
+    def timm_weights(module: nn.Module) -> Callable:
+        def read(dropout, args):  # the input of attn_drop: softmax(q k^T * scale + mask), timm's own computation
+            module.__dict__.setdefault("recorded", {})["weights"] = args[0].detach()
+        return read
+
+    fused = {}
     try:
         for index, (name, module) in enumerate(layers):
-            module.record_attention = True
+            if isinstance(module, TimmAttention):
+                fused[name] = module.fused_attn
+                module.fused_attn = False
+                handles.append(module.attn_drop.register_forward_pre_hook(timm_weights(module)))
+            else:
+                module.record_attention = True
             handles.append(module.register_forward_pre_hook(before))
             handles.append(module.register_forward_hook(after_hook(name, index)))
         yield records
     finally:
         for handle in handles:
             handle.remove()
-        for _, module in layers:
+        for name, module in layers:
+            if name in fused:
+                module.fused_attn = fused[name]
             module.__dict__.pop("record_attention", None)  # back to the class default (off)
             module.__dict__.pop("recorded", None)
 
