@@ -393,6 +393,84 @@ def _on_main(state: DistState, action) -> Any:
     return shared[0]
 
 
+def _build_model_and_optimizer(task: Any, loop: LoopConfig, optim: OptimConfig, device: torch.device
+                               ) -> tuple[nn.Module, torch.optim.Optimizer | None, Any]:
+    """The task's model on ``device`` (built after seeding), its optimizer and schedule; with ``loop.max_steps=0``
+    (evaluation only) neither of the two. A model without trainable parameters is only evaluated."""
+    _seed_all(loop.seed)
+    model = task.build_model()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{type(task).__name__}.build_model must return an nn.Module, got {type(model).__name__}")
+    model.to(device)
+    if loop.max_steps == 0:
+        return model, None, None
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{type(task).__name__}.build_model gave a {type(model).__name__} without trainable "
+                         "parameters; set loop.max_steps=0 to evaluate it without training")
+    optimizer = build_optimizer(model, optim)
+    return model, optimizer, build_scheduler(optimizer, optim, loop.max_steps)
+
+
+def _open_run(loop: LoopConfig, state: DistState, config_for_log: Any, run_name_prefix: str
+              ) -> tuple[str, str | None, dict | None]:
+    """On the main rank: (run name, checkpoint to resume from, the result of a finished zero-step run). The resume
+    point is checked before the run directory gets config.json / env.json (:meth:`RunDir.create`)."""
+    name = loop.run_name or _auto_run_name(loop.out_dir, run_name_prefix, loop.resume)
+    ckpt, ckpt_step = None, None
+    if loop.resume:
+        ckpt, ckpt_step, skipped = _resume_point(Path(loop.out_dir) / name, evaluate_only=loop.max_steps == 0)
+        for note in skipped:
+            print(f"warning: {note}", flush=True)
+    run = RunDir.create(loop.out_dir, name, config_for_log, resume=loop.resume, device=state.device,
+                        world_size=state.world_size,
+                        resume_from={"step": ckpt_step or 0, "checkpoint": ckpt.name if ckpt is not None else None})
+    finished = None
+    if loop.resume and loop.max_steps == 0 and ckpt is None and run.path("result.json").is_file():
+        finished = json.loads(run.path("result.json").read_text(encoding="utf-8"))
+    return name, (str(ckpt) if ckpt is not None else None), finished
+
+
+def _restore(run: RunDir, checkpoint: str | None, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             scheduler: Any, loop: LoopConfig, state: DistState) -> int:
+    """Load ``checkpoint`` (when resuming from one) and move the rows logged after it aside; returns the step to
+    continue from (0 without a checkpoint)."""
+    if checkpoint is not None:
+        info = load_checkpoint(Path(checkpoint), model=model, optimizer=optimizer, scheduler=scheduler,
+                               map_location=state.device)
+        start = info["step"]
+        _print0(state, f"resuming {run.dir} from {Path(checkpoint).name} (step {start})")
+        run.rewind(start)
+        return start
+    if loop.resume and loop.max_steps == 0:
+        run.rewind(-1)  # the rows of an evaluation that did not finish move to the *.rewound.* files
+        _print0(state, f"evaluating {run.dir} again (loop.max_steps=0: no training to resume, no result.json yet)")
+    elif loop.resume:
+        _print0(state, f"nothing to resume in {run.dir} yet (no checkpoint, no history); starting from step 0")
+    return 0
+
+
+def _with_task_fields(task: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` with the task's ``run_info()`` before it and its ``summary_fields(summary)`` after it."""
+    if callable(getattr(task, "run_info", None)):
+        summary = {**task.run_info(), **summary}
+    if callable(getattr(task, "summary_fields", None)):
+        summary = {**summary, **task.summary_fields(dict(summary))}
+    return summary
+
+
+def _write_results(task: Any, model: nn.Module, run: RunDir, summary: dict[str, Any]) -> None:
+    """On the main rank, once training and evaluation are done: curves.png, the task's export, then result.json."""
+    loss_label = getattr(task, "loss_label", None)
+    try:
+        plot_curves({run.name: run.path("metrics.jsonl")}, out_png=run.path("curves.png"),
+                    ylabel=loss_label or DEFAULT_LOSS_LABEL)
+    except Exception as err:  # a plotting problem must not lose a finished run
+        warnings.warn(f"could not plot loss curves: {err}", RuntimeWarning, stacklevel=2)
+    if callable(getattr(task, "export", None)):
+        task.export(model, run.dir)
+    run.write_json("result.json", summary)
+
+
 def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: str = "run",
         config_for_log: Any = None, ddp_kwargs: dict | None = None) -> dict[str, Any]:
     """Train ``task`` for ``loop.max_steps`` optimizer steps; return a summary dict.
@@ -417,58 +495,21 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    _seed_all(loop.seed)
-    model = task.build_model()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{type(task).__name__}.build_model must return an nn.Module, got {type(model).__name__}")
-    model.to(device)
+    model, optimizer, scheduler = _build_model_and_optimizer(task, loop, optim, device)
     n_params = count_params(model)
     cpu_peak_mb = tensor_bytes(model) / 2**20
-    if loop.max_steps > 0 and not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"{type(task).__name__}.build_model gave a {type(model).__name__} without trainable "
-                         "parameters; set loop.max_steps=0 to evaluate it without training")
-    # loop.max_steps=0 only evaluates: no optimizer, schedule or checkpoint
-    optimizer = build_optimizer(model, optim) if loop.max_steps > 0 else None
-    scheduler = build_scheduler(optimizer, optim, loop.max_steps) if optimizer is not None else None
     trainable = [p for group in optimizer.param_groups for p in group["params"]] if optimizer is not None else []
 
     if config_for_log is None:
         config_for_log = {"loop": config_to_dict(loop), "optim": config_to_dict(optim)}
-
-    def open_run() -> tuple[str, str | None, dict | None]:
-        name = loop.run_name or _auto_run_name(loop.out_dir, run_name_prefix, loop.resume)
-        ckpt, ckpt_step = None, None
-        if loop.resume:  # checked before anything in the directory is written
-            ckpt, ckpt_step, skipped = _resume_point(Path(loop.out_dir) / name, evaluate_only=loop.max_steps == 0)
-            for note in skipped:
-                print(f"warning: {note}", flush=True)
-        run = RunDir.create(loop.out_dir, name, config_for_log, resume=loop.resume, device=device,
-                            world_size=state.world_size,
-                            resume_from={"step": ckpt_step or 0, "checkpoint": ckpt.name if ckpt is not None else None})
-        finished = None
-        if loop.resume and loop.max_steps == 0 and ckpt is None and run.path("result.json").is_file():
-            finished = json.loads(run.path("result.json").read_text(encoding="utf-8"))
-        return name, (str(ckpt) if ckpt is not None else None), finished
-
-    run_name, resume_ckpt, finished = _on_main(state, open_run)
+    run_name, resume_ckpt, finished = _on_main(
+        state, functools.partial(_open_run, loop, state, config_for_log, run_name_prefix))
     run = RunDir(Path(loop.out_dir) / run_name, is_main=state.is_main)
     if finished is not None:
         _print0(state, f"{run.dir} is evaluated already (loop.max_steps=0, result.json): nothing to resume")
         return {**finished, "run_dir": str(run.dir)}
-
-    start = 0
-    ckpt_path, ckpt_step = None, None  # the newest complete checkpoint of this run
-    if resume_ckpt is not None:
-        ckpt_path = Path(resume_ckpt)
-        info = load_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, map_location=device)
-        start = ckpt_step = info["step"]
-        _print0(state, f"resuming {run.dir} from {ckpt_path.name} (step {start})")
-        run.rewind(start)
-    elif loop.resume and loop.max_steps == 0:
-        run.rewind(-1)  # the rows of an evaluation that did not finish move to the *.rewound.* files
-        _print0(state, f"evaluating {run.dir} again (loop.max_steps=0: no training to resume, no result.json yet)")
-    elif loop.resume:
-        _print0(state, f"nothing to resume in {run.dir} yet (no checkpoint, no history); starting from step 0")
+    start = _restore(run, resume_ckpt, model, optimizer, scheduler, loop, state)
+    ckpt_step = start if resume_ckpt is not None else None  # the step of the newest complete checkpoint
     bar = progress_bar(loop.max_steps, initial=min(start, loop.max_steps), enabled=loop.progress,
                        is_main=state.is_main, desc=run_name)
 
@@ -630,22 +671,8 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
                 **({"loss_label": loss_label} if loss_label else {}),
                 "wall_s": round(time.perf_counter() - t_begin, 3),
             }
-            if callable(getattr(task, "run_info", None)):
-                summary = {**task.run_info(), **summary}
-            if callable(getattr(task, "summary_fields", None)):
-                summary = {**summary, **task.summary_fields(dict(summary))}
-
-            def finish() -> None:
-                try:
-                    plot_curves({run_name: run.path("metrics.jsonl")}, out_png=run.path("curves.png"),
-                                ylabel=loss_label or DEFAULT_LOSS_LABEL)
-                except Exception as err:  # a plotting problem must not lose a finished run
-                    warnings.warn(f"could not plot loss curves: {err}", RuntimeWarning, stacklevel=2)
-                if callable(getattr(task, "export", None)):
-                    task.export(model, run.dir)
-                run.write_json("result.json", summary)
-
-            _on_main(state, finish)
+            summary = _with_task_fields(task, summary)
+            _on_main(state, functools.partial(_write_results, task, model, run, summary))
     except KeyboardInterrupt:
         # Ctrl-C: the main rank saves the last completed step (no collective: the other ranks are being interrupted
         # too), unless it is saved already or its weights are not finite. A second Ctrl-C abandons the save; the
