@@ -132,3 +132,15 @@ def test_bad_run_directories_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"something": 1}))
     with pytest.raises(ValueError, match="not a finished run of classify, restore, lm"):
         maps.main([str(tmp_path)])
+
+
+def test_snr_on_a_trained_run_reads_its_learned_subspaces(tiny_runs, tmp_path):
+    from unrollattn.diagnostics import snr
+
+    assert snr.main(["--run", str(tiny_runs["crate"]), "--images", "16", "--out", str(tmp_path)]) == 0
+    header, *rows = (tmp_path / "snr.csv").read_text().splitlines()
+    assert header.startswith("run,layer,attention,subspaces,snr_in,snr_out,snr_gain,theory_gain")
+    assert len(rows) == 2 and all("learned subspaces U_k" in r and r.endswith("--eta/--tau") for r in rows)
+    assert (tmp_path / "snr.png").is_file()
+    assert snr.main(["--layers", "1", "--tokens", "64", "--subspace-dim", "16", "--deltas", "0.2", "--tau", "0.55",
+                     "--out", str(tmp_path / "synthetic")]) == 0  # the synthetic path stays

@@ -6,6 +6,7 @@ the thresholded softmax phi = tau * 1{softmax > tau}. The table shows the measur
 next to that factor.
 
     unrollattn diagnose snr --layers 6 --eta 0.2 --tau 0.75 --deltas 0.2,0.5
+    unrollattn diagnose snr --run RUN_DIR      # a trained model, against its learned U_k (trained_snr.py)
 """
 from __future__ import annotations
 
@@ -148,8 +149,20 @@ def main(argv=None) -> int:
     parser.add_argument("--subspace-dim", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/diagnose-snr")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/diagnose-snr, or RUN_DIR with --run)")
+    parser.add_argument("--run", default=None, metavar="RUN_DIR",
+                        help="a trained classify / lm run: per-layer SNR against its learned U_k (trained_snr.py)")
+    parser.add_argument("--images", type=int, default=256, help="with --run: held-out examples")
     args = parser.parse_args(argv)
+    if args.run is not None:
+        from .trained_snr import trained_snr_rows, write_trained_outputs
+
+        rows = trained_snr_rows(args.run, images=args.images, eta=args.eta, tau=args.tau)
+        out = write_trained_outputs(rows, args.out or args.run, eta=args.eta, tau=args.tau)
+        print(markdown_table(rows, list(rows[0])))
+        print(f"\nwrote {out}/snr.md, snr.csv, snr.png")
+        return 0
+    args.out = args.out or "runs/diagnose-snr"
     try:
         deltas = tuple(float(d) for d in args.deltas.split(","))
     except ValueError:
