@@ -165,7 +165,11 @@ def build_gpt2(**config) -> GPT2LMHeadModel:
     cfg = GPT2Config(**{"activation_function": GPT2_ACTIVATION, **config})
     if attn_implementation is not None:
         cfg._attn_implementation = attn_implementation
-    return GPT2LMHeadModel(cfg)
+    model = GPT2LMHeadModel(cfg)
+    # HF infers the loss from the class name, which "GPT2LMHeadModel" does not match: it then logs inside forward,
+    # a graph break under torch.compile. Name it.
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 @register_model("gpt2_tiny", family="gpt2", task="causal-lm", paper_params=None, variant="gpt2", size="tiny",

@@ -126,7 +126,9 @@ class UnrollAttnModel(UnrollAttnPreTrainedModel):
         if input_ids is not None:
             if input_ids.ndim != 2 or input_ids.is_floating_point():
                 raise ValueError(f"input_ids: expected integer ids of shape [B, T], got {input_ids.dtype} {list(input_ids.shape)}")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            # value checks need the host (.item()): eager only, so a compiled model keeps one graph
+            if not torch.compiler.is_compiling() and input_ids.numel() and (
+                    int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
                 raise ValueError(f"input_ids: token ids must lie in [0, {self.config.vocab_size}) (vocab_size), got "
                                  f"min {int(input_ids.min())}, max {int(input_ids.max())}")
             return input_ids.shape
@@ -152,7 +154,7 @@ class UnrollAttnModel(UnrollAttnPreTrainedModel):
             raise ValueError(f"attention_mask: expected a 2-D padding mask of shape [{batch}, {total}] "
                              f"(cached + new tokens, 1 = token, 0 = padding), got {list(attention_mask.shape)}")
         padding = attention_mask.to(torch.bool)
-        if bool(padding.all()):
+        if not torch.compiler.is_compiling() and bool(padding.all()):  # eager: no mask lets SDPA run is_causal
             return padding, None
         q_pos = torch.arange(past, total, device=padding.device)[:, None]
         k_pos = torch.arange(total, device=padding.device)[None]
@@ -194,7 +196,8 @@ class UnrollAttnModel(UnrollAttnPreTrainedModel):
                 position_ids = (padding.long().cumsum(-1) - 1).clamp_min(0)[:, -n:]
             else:
                 position_ids = torch.arange(past, total, device=self.wte.weight.device)[None]
-        elif position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= cfg.n_positions):
+        elif not torch.compiler.is_compiling() and position_ids.numel() and (
+                int(position_ids.min()) < 0 or int(position_ids.max()) >= cfg.n_positions):
             raise ValueError(f"position_ids must lie in [0, {cfg.n_positions}), got max {int(position_ids.max())}")
 
         hidden = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)
