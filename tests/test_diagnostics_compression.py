@@ -144,3 +144,17 @@ def test_snr_on_a_trained_run_reads_its_learned_subspaces(tiny_runs, tmp_path):
     assert (tmp_path / "snr.png").is_file()
     assert snr.main(["--layers", "1", "--tokens", "64", "--subspace-dim", "16", "--deltas", "0.2", "--tau", "0.55",
                      "--out", str(tmp_path / "synthetic")]) == 0  # the synthetic path stays
+
+
+def test_language_model_layers_are_measured_on_a_full_forward():
+    model = unrollattn.build_model("aot_mssa_lm_tiny", n_layer=2, n_embd=32, n_head=2, vocab_size=50,
+                                   n_positions=16).eval()
+    ids = torch.randint(0, 50, (3, 12))
+    from unrollattn.diagnostics.attention import attention_maps
+
+    records = attention_maps(model, ids, use_cache=False)
+    assert [r.attention for r in records] == ["mssa", "mssa"]
+    w = records[0].tensors["weights"]
+    assert torch.equal(w.triu(1), torch.zeros_like(w))  # causal
+    rows = compression.layer_measures(model, ids, forward_kwargs={"use_cache": False})
+    assert len(rows) == 2 and all(r["R_in"] > 0 for r in rows)

@@ -52,7 +52,7 @@ def theory_gain(layer: nn.Module) -> float | None:
     return None
 
 
-def _capture(model: nn.Module, inputs: torch.Tensor, batch_size: int):
+def _capture(model: nn.Module, inputs: torch.Tensor, batch_size: int, forward_kwargs: dict):
     """Per attention layer: (name, layer, its inputs Z_in, its block's outputs Z_out), prefix tokens dropped."""
     layers = attention_layers(model)
     modules = dict(model.named_modules())
@@ -76,7 +76,7 @@ def _capture(model: nn.Module, inputs: torch.Tensor, batch_size: int):
         with torch.no_grad():
             for chunk in inputs.split(batch_size):
                 first.clear()
-                model(chunk)
+                model(chunk, **forward_kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -84,10 +84,11 @@ def _capture(model: nn.Module, inputs: torch.Tensor, batch_size: int):
 
 
 def layer_measures(model: nn.Module, inputs: torch.Tensor, *, eps: float = 0.5, normalize: bool = True,
-                   batch_size: int = 64, run: str = "") -> list[dict]:
-    """One row per attention layer of ``model`` on ``inputs`` (the columns of :data:`COLUMNS`, module doc)."""
+                   batch_size: int = 64, run: str = "", forward_kwargs: dict | None = None) -> list[dict]:
+    """One row per attention layer of ``model`` on ``inputs`` (the columns of :data:`COLUMNS`, module doc);
+    ``forward_kwargs``: extra keywords of ``model``'s forward."""
     rows = []
-    for index, (name, layer, z_in, z_out) in enumerate(_capture(model, inputs, batch_size)):
+    for index, (name, layer, z_in, z_out) in enumerate(_capture(model, inputs, batch_size, forward_kwargs or {})):
         bases, what = head_subspaces(layer)
         spans = orthonormal_bases(bases)
         scaled = (lambda z: F.normalize(z, dim=-1)) if normalize else (lambda z: z)
@@ -115,7 +116,7 @@ def write_outputs(rows: list[dict], out_dir: str | Path, *, eps: float, normaliz
     out = Path(out_dir)
     runs = list(dict.fromkeys(r["run"] for r in rows))
     changes = "\n".join(f"- {run}: R^c(Z_in) {_change(sub, 'Rc_in')}; R(Z_in) {_change(sub, 'R_in')}; "
-                        f"SNR(Z_in) {_change(sub, 'snr_in')}; mean per-layer SNR gain "
+                        f"SNR(Z_in) {_change(sub, 'snr_in')}; geometric-mean per-layer SNR gain "
                         f"{math.prod(r['snr_gain'] for r in sub) ** (1 / len(sub)):.4g}"
                         for run in runs for sub in [[r for r in rows if r["run"] == run]])
     note = (f"ε = {eps}; R, R^c on {'unit-norm' if normalize else 'raw'} tokens; {images} held-out examples per run; "
@@ -158,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{run_dir}: a restoration run has no tokens or subspaces; compression applies to "
                              f"classify and lm runs")
         rows += layer_measures(run.model, run.heldout(args.images)["inputs"], eps=args.eps, normalize=not args.raw,
-                               batch_size=args.batch_size, run=label)
+                               batch_size=args.batch_size, run=label,
+                               forward_kwargs=run.forward_kwargs)
     out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else Path(args.run_dirs[0]) / "compression-overlay")
     write_outputs(rows, out, eps=args.eps, normalize=not args.raw, images=args.images)
     print(markdown_table(rows, COLUMNS))

@@ -252,8 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, written = _restoration(run, args.index, out)
     else:
         held = run.heldout(max(args.images, args.index + 1))
-        rows = layer_statistics(attention_maps(run.model, held["inputs"][: args.images]))
-        one = attention_maps(run.model, held["inputs"][args.index:args.index + 1])
+        rows = layer_statistics(attention_maps(run.model, held["inputs"][: args.images], **run.forward_kwargs))
+        one = attention_maps(run.model, held["inputs"][args.index:args.index + 1], **run.forward_kwargs)
         if run.recipe == "lm":
             written = [_text_figure(run, one, args.window, out)]
         else:

@@ -33,6 +33,11 @@ class LoadedRun:
         return getattr(model, "label", None) or getattr(model, "variant", None) or self.run_dir.name
 
     @property
+    def forward_kwargs(self) -> dict[str, Any]:
+        """Keywords of a full forward: language models without a cache (a cached forward decodes instead)."""
+        return {"use_cache": False} if self.recipe == "lm" else {}
+
+    @property
     def task(self):
         """The recipe's Task for this config (it loads the run's data)."""
         if self._task is None:
@@ -72,11 +77,16 @@ class LoadedRun:
 
 
 def _load_lm(run_dir: Path):
+    import json
+
     from ..recipes.lm import LMConfig
-    from ..train import read_run_config
+    from ..train.config import config_from_dict
     from transformers import AutoModelForCausalLM
 
-    cfg = read_run_config(run_dir, LMConfig, "lm")
+    raw = json.loads((run_dir / "config.json").read_text())
+    if raw.get("task") == "lm":  # runs from before icl became its own recipe carry "task": "lm" and an "icl" section
+        raw = {k: v for k, v in raw.items() if k not in ("task", "icl")}
+    cfg = config_from_dict(LMConfig, raw)
     hf_dir = run_dir / "hf_model"
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir} not found: expected a finished lm run (it exports hf_model/)")

@@ -28,7 +28,8 @@ def trained_snr_rows(run_dir: str | Path, *, images: int = 256, eta: float = 0.2
         raise ValueError(f"{run_dir}: a restoration run has no tokens or subspaces; the SNR applies to classify and "
                          f"lm runs")
     rows = []
-    for r in layer_measures(run.model, run.heldout(images)["inputs"], run=run.label):
+    for r in layer_measures(run.model, run.heldout(images)["inputs"], run=run.label,
+                            forward_kwargs=run.forward_kwargs):
         own = r["theory_gain"] is not None
         rows.append({**{k: r[k] for k in COLUMNS[:7]}, "theory_gain": r["theory_gain"] if own else 1 + eta * tau,
                      "theory_gain_of": "layer" if own else "--eta/--tau"})
