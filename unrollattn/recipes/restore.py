@@ -60,6 +60,9 @@ from unrollattn.train import (
     read_run_config, recipe_main,
 )
 from unrollattn.utils.dist import DistState, all_reduce_tensor, micro_batch_seed, micro_batch_size
+from unrollattn.utils.io import atomic_path
+from unrollattn.utils.plots import new_figure, save_figure
+from unrollattn.utils.tables import markdown_table
 from unrollattn.vision.photos import PhotoDataset, load_photos
 from unrollattn.vision.sampling import crop_to, pad_to_even
 
@@ -375,11 +378,11 @@ class RestoreTask:
         observed = crop_to(self.operator.adjoint(y) if self.cfg.task == "demosaic" else
                            F.interpolate(y, scale_factor=2, mode="nearest"), size)
         psnr = image_metrics(out, x, self.cfg.data.border)[0]
-        tmp = Path(run_dir) / "restoration_samples.tmp.npz"
-        np.savez(tmp, target=crop(x), output=crop(out), observed=crop(observed.float()), psnr=psnr,
-                 label=self.cfg.model.variant, photo=self.photos.test_names[0], task=self.cfg.task,
-                 preset=self.cfg.preset, params=count_params(model))
-        os.replace(tmp, Path(run_dir) / "restoration_samples.npz")
+        samples = dict(target=crop(x), output=crop(out), observed=crop(observed.float()), psnr=psnr,
+                       label=self.cfg.model.variant, photo=self.photos.test_names[0], task=self.cfg.task,
+                       preset=self.cfg.preset, params=count_params(model))
+        with atomic_path(Path(run_dir) / "restoration_samples.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **samples)  # a file object: np.savez would append .npz to the temporary name
         try:
             plot_restorations(Path(run_dir).parent, task=self.cfg.task, preset=self.cfg.preset)
         except Exception as err:  # a plotting problem must not lose a finished run
@@ -397,11 +400,6 @@ def plot_restorations(out_dir: str | os.PathLike, *, task: str, preset: str) -> 
                 samples.append((path.parent.name, {k: z[k] for k in z.files}))
     if not samples:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     first = samples[0][1]
     panels = [("ground truth", first["target"]), ("input (" + ("mosaic" if task == "demosaic" else "x2 grid") + ")",
                                                    first["observed"])]
@@ -410,7 +408,7 @@ def plot_restorations(out_dir: str | os.PathLike, *, task: str, preset: str) -> 
                for run, s in samples]
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(3.2 * cols, 3.6 * rows))
     for ax in axes.flat:
         ax.axis("off")
     for ax, (title, image) in zip(axes.flat, panels):
@@ -419,12 +417,7 @@ def plot_restorations(out_dir: str | os.PathLike, *, task: str, preset: str) -> 
     fig.suptitle(f"{task} / {preset}: centre crop of {str(first['photo'])} (PSNR over this photo's whole test crop)",
                  fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=1.5)
-    target = out_dir / f"restorations_{task}_{preset}.png"
-    tmp = target.with_name(target.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, target)
-    return target
+    return save_figure(fig, out_dir / f"restorations_{task}_{preset}.png", dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------- presets
@@ -526,16 +519,17 @@ def load_model(run_dir: str | Path) -> tuple[nn.Module, RestoreConfig]:
 
 def noise_gain_table(run_dirs: Sequence[str | Path], sigma: float = 25.0) -> str:
     """Markdown table of :meth:`RestoreTask.noise_gain` for finished run directories."""
-    lines = [f"Noise σ = {sigma:g}/255 on the samples, test photos; gain = mean (out(y+n) − out(y))² / σ²; noisy MSE "
-             f"= the squared error summed over those entries / all entries.", "",
-             "| run | params | noise gain on samples | noise gain interpolated | noisy MSE on samples | "
-             "noisy MSE interpolated |", "|---|---:|---:|---:|---:|---:|"]
+    heading = (f"Noise σ = {sigma:g}/255 on the samples, test photos; gain = mean (out(y+n) − out(y))² / σ²; noisy MSE "
+               f"= the squared error summed over those entries / all entries.")
+    headers = {"run": "run", "params": "params", "gain_observed": "noise gain on samples",
+               "gain_unobserved": "noise gain interpolated", "mse_observed": "noisy MSE on samples",
+               "mse_unobserved": "noisy MSE interpolated"}
+    rows = []
     for run_dir in run_dirs:
         model, cfg = load_model(run_dir)
-        g = RestoreTask(cfg).noise_gain(model, sigma)
-        lines.append(f"| {Path(run_dir).name} | {count_params(model):,} | {g['gain_observed']:.3f} | "
-                     f"{g['gain_unobserved']:.3f} | {g['mse_observed']:.2e} | {g['mse_unobserved']:.2e} |")
-    return "\n".join(lines)
+        rows.append({"run": Path(run_dir).name, "params": count_params(model),
+                     **RestoreTask(cfg).noise_gain(model, sigma)})
+    return heading + "\n\n" + markdown_table(rows, list(headers), headers=headers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
