@@ -425,6 +425,20 @@ def test_ctrl_c_saves_the_last_completed_step_and_resumes_exactly(tmp_path, digi
     assert _train_losses(tmp_path / "ctrl-c") == _train_losses(tmp_path / "straight")
 
 
+def test_ctrl_c_before_the_first_step_after_a_resume_names_the_resumed_checkpoint(tmp_path, digits):
+    from unrollattn.train import TrainingInterrupted
+
+    loop = _loop(tmp_path, "resumed-then-ctrl-c", max_steps=10, ckpt_every=5, eval_every=0)
+    with pytest.raises(RuntimeError, match="simulated"):
+        fit(DigitsTask(digits, loop, crash_at_step=5), loop, OPTIM)  # dies in step 6: the checkpoint of step 5 stays
+    again = dataclasses.replace(loop, resume=True)
+    with pytest.raises(TrainingInterrupted) as err:  # Ctrl-C in the first step after the resume
+        fit(DigitsTask(digits, again, crash_at_step=5, crash_with=KeyboardInterrupt), again, OPTIM)
+    kept = latest_checkpoint(tmp_path / "resumed-then-ctrl-c")
+    assert (err.value.step, err.value.checkpoint_step, err.value.checkpoint) == (5, 5, kept)
+    assert kept.name == "step_00000005"
+
+
 def test_sigint_inside_the_optimizer_step_is_held_to_the_end_of_the_step(tmp_path, digits, monkeypatch):
     import signal
 

@@ -509,7 +509,9 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
         _print0(state, f"{run.dir} is evaluated already (loop.max_steps=0, result.json): nothing to resume")
         return {**finished, "run_dir": str(run.dir)}
     start = _restore(run, resume_ckpt, model, optimizer, scheduler, loop, state)
-    ckpt_step = start if resume_ckpt is not None else None  # the step of the newest complete checkpoint
+    # the newest complete checkpoint and its step: the resumed one until a new one is written
+    ckpt_path = Path(resume_ckpt) if resume_ckpt is not None else None
+    ckpt_step = start if resume_ckpt is not None else None
     bar = progress_bar(loop.max_steps, initial=min(start, loop.max_steps), enabled=loop.progress,
                        is_main=state.is_main, desc=run_name)
 
@@ -524,7 +526,7 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
               "grad_norm": torch.zeros((), device=device, dtype=torch.float64),
               "items": 0, "steps": 0, "metrics": {}}
     window_t0 = time.perf_counter()
-    train_loss, last_eval, ckpt_path = math.nan, {}, None
+    train_loss, last_eval = math.nan, {}
     done = start
     autocast = functools.partial(_autocast, loop.precision, device)
 
@@ -645,7 +647,6 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
                 last_eval = _evaluate(task, compiled, state, loop.precision)
                 previous = _on_main(state, lambda: next((r["train_loss"] for r in reversed(run.metrics()) if "train_loss" in r), None))
                 train_loss = math.nan if previous is None else previous
-                ckpt_path = latest_checkpoint(run.dir)
             bar.close()
             if callable(getattr(task, "final_evaluate", None)):
                 final_metrics, final_eval_s = _final_evaluate(task, model, state)
