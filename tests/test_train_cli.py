@@ -9,7 +9,7 @@ from torch import nn
 
 from unrollattn.registry import Registry
 from unrollattn.train import LoopConfig, OptimConfig, fit, latest_checkpoint, read_metrics, recipe_main
-from unrollattn.train.config import INTERRUPTED_EXIT
+from unrollattn.train.entry import INTERRUPTED_EXIT
 
 VARIANTS = ("small", "wide")  # read by recipe_main's --help like a recipe module's VARIANTS
 VARIANT_KEY = "model.variant"
@@ -107,7 +107,7 @@ def test_ctrl_c_prints_one_line_with_the_exact_resume_command(tmp_path, capsys):
 
 
 def test_resume_command_under_torchrun(monkeypatch):
-    from unrollattn.train.config import resume_command
+    from unrollattn.train.entry import resume_command
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

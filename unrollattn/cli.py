@@ -321,7 +321,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
                                 block=args.block.split(","), seeds=args.seeds, match_params=args.match_params,
                                 preset=args.preset, overrides=args.overrides, out=args.out, resume=args.resume)
     except AblationInterrupted as stop:
-        from .train.config import INTERRUPTED_EXIT
+        from .train.entry import INTERRUPTED_EXIT
 
         selection = [f"--{k.replace('_', '-')}={v}" for k, v in (
             ("variants", args.variants), ("attention", args.attention), ("block", args.block),
