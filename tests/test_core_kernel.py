@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from unrollattn.core.kernel import (
-    boosting, default_range_bandwidth, kernel_attention, spatial_log_kernel, token_positions, twicing,
+    boosting, default_range_bandwidth, kernel_attention, kernel_weights, spatial_log_kernel, token_positions, twicing,
 )
 from unrollattn.core.reference import kernel_attention_reference
 from unrollattn.layers import build_attention
@@ -59,22 +59,58 @@ def test_twicing_identity():
 @pytest.mark.parametrize("kernel", ["dot", "gaussian", "mahalanobis", "bilateral"])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_kernel_attention_matches_reference(kernel, is_causal):
+    """Values and gradients (queries, keys, values, bandwidths, metric) of the fast path against the explicit one."""
     heads = 2
     q, k, v = (torch.randn(1, heads, N, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    h_y = torch.tensor([1.5, 3.0], dtype=torch.float64)
-    metric = torch.rand(heads, D, dtype=torch.float64) + 0.5
+    h_y = torch.tensor([1.5, 3.0], dtype=torch.float64, requires_grad=True)
+    metric = (torch.rand(heads, D, dtype=torch.float64) + 0.5).requires_grad_()
     pos = token_positions(N, (2, 3), 1, dtype=torch.float64) if kernel == "bilateral" else None
-    h_p = torch.tensor([1.0, 4.0], dtype=torch.float64)
+    h_p = torch.tensor([1.0, 4.0], dtype=torch.float64, requires_grad=True)
     bias = spatial_log_kernel(pos, pos, h_p) if pos is not None else None
     fast = kernel_attention(q, k, v, kernel, range_bandwidth=h_y, metric=metric if kernel == "mahalanobis" else None,
                             spatial_bias=bias, is_causal=is_causal)
     slow = kernel_attention_reference(q[0], k[0], v[0], kernel, range_bandwidth=h_y, metric=metric, positions=pos,
                                       spatial_bandwidth=h_p, is_causal=is_causal)[None]
     torch.testing.assert_close(fast, slow)
-    g_fast = torch.autograd.grad(fast.square().sum(), (q, k, v))
-    g_slow = torch.autograd.grad(slow.square().sum(), (q, k, v))
+    inputs = (q, k, v, h_y) + ((metric,) if kernel == "mahalanobis" else ()) + ((h_p,) if kernel == "bilateral" else ())
+    g_fast = torch.autograd.grad(fast.square().sum(), inputs)
+    g_slow = torch.autograd.grad(slow.square().sum(), inputs)
     for a, b in zip(g_fast, g_slow):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "mahalanobis"])
+def test_range_kernels_with_a_padding_mask_match_the_reference(kernel):
+    """The folded key-norm path with a boolean key mask (padding) against the explicit weights."""
+    heads = 2
+    q, k, v = (torch.randn(2, heads, N, D, dtype=torch.float64) for _ in range(3))
+    h_y = torch.tensor([1.5, 3.0], dtype=torch.float64)
+    metric = torch.rand(heads, D, dtype=torch.float64) + 0.5 if kernel == "mahalanobis" else None
+    keep = torch.ones(2, 1, 1, N, dtype=torch.bool)
+    keep[1, ..., -2:] = False  # the second sequence has two padded keys
+    fast = kernel_attention(q, k, v, kernel, range_bandwidth=h_y, metric=metric, attn_mask=keep)
+    weights = kernel_weights(q, k, kernel, range_bandwidth=h_y, metric=metric, attn_mask=keep)["weights"]
+    torch.testing.assert_close(fast, weights @ v)
+    assert weights[1, ..., -2:].abs().max() == 0
+
+
+def test_range_kernels_keep_sdpa_on_its_fused_path():
+    """Gaussian attention's forward+backward holds no N x N tensor: its peak tensor memory stays near softmax SDPA's
+    (an additive bias with a bandwidth gradient would materialise [B, H, N, N] scores, 25 MB here)."""
+    from unrollattn.utils.memory import peak_memory_mb
+
+    n, heads, d = 512, 2, 32
+    q, k, v = (torch.randn(2, heads, n, d, requires_grad=True) for _ in range(3))
+    h_y = torch.tensor([2.0, 3.0], requires_grad=True)
+
+    def step(kernel):
+        def run():
+            kernel_attention(q, k, v, kernel, range_bandwidth=h_y).sum().backward()
+        return run
+
+    softmax, gaussian = (peak_memory_mb(step(kernel), torch.device("cpu")) for kernel in ("dot", "gaussian"))
+    scores_mb = 2 * heads * n * n * 4 / 2**20
+    assert gaussian < softmax + scores_mb / 2, (gaussian, softmax, scores_mb)
 
 
 def test_gaussian_default_bandwidth_is_softmax_without_key_mass():

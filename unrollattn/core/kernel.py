@@ -7,8 +7,9 @@ out_i = sum_j w_ij v_j,  w_ij = softmax_j(l_ij + m_ij)  (C.9), with the log-kern
     mahalanobis  gaussian on q, k rescaled by M^{1/2} (diagonal M)
     bilateral    gaussian range kernel + spatial log-kernel on positions, no token-position cross term
 
-Every kernel runs through ``F.scaled_dot_product_attention`` with per-head query scaling and one
-additive bias (key-norm term + spatial term + mask). Tensors are [B, H, N, d]; bandwidths are [H].
+Every kernel runs through ``F.scaled_dot_product_attention`` with per-head query scaling: the range-only kernels
+with the key-norm term folded into an extra query/key coordinate (so SDPA keeps its fused path), bilateral with
+one additive bias (key-norm term + spatial term + mask). Tensors are [B, H, N, d]; bandwidths are [H].
 """
 from __future__ import annotations
 
@@ -125,8 +126,25 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
         raise ValueError(f"expected q, k, v of shape [B, H, N, d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     t = kernel_terms(q, k, kernel, range_bandwidth=range_bandwidth, metric=metric, spatial_bias=spatial_bias,
                      attn_mask=attn_mask, is_causal=is_causal)
+    if t["key_bias"] is not None and t["spatial"] is None:
+        return _fused_range_kernel(t, v, dropout_p)
     bias = _sum_biases(t["key_bias"], t["mask"], t["spatial"])
     return F.scaled_dot_product_attention(t["q"], t["k"], v, attn_mask=bias, dropout_p=dropout_p, scale=t["scale"])
+
+
+def _fused_range_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """SDPA of a range-only kernel (gaussian, mahalanobis) with the key-norm term folded into the queries and keys:
+    [q', 1] . [k, -||k||^2/h^2] = 2 q.k/h^2 - ||k||^2/h^2 (C.9; the ||q||^2 term cancels in the softmax). An additive
+    bias with a gradient (the bandwidth's) would send SDPA to its math path and an N x N score map; this keeps the
+    fused kernel, whose CPU path wants one head size for q, k and v: v gets a zero column, dropped afterwards."""
+    q, k = t["q"], t["k"]
+    key_bias = t["key_bias"].transpose(-2, -1)  # [B, H, Nk, 1]
+    ones = q.new_ones(q.shape[:-1] + (1,))
+    q_aug, k_aug = torch.cat([q, ones], -1), torch.cat([k, key_bias.expand(k.shape[:-1] + (1,))], -1)
+    v_aug = torch.cat([v, v.new_zeros(v.shape[:-1] + (1,))], -1)
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=t["mask"], dropout_p=dropout_p,
+                                         scale=t["scale"])
+    return out[..., :-1]
 
 
 def kernel_weights(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", **options) -> dict[str, torch.Tensor]:

@@ -101,7 +101,8 @@ def kernel_attention_reference(q, k, v, kernel="dot", *, range_bandwidth=None, m
     """
     heads, n, d = q.shape
     out = torch.zeros_like(v)
-    per_head = lambda value, h: float(value[h]) if isinstance(value, torch.Tensor) and value.ndim else float(value)  # noqa: E731
+    # a tensor bandwidth stays a tensor, so gradients reach it
+    per_head = lambda value, h: (value[h] if value.ndim else value) if isinstance(value, torch.Tensor) else float(value)  # noqa: E731
     for h in range(heads):
         h_y = per_head(range_bandwidth, h) if range_bandwidth is not None else (4 * d) ** 0.25
         for i in range(n):
