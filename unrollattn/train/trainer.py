@@ -471,6 +471,260 @@ def _write_results(task: Any, model: nn.Module, run: RunDir, summary: dict[str, 
     run.write_json("result.json", summary)
 
 
+@dataclasses.dataclass
+class _LogWindow:
+    """The training steps since the last log row, summed on this rank (the row all-reduces them)."""
+
+    loss: Tensor
+    grad_norm: Tensor
+    items: int = 0
+    steps: int = 0
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, device: torch.device) -> "_LogWindow":
+        def zero() -> Tensor:
+            return torch.zeros((), device=device, dtype=torch.float64)
+
+        return cls(loss=zero(), grad_norm=zero())
+
+
+class _TrainingLoop:
+    """The optimizer steps of one :func:`fit`, from the restored step to ``loop.max_steps``, with the log rows,
+    evaluations and checkpoints on their cadence; on Ctrl-C, :meth:`interrupted` saves the last completed step.
+
+    ``done`` counts the completed steps; ``checkpoint`` / ``checkpoint_step`` are the newest complete checkpoint
+    (the resumed one until a new one is written); ``train_loss`` is that of the last logged window and ``last_eval``
+    the metrics of the last evaluation.
+    """
+
+    def __init__(self, task: Any, loop: LoopConfig, optim: OptimConfig, state: DistState, run: RunDir,
+                 model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any, *, start: int,
+                 resumed_checkpoint: str | None, t_begin: float, ddp_kwargs: dict | None):
+        self.task, self.loop, self.optim, self.state, self.run = task, loop, optim, state, run
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.device, self.t_begin = state.device, t_begin
+        self.start = self.done = start
+        self.resumed = resumed_checkpoint is not None
+        self.checkpoint = Path(resumed_checkpoint) if self.resumed else None
+        self.checkpoint_step = start if self.resumed else None
+        self.train_loss, self.last_eval, self.lr = math.nan, {}, math.nan
+        self.trainable = [p for group in optimizer.param_groups for p in group["params"]] if optimizer is not None else []
+        self.cpu_peak_mb = tensor_bytes(model) / 2**20
+        self.bar = progress_bar(loop.max_steps, initial=min(start, loop.max_steps), enabled=loop.progress,
+                                is_main=state.is_main, desc=run.name)
+
+        self.compiled = torch.compile(model) if loop.compile else model
+        self.train_model = (wrap_model(self.compiled, state, **(ddp_kwargs or {})) if optimizer is not None
+                            else self.compiled)
+        self.is_ddp = self.train_model is not self.compiled
+
+        self.steps_to_run = max(0, loop.max_steps - start)
+        self.warm_steps = min(3, self.steps_to_run // 2)  # steps excluded from the summary throughput
+        self.timed_from = time.perf_counter() if self.warm_steps == 0 else None
+        self.timed_items, self.timed_excluded = 0, 0.0
+        self.window = _LogWindow.empty(self.device)
+        self.window_t0 = time.perf_counter()
+        # CPU peak memory: parameters + optimizer state + tensors alive during the second step (the first one
+        # also holds one-off allocations such as a task's data caches).
+        self.tracked_step = start + 1 if loop.max_steps - start > 1 else start
+        self.live_tensors = contextlib.ExitStack()
+
+    def run_steps(self, guard: _InterruptGuard) -> None:
+        """Every step left, each followed by its evaluation and checkpoint when they are due; with no step left, the
+        evaluation of the model as it is."""
+        for step in range(self.start, self.loop.max_steps):
+            self.step(step, guard)
+            t_pause = time.perf_counter()
+            self.maybe_evaluate()
+            self.maybe_checkpoint()
+            self._exclude_pause(time.perf_counter() - t_pause)
+        if self.steps_to_run == 0:
+            self._evaluate_without_training()
+        self.bar.close()
+
+    def step(self, step: int, guard: _InterruptGuard) -> None:
+        """Optimizer step ``step`` (0-based) over its ``loop.grad_accum`` micro-batches, then its log row when due.
+        Ctrl-C is held from the update to the end of its log row: weights, optimizer, schedule, ``done`` and
+        metrics.jsonl then always agree (see :class:`_InterruptGuard`)."""
+        loop, device = self.loop, self.device
+        _seed_all(step_seed(loop.seed, step, self.state.rank))
+        self.train_model.train()
+        tracker = LiveTensorBytes() if device.type != "cuda" and step == self.tracked_step else None
+        if tracker is not None:
+            self.live_tensors.enter_context(tracker)
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss, step_items = self._accumulate_gradients(step)
+        if self.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.optim.grad_clip)
+            self.window.grad_norm += grad_norm.detach().to(torch.float64)
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        with guard.critical():
+            self.optimizer.step()
+            self.scheduler.step()
+            if tracker is not None:
+                self.live_tensors.close()
+                self.cpu_peak_mb += (tracker.peak + optimizer_state_bytes(self.optimizer)) / 2**20
+            self.done = step + 1
+            self.window.loss += step_loss / loop.grad_accum
+            self.window.items += step_items
+            self.window.steps += 1
+            if self.timed_from is not None:
+                self.timed_items += step_items
+            elif self.done - self.start == self.warm_steps:
+                _sync(device)
+                self.timed_from = time.perf_counter()
+            self.bar.update(1)
+            if self.done % loop.log_every == 0 or self.done == loop.max_steps:
+                self.log()
+
+    def _accumulate_gradients(self, step: int) -> tuple[Tensor, int]:
+        """Forward and backward of every micro-batch of ``step`` (DDP syncs the gradients on the last one only);
+        returns the summed loss and the number of items."""
+        loop, task = self.loop, self.task
+        step_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        step_items = 0
+        for micro in range(loop.grad_accum):
+            batch = to_device(task.batch(step, micro, self.state), self.device)
+            last_micro = micro == loop.grad_accum - 1
+            with (self.train_model.no_sync() if self.is_ddp and not last_micro else contextlib.nullcontext()):
+                with _autocast(loop.precision, self.device):
+                    loss, metrics = _call_loss(task, self.train_model, batch)
+                (loss / loop.grad_accum).backward()
+            step_loss += loss.detach().to(torch.float64)
+            for key, value in metrics.items():
+                self.window.metrics[key] = self.window.metrics.get(key, 0.0) + float(value) / loop.grad_accum
+            step_items += _items(task, batch)
+        return step_loss, step_items
+
+    def log(self) -> None:
+        """The log row of the window since the last one (all-reduced over the ranks) to metrics.jsonl and the
+        console; FloatingPointError when its training loss is not finite."""
+        _sync(self.device)
+        window, loop = self.window, self.loop
+        keys = sorted(window.metrics)
+        packed = torch.cat([
+            torch.stack([window.loss, window.grad_norm]).cpu(),
+            torch.tensor([window.items, window.steps, *(window.metrics[k] for k in keys)], dtype=torch.float64),
+        ])
+        totals = all_reduce_tensor(packed, self.state, "sum").tolist()
+        ranks_steps = totals[3]
+        self.train_loss = train_loss = totals[0] / ranks_steps
+        elapsed = max(time.perf_counter() - self.window_t0, 1e-9)
+        mem = _peak_memory(self.device, self.cpu_peak_mb)
+        row = {"train_loss": train_loss, "lr": self.lr}
+        if self.optim.grad_clip > 0:
+            row["grad_norm"] = totals[1] / ranks_steps
+        row.update({k: totals[4 + i] / ranks_steps for i, k in enumerate(keys)})
+        row.update({"items_per_s": totals[2] / elapsed, mem[0]: round(mem[1], 1),
+                    "elapsed_s": round(time.perf_counter() - self.t_begin, 3)})
+        self.run.log(self.done, **row)
+        self.bar.set_postfix_str(f"loss {train_loss:.4f}")
+        self.bar.write(f"step {self.done}/{loop.max_steps} | loss {train_loss:.4f} | lr {self.lr:.3g} | "
+                       f"{row['items_per_s']:.1f} items/s")
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"training loss is {train_loss} at step {self.done}; lower optim.lr, "
+                                     "raise optim.warmup_steps or check the data (metrics in "
+                                     f"{self.run.path('metrics.jsonl')})")
+        self.window = _LogWindow.empty(self.device)
+
+    def maybe_evaluate(self) -> None:
+        """Evaluate after every ``loop.eval_every`` steps and after the last one."""
+        if (self.loop.eval_every and self.done % self.loop.eval_every == 0) or self.done == self.loop.max_steps:
+            self._evaluate_and_record(after_training=True)
+
+    def maybe_checkpoint(self) -> None:
+        """Checkpoint after every ``loop.ckpt_every`` steps and after the last one, of finite weights only."""
+        if (self.loop.ckpt_every and self.done % self.loop.ckpt_every == 0) or self.done == self.loop.max_steps:
+            _check_finite_weights(self.model, self.done, self.run)
+            self.checkpoint = _on_main(self.state, functools.partial(self._save, self.done))
+            self.checkpoint_step = self.done
+
+    def _exclude_pause(self, paused: float) -> None:
+        """Leave the ``paused`` seconds of evaluating and checkpointing out of the throughputs."""
+        if self.timed_from is not None:
+            self.timed_excluded += paused
+        if self.done % self.loop.log_every == 0:
+            self.window_t0 = time.perf_counter()
+        else:
+            self.window_t0 += paused
+
+    def _evaluate_and_record(self, *, after_training: bool) -> None:
+        """Evaluate now: the metrics go to metrics.jsonl, summary.csv (with the training loss and learning rate
+        ``after_training``) and the console; FloatingPointError for a non-finite loss."""
+        self.last_eval = metrics = _evaluate(self.task, self.compiled, self.state, self.loop.precision)
+        self.run.log(self.done, **metrics)
+        self.run.summary({"step": self.done, "train_loss": self.train_loss, **metrics, "lr": self.lr} if after_training
+                         else {"step": self.done, **metrics})
+        self.bar.write(f"eval step {self.done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        _check_finite_eval(metrics, self.done, self.run)
+
+    def _evaluate_without_training(self) -> None:
+        """With no step to run: the evaluation of step 0 (``loop.max_steps=0``), or of the resumed checkpoint with
+        the training loss it last logged."""
+        if not self.resumed:  # loop.max_steps=0: the one evaluation is step 0's
+            self._evaluate_and_record(after_training=False)
+            return
+        # nothing left to train: report the checkpoint's metrics
+        self.last_eval = _evaluate(self.task, self.compiled, self.state, self.loop.precision)
+        rows = self.run.metrics
+        previous = _on_main(self.state, lambda: next((r["train_loss"] for r in reversed(rows()) if "train_loss" in r), None))
+        self.train_loss = math.nan if previous is None else previous
+
+    def _save(self, step_done: int) -> Path:
+        target = checkpoint_dir_for_step(self.run.dir, step_done)
+        save_checkpoint(target, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, step=step_done,
+                        extra={"run_name": self.run.name, "world_size": self.state.world_size})
+        prune_checkpoints(self.run.dir, self.loop.keep_checkpoints)
+        return target
+
+    def items_per_second(self) -> float:
+        """Training items per second over all ranks after the warm-up steps, evaluations and checkpoints excluded
+        (a collective: every rank calls it)."""
+        timed_time = (time.perf_counter() - self.timed_from - self.timed_excluded) if self.timed_from is not None else 0.0
+        total_timed_items = all_reduce_sum(float(self.timed_items), self.state)
+        return total_timed_items / timed_time if timed_time > 0 and total_timed_items > 0 else math.nan
+
+    def summary(self, *, params: int, final_metrics: dict[str, float], final_eval_s: float | None) -> dict[str, Any]:
+        """What :func:`fit` returns (before the task's fields), once the steps and the final evaluation are done
+        (a collective: every rank calls it)."""
+        _sync(self.device)
+        loss_label = getattr(self.task, "loss_label", None)
+        mem = _peak_memory(self.device, self.cpu_peak_mb)
+        items_per_s = self.items_per_second()
+        return {
+            "run_dir": str(self.run.dir),
+            "steps": self.done,
+            "start_step": self.start,
+            "params": params,
+            "train_loss": self.train_loss,
+            **self.last_eval,
+            "train_items_per_s": items_per_s,
+            "peak_mem_mb": round(mem[1], 1),
+            "peak_mem_source": "cuda_max_memory_allocated" if self.device.type == "cuda" else "cpu_tensor_bytes_one_step",
+            "world_size": self.state.world_size,
+            "checkpoint": str(self.checkpoint) if self.checkpoint is not None else None,
+            **final_metrics,
+            **({"final_eval_s": round(final_eval_s, 3)} if final_eval_s is not None else {}),
+            **({"loss_label": loss_label} if loss_label else {}),
+            "wall_s": round(time.perf_counter() - self.t_begin, 3),
+        }
+
+    def interrupted(self) -> TrainingInterrupted:
+        """After Ctrl-C: the main rank saves the last completed step (no collective: the other ranks are being
+        interrupted too), unless it is saved already or its weights are not finite. A second Ctrl-C abandons the
+        save; the atomic writer then leaves the previous checkpoint as it was."""
+        if (self.state.is_main and self.optimizer is not None and self.checkpoint_step != self.done
+                and not _non_finite_tensors(self.model)):
+            with contextlib.suppress(KeyboardInterrupt):
+                self.checkpoint, self.checkpoint_step = self._save(self.done), self.done
+        return TrainingInterrupted(self.done, self.run.dir, self.run.name, self.checkpoint, self.checkpoint_step)
+
+    def close(self) -> None:
+        self.live_tensors.close()
+        self.bar.close()
+
+
 def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: str = "run",
         config_for_log: Any = None, ddp_kwargs: dict | None = None) -> dict[str, Any]:
     """Train ``task`` for ``loop.max_steps`` optimizer steps; return a summary dict.
@@ -497,8 +751,6 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
 
     model, optimizer, scheduler = _build_model_and_optimizer(task, loop, optim, device)
     n_params = count_params(model)
-    cpu_peak_mb = tensor_bytes(model) / 2**20
-    trainable = [p for group in optimizer.param_groups for p in group["params"]] if optimizer is not None else []
 
     if config_for_log is None:
         config_for_log = {"loop": config_to_dict(loop), "optim": config_to_dict(optim)}
@@ -509,180 +761,19 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
         _print0(state, f"{run.dir} is evaluated already (loop.max_steps=0, result.json): nothing to resume")
         return {**finished, "run_dir": str(run.dir)}
     start = _restore(run, resume_ckpt, model, optimizer, scheduler, loop, state)
-    # the newest complete checkpoint and its step: the resumed one until a new one is written
-    ckpt_path = Path(resume_ckpt) if resume_ckpt is not None else None
-    ckpt_step = start if resume_ckpt is not None else None
-    bar = progress_bar(loop.max_steps, initial=min(start, loop.max_steps), enabled=loop.progress,
-                       is_main=state.is_main, desc=run_name)
-
-    compiled = torch.compile(model) if loop.compile else model
-    train_model = wrap_model(compiled, state, **(ddp_kwargs or {})) if optimizer is not None else compiled
-    is_ddp = train_model is not compiled
-
-    n_run = max(0, loop.max_steps - start)
-    warm = min(3, n_run // 2)  # steps excluded from the summary throughput
-    timed_from, timed_items, timed_excluded = (time.perf_counter() if warm == 0 else None), 0, 0.0
-    window = {"loss": torch.zeros((), device=device, dtype=torch.float64),
-              "grad_norm": torch.zeros((), device=device, dtype=torch.float64),
-              "items": 0, "steps": 0, "metrics": {}}
-    window_t0 = time.perf_counter()
-    train_loss, last_eval = math.nan, {}
-    done = start
-    autocast = functools.partial(_autocast, loop.precision, device)
-
-    # CPU peak memory: parameters + optimizer state + tensors alive during the second step (the first one
-    # also holds one-off allocations such as a task's data caches).
-    tracked_step = start + 1 if loop.max_steps - start > 1 else start
-
-    def save(step_done: int) -> Path:
-        target = checkpoint_dir_for_step(run.dir, step_done)
-        save_checkpoint(target, model=model, optimizer=optimizer, scheduler=scheduler, step=step_done,
-                        extra={"run_name": run_name, "world_size": state.world_size})
-        prune_checkpoints(run.dir, loop.keep_checkpoints)
-        return target
-
-    step_context = contextlib.ExitStack()
-    final_metrics, final_eval_s = {}, None
+    training = _TrainingLoop(task, loop, optim, state, run, model, optimizer, scheduler, start=start,
+                             resumed_checkpoint=resume_ckpt, t_begin=t_begin, ddp_kwargs=ddp_kwargs)
     try:
         with _InterruptGuard() as guard:
-            for step in range(start, loop.max_steps):
-                _seed_all(step_seed(loop.seed, step, state.rank))
-                train_model.train()
-                tracker = LiveTensorBytes() if device.type != "cuda" and step == tracked_step else None
-                if tracker is not None:
-                    step_context.enter_context(tracker)
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = torch.zeros((), device=device, dtype=torch.float64)
-                step_items = 0
-                for micro in range(loop.grad_accum):
-                    batch = to_device(task.batch(step, micro, state), device)
-                    last_micro = micro == loop.grad_accum - 1
-                    with (train_model.no_sync() if is_ddp and not last_micro else contextlib.nullcontext()):
-                        with autocast():
-                            loss, metrics = _call_loss(task, train_model, batch)
-                        (loss / loop.grad_accum).backward()
-                    step_loss += loss.detach().to(torch.float64)
-                    for key, value in metrics.items():
-                        window["metrics"][key] = window["metrics"].get(key, 0.0) + float(value) / loop.grad_accum
-                    step_items += _items(task, batch)
-                if optim.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim.grad_clip)
-                    window["grad_norm"] += grad_norm.detach().to(torch.float64)
-                lr = optimizer.param_groups[0]["lr"]
-                # Ctrl-C is held from the update to the end of its log row: weights, optimizer, schedule, `done` and
-                # metrics.jsonl then always agree (see _InterruptGuard)
-                with guard.critical():
-                    optimizer.step()
-                    scheduler.step()
-                    if tracker is not None:
-                        step_context.close()
-                        cpu_peak_mb += (tracker.peak + optimizer_state_bytes(optimizer)) / 2**20
-                    done = step + 1
-                    window["loss"] += step_loss / loop.grad_accum
-                    window["items"] += step_items
-                    window["steps"] += 1
-                    if timed_from is not None:
-                        timed_items += step_items
-                    elif done - start == warm:
-                        _sync(device)
-                        timed_from = time.perf_counter()
-                    bar.update(1)
-
-                    if done % loop.log_every == 0 or done == loop.max_steps:
-                        _sync(device)
-                        keys = sorted(window["metrics"])
-                        packed = torch.cat([
-                            torch.stack([window["loss"], window["grad_norm"]]).cpu(),
-                            torch.tensor([window["items"], window["steps"], *(window["metrics"][k] for k in keys)],
-                                         dtype=torch.float64),
-                        ])
-                        totals = all_reduce_tensor(packed, state, "sum").tolist()
-                        ranks_steps = totals[3]
-                        train_loss = totals[0] / ranks_steps
-                        elapsed = max(time.perf_counter() - window_t0, 1e-9)
-                        mem = _peak_memory(device, cpu_peak_mb)
-                        row = {"train_loss": train_loss, "lr": lr}
-                        if optim.grad_clip > 0:
-                            row["grad_norm"] = totals[1] / ranks_steps
-                        row.update({k: totals[4 + i] / ranks_steps for i, k in enumerate(keys)})
-                        row.update({"items_per_s": totals[2] / elapsed, mem[0]: round(mem[1], 1),
-                                    "elapsed_s": round(time.perf_counter() - t_begin, 3)})
-                        run.log(done, **row)
-                        message = f"step {done}/{loop.max_steps} | loss {train_loss:.4f} | lr {lr:.3g} | {row['items_per_s']:.1f} items/s"
-                        bar.set_postfix_str(f"loss {train_loss:.4f}")
-                        bar.write(message)
-                        if not math.isfinite(train_loss):
-                            raise FloatingPointError(f"training loss is {train_loss} at step {done}; lower optim.lr, "
-                                                     "raise optim.warmup_steps or check the data (metrics in "
-                                                     f"{run.path('metrics.jsonl')})")
-                        window = {"loss": torch.zeros_like(window["loss"]), "grad_norm": torch.zeros_like(window["grad_norm"]),
-                                  "items": 0, "steps": 0, "metrics": {}}
-
-                t_pause = time.perf_counter()
-                if (loop.eval_every and done % loop.eval_every == 0) or done == loop.max_steps:
-                    last_eval = _evaluate(task, compiled, state, loop.precision)
-                    run.log(done, **last_eval)
-                    run.summary({"step": done, "train_loss": train_loss, **last_eval, "lr": lr})
-                    bar.write(f"eval step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
-                    _check_finite_eval(last_eval, done, run)
-                if (loop.ckpt_every and done % loop.ckpt_every == 0) or done == loop.max_steps:
-                    _check_finite_weights(model, done, run)
-                    ckpt_path = _on_main(state, functools.partial(save, done))
-                    ckpt_step = done
-                paused = time.perf_counter() - t_pause
-                if timed_from is not None:
-                    timed_excluded += paused
-                if done % loop.log_every == 0:
-                    window_t0 = time.perf_counter()
-                else:
-                    window_t0 += paused
-
-            if n_run == 0 and resume_ckpt is None:  # loop.max_steps=0: the one evaluation is step 0's
-                last_eval = _evaluate(task, compiled, state, loop.precision)
-                run.log(done, **last_eval)
-                run.summary({"step": done, **last_eval})
-                bar.write(f"eval step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
-                _check_finite_eval(last_eval, done, run)
-            elif n_run == 0:  # nothing left to train: report the checkpoint's metrics
-                last_eval = _evaluate(task, compiled, state, loop.precision)
-                previous = _on_main(state, lambda: next((r["train_loss"] for r in reversed(run.metrics()) if "train_loss" in r), None))
-                train_loss = math.nan if previous is None else previous
-            bar.close()
+            training.run_steps(guard)
+            final_metrics, final_eval_s = {}, None
             if callable(getattr(task, "final_evaluate", None)):
                 final_metrics, final_eval_s = _final_evaluate(task, model, state)
-            _sync(device)
-            loss_label = getattr(task, "loss_label", None)
-            mem = _peak_memory(device, cpu_peak_mb)
-            timed_time = (time.perf_counter() - timed_from - timed_excluded) if timed_from is not None else 0.0
-            total_timed_items = all_reduce_sum(float(timed_items), state)
-            summary = {
-                "run_dir": str(run.dir),
-                "steps": done,
-                "start_step": start,
-                "params": n_params,
-                "train_loss": train_loss,
-                **last_eval,
-                "train_items_per_s": total_timed_items / timed_time if timed_time > 0 and total_timed_items > 0 else math.nan,
-                "peak_mem_mb": round(mem[1], 1),
-                "peak_mem_source": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_tensor_bytes_one_step",
-                "world_size": state.world_size,
-                "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
-                **final_metrics,
-                **({"final_eval_s": round(final_eval_s, 3)} if final_eval_s is not None else {}),
-                **({"loss_label": loss_label} if loss_label else {}),
-                "wall_s": round(time.perf_counter() - t_begin, 3),
-            }
+            summary = training.summary(params=n_params, final_metrics=final_metrics, final_eval_s=final_eval_s)
             summary = _with_task_fields(task, summary)
             _on_main(state, functools.partial(_write_results, task, model, run, summary))
     except KeyboardInterrupt:
-        # Ctrl-C: the main rank saves the last completed step (no collective: the other ranks are being interrupted
-        # too), unless it is saved already or its weights are not finite. A second Ctrl-C abandons the save; the
-        # atomic writer then leaves the previous checkpoint as it was.
-        if state.is_main and optimizer is not None and ckpt_step != done and not _non_finite_tensors(model):
-            with contextlib.suppress(KeyboardInterrupt):
-                ckpt_path, ckpt_step = save(done), done
-        raise TrainingInterrupted(done, run.dir, run_name, ckpt_path, ckpt_step) from None
+        raise training.interrupted() from None
     finally:
-        step_context.close()
-        bar.close()
+        training.close()
     return summary
