@@ -147,3 +147,48 @@ def test_bilateral_layer_uses_the_patch_grid():
         layer(torch.randn(2, 9, 16))
     layer.set_geometry(None)
     assert not torch.allclose(layer(x), out_grid)  # 1-D positions differ from 2-D ones
+
+
+@pytest.mark.parametrize("kernel", ["bilateral", "dot"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_blocked_spatial_path_matches_the_full_bias_in_values_and_gradients(monkeypatch, kernel, is_causal):
+    """A SpatialKernel is built a few query rows at a time (here 1-3 rows per block) and recomputed in backward:
+    the same values and gradients, bandwidths included, as one [H, N, N] bias."""
+    import unrollattn.core.kernel as core_kernel
+
+    heads, n = 2, 9
+    q, k, v = (torch.randn(2, heads, n, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    h_y = torch.tensor([1.5, 3.0], dtype=torch.float64, requires_grad=True)
+    h_p = torch.tensor([1.0, 4.0], dtype=torch.float64, requires_grad=True)
+    pos = token_positions(n, (2, 4), 1, dtype=torch.float64)
+    keep = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    keep[1, ..., -1] = False
+    options = dict(range_bandwidth=h_y, attn_mask=None if is_causal else keep, is_causal=is_causal)
+    inputs = (q, k, v, h_y, h_p)
+    full = kernel_attention(q, k, v, kernel, spatial_bias=spatial_log_kernel(pos, pos, h_p, "laplacian"), **options)
+    full_grads = torch.autograd.grad(full.square().sum(), inputs)
+    for block_bytes in (1, 3 * 2 * heads * n * 8):
+        monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", block_bytes)
+        blocked = kernel_attention(q, k, v, kernel, spatial_bias=core_kernel.SpatialKernel(pos, pos, h_p, "laplacian"),
+                                   **options)
+        torch.testing.assert_close(blocked, full)
+        for a, b in zip(torch.autograd.grad(blocked.square().sum(), inputs), full_grads):
+            torch.testing.assert_close(a, b)
+
+
+def test_bilateral_forward_backward_holds_no_full_score_map(monkeypatch):
+    import unrollattn.core.kernel as core_kernel
+    from unrollattn.utils.memory import peak_memory_mb
+
+    monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", 2**20)  # blocks of 128 query rows here
+    n, heads, d = 1024, 2, 32
+    layer = build_attention("bilateral", heads * d, heads)
+    x = torch.randn(1, n, heads * d, requires_grad=True)
+    softmax = build_attention("mhsa", heads * d, heads)
+
+    def step(module):
+        return lambda: module(x, is_causal=True).sum().backward()
+
+    scores_mb = heads * n * n * 4 / 2**20  # one [1, H, N, N] float32 map: 8 MB
+    bilateral_mb, softmax_mb = (peak_memory_mb(step(m), torch.device("cpu")) for m in (layer, softmax))
+    assert bilateral_mb < softmax_mb + 2 * scores_mb, (bilateral_mb, softmax_mb, scores_mb)

@@ -13,10 +13,12 @@ one additive bias (key-norm term + spatial term + mask). Tensors are [B, H, N, d
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .masks import additive_mask
 
@@ -69,9 +71,31 @@ def spatial_log_kernel(positions_q: torch.Tensor, positions_k: torch.Tensor, ban
     return -sq_dist.clamp_min(0).sqrt()[None] / h
 
 
+@dataclass(frozen=True)
+class SpatialKernel:
+    """The spatial log-kernel S_ij of C.5 by its parts (query and key positions [Nq, P] / [Nk, P], bandwidths [H],
+    kind), so that attention can build it a block of query rows at a time instead of as one [H, Nq, Nk] tensor."""
+
+    positions_q: torch.Tensor
+    positions_k: torch.Tensor
+    bandwidth: torch.Tensor
+    kind: str = "gaussian"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.bandwidth.shape[0], self.positions_q.shape[0], self.positions_k.shape[0]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """S for query rows ``start:stop``: [H, stop - start, Nk]."""
+        return spatial_log_kernel(self.positions_q[start:stop], self.positions_k, self.bandwidth, self.kind)
+
+    def full(self) -> torch.Tensor:
+        return self.rows(0, self.positions_q.shape[0])
+
+
 def kernel_terms(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", *,
                  range_bandwidth: torch.Tensor | float | None = None, metric: torch.Tensor | None = None,
-                 spatial_bias: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                 spatial_bias: "torch.Tensor | SpatialKernel | None" = None, attn_mask: torch.Tensor | None = None,
                  is_causal: bool = False) -> dict:
     """The log-kernel l_ij + m_ij of C.9 as SDPA takes it: ``l_ij = scale * q'_i . k'_j + key_bias_j + spatial_ij``.
 
@@ -115,21 +139,54 @@ def _sum_biases(*biases: torch.Tensor | None) -> torch.Tensor | None:
 
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "dot", *,
                      range_bandwidth: torch.Tensor | float | None = None, metric: torch.Tensor | None = None,
-                     spatial_bias: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                     is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+                     spatial_bias: "torch.Tensor | SpatialKernel | None" = None,
+                     attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                     dropout_p: float = 0.0) -> torch.Tensor:
     """Nadaraya-Watson attention [B, H, N, d] with the log-kernels of C.9 through one SDPA call.
 
     ``range_bandwidth`` h_y: scalar or [H] (default (4d)^{1/4}); ``metric``: diagonal Mahalanobis
-    weights [H, d] (> 0); ``spatial_bias``: a precomputed spatial log-kernel [H, N, N] (bilateral).
+    weights [H, d] (> 0); ``spatial_bias``: the spatial log-kernel (bilateral, or dot for ALiBi's form), a
+    :class:`SpatialKernel` (built in blocks of query rows: no N x N tensor with a gradient) or a tensor [H, N, N].
     """
     if v.ndim != 4 or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"expected q, k, v of shape [B, H, N, d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     t = kernel_terms(q, k, kernel, range_bandwidth=range_bandwidth, metric=metric, spatial_bias=spatial_bias,
                      attn_mask=attn_mask, is_causal=is_causal)
+    if isinstance(t["spatial"], SpatialKernel):
+        return _blocked_spatial_kernel(t, v, dropout_p)
     if t["key_bias"] is not None and t["spatial"] is None:
         return _fused_range_kernel(t, v, dropout_p)
     bias = _sum_biases(t["key_bias"], t["mask"], t["spatial"])
     return F.scaled_dot_product_attention(t["q"], t["k"], v, attn_mask=bias, dropout_p=dropout_p, scale=t["scale"])
+
+
+SCORE_BLOCK_BYTES = 8 * 2**20  # the score block of one query-row block of the spatial path
+
+
+def _blocked_spatial_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """SDPA with a spatial term (bilateral; dot + spatial = ALiBi-like) in blocks of query rows, each block's bias
+    (key-norm + mask + S rows) built inside it and recomputed in backward (activation checkpointing): the bandwidth
+    gradient never needs an [B, H, N, N] score map alive, only one block of about SCORE_BLOCK_BYTES. Exact: the rows
+    of a softmax over keys are independent."""
+    q, k, spatial, key_bias, mask = t["q"], t["k"], t["spatial"], t["key_bias"], t["mask"]
+    batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    rows_per_block = max(1, SCORE_BLOCK_BYTES // max(1, batch * heads * n_k * q.element_size()))
+    if mask is not None:
+        mask = mask.expand(mask.shape[:-2] + (n_q, n_k))
+
+    def block(q_rows, keys, values, bandwidth, start: int, stop: int):
+        part = SpatialKernel(spatial.positions_q, spatial.positions_k, bandwidth, spatial.kind).rows(start, stop)
+        bias = _sum_biases(key_bias, None if mask is None else mask[..., start:stop, :], part.to(q_rows.dtype))
+        return F.scaled_dot_product_attention(q_rows, keys, values, attn_mask=bias, dropout_p=dropout_p,
+                                              scale=t["scale"])
+
+    recompute = torch.is_grad_enabled() and n_q > rows_per_block
+    outputs = []
+    for start in range(0, n_q, rows_per_block):
+        stop = min(n_q, start + rows_per_block)
+        args = (q[..., start:stop, :], k, v, spatial.bandwidth, start, stop)
+        outputs.append(checkpoint(block, *args, use_reentrant=False) if recompute else block(*args))
+    return torch.cat(outputs, dim=-2)
 
 
 def _fused_range_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -153,6 +210,8 @@ def kernel_weights(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", **opti
     softmax_j(range log-kernel + m_ij) and ``spatial`` softmax_j(S_ij + m_ij) — whose renormalised product is
     ``weights`` (C.5)."""
     t = kernel_terms(q, k, kernel, **options)
+    if isinstance(t["spatial"], SpatialKernel):
+        t["spatial"] = t["spatial"].full()
     range_logits = _sum_biases(t["q"] @ t["k"].transpose(-2, -1) * t["scale"], t["key_bias"], t["mask"])
     out = {"weights": _sum_biases(range_logits, t["spatial"]).softmax(-1)}
     if t["spatial"] is not None:
@@ -191,7 +250,7 @@ def _per_head(values: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 __all__ = [
-    "KERNELS", "SPATIAL_KERNELS", "boosting", "default_range_bandwidth", "kernel_attention", "kernel_terms",
+    "KERNELS", "SCORE_BLOCK_BYTES", "SPATIAL_KERNELS", "SpatialKernel", "boosting", "default_range_bandwidth", "kernel_attention", "kernel_terms",
     "kernel_weights",
     "spatial_log_kernel", "token_positions", "twicing",
 ]

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..core.kernel import (
-    KERNELS, SPATIAL_KERNELS, boosting, default_range_bandwidth, kernel_attention, kernel_weights, spatial_log_kernel,
+    KERNELS, SPATIAL_KERNELS, SpatialKernel, boosting, default_range_bandwidth, kernel_attention, kernel_weights,
     token_positions,
 )
 from ..core.subspace import merge_heads
@@ -74,13 +74,13 @@ class KernelAttention(AttentionLayer):
     def init_weights(self) -> None:
         """Keep bandwidths and metric as constructed when timm re-initialises the model."""
 
-    def spatial_bias(self, n_query: int, n_key: int, grid, device, dtype) -> torch.Tensor | None:
-        """Spatial log-kernel [H, Tq, Tk] of the last ``n_query`` positions against all ``n_key`` (bilateral only)."""
+    def spatial_bias(self, n_query: int, n_key: int, grid, device, dtype) -> SpatialKernel | None:
+        """Spatial log-kernel of the last ``n_query`` positions against all ``n_key`` (bilateral only), by its parts:
+        attention builds it in blocks of query rows (``SpatialKernel.full()`` is the [H, Tq, Tk] tensor)."""
         if self.kernel != "bilateral":
             return None
         pos = token_positions(n_key, grid, self.num_prefix_tokens if grid is not None else 0, device=device, dtype=dtype)
-        return spatial_log_kernel(pos[n_key - n_query:], pos, self.log_spatial_bandwidth.exp().to(dtype),
-                                  self.spatial_kernel)
+        return SpatialKernel(pos[n_key - n_query:], pos, self.log_spatial_bandwidth.exp().to(dtype), self.spatial_kernel)
 
     def kernel_options(self, q, keys, attn_mask, is_causal: bool, grid) -> dict:
         """The keywords of ``core.kernel.kernel_attention`` / ``kernel_weights`` for these queries and keys."""
