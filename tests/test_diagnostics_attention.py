@@ -6,7 +6,8 @@ import torch.nn as nn
 
 import unrollattn
 from unrollattn.core.subspace import merge_heads
-from unrollattn.diagnostics.attention import NoAttentionLayersError, attention_maps, attention_name, recording
+from unrollattn.diagnostics import NoAttentionLayersError, attention_maps, recording
+from unrollattn.diagnostics.attention import attention_name
 from unrollattn.registry import ATTENTIONS, get_attention
 
 GRID, PREFIX, DIM, HEADS = (3, 4), 1, 16, 2
