@@ -78,6 +78,37 @@ def measure_layer(layer: torch.nn.Module, variant: str, dim: int, heads: int, se
     }
 
 
+VOCABS = {"byte": (257, 256), "gpt2": (50257, 50256)}  # (vocab size, end-of-text id)
+
+
+def selected_lm_variants(text: str) -> list[str]:
+    """The named LM labels (default: every registered causal-LM variant); each a registered variant or an
+    ``attention-block`` pair of registered names (an unknown name lists the registered ones)."""
+    from unrollattn.recipes.lm import TASK
+    from unrollattn.registry import ATTENTIONS, BLOCKS, model_variants, variant_fields
+
+    known = model_variants(TASK)
+    labels = [v.strip() for v in text.split(",") if v.strip()] if text else known
+    for label in labels:
+        fields = variant_fields(label)
+        if fields["variant"] is not None and fields["variant"] not in known:
+            raise ValueError(f"unknown variant {label!r}; registered: {', '.join(known)} (or attention-block)")
+        if fields["variant"] is None:
+            ATTENTIONS.get(fields["attention"]), BLOCKS.get(fields["block"])
+    return labels
+
+
+def build_matched_lm(label: str, *, width: int, heads: int, depth: int, vocab: str, n_positions: int):
+    """LM ``label`` at ``width`` / ``heads`` whose layer stack has the parameters of GPT-2 at ``depth`` layers
+    (``model.match_params=gpt2``, computed on the meta device)."""
+    from unrollattn.recipes.lm import ModelConfig, build_lm, parse_model_label
+
+    vocab_size, eos = VOCABS[vocab]
+    mc = ModelConfig(**parse_model_label(label), size="tiny", depth=depth, match_params="gpt2", n_embd=width,
+                     n_head=heads)
+    return build_lm(mc, vocab_size=vocab_size, eos_token_id=eos, n_positions=n_positions)
+
+
 def without_finite_checks(main):
     """Run a benchmark's ``main`` with the NaN/inf input guard off (it is a host sync: measure the operators
     themselves) and restore the previous setting afterwards, so calling it in-process leaves no trace."""

@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 
 import unrollattn  # noqa: F401 (registers the models)
-from unrollattn.utils.params import count_parameters
-from benchmarks.common import device_name, peak_memory_mb, time_call, without_finite_checks
+from benchmarks.common import (
+    VOCABS, build_matched_lm, device_name, peak_memory_mb, selected_lm_variants, time_call, without_finite_checks,
+)
+from unrollattn.registry import import_modules
 from unrollattn.utils.io import atomic_write_text
+from unrollattn.utils.params import count_parameters
 from unrollattn.utils.tables import markdown_table
-from unrollattn.recipes.lm import TASK, ModelConfig, build_lm, parse_model_label
-from unrollattn.registry import ATTENTIONS, BLOCKS, import_modules, model_variants, variant_fields
 
 COLUMNS = ["variant", "layers", "width", "heads", "params", "non_emb_params", "seq_len", "batch", "step_ms",
            "tokens_per_s", "mflop_per_token_6n", "mflop_per_token_counted", "achieved_gflops", "mfu_pct", "peak_mem_mb"]
@@ -107,10 +108,9 @@ def counted_flops_per_token(model, x: torch.Tensor) -> float:
 
 def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: float) -> dict:
     torch.manual_seed(0)
-    vocab, eos = (50257, 50256) if args.vocab == "gpt2" else (257, 256)
-    mc = ModelConfig(**parse_model_label(variant), size="tiny", depth=args.depth, match_params="gpt2",
-                     n_embd=args.width, n_head=args.heads)
-    model = build_lm(mc, vocab_size=vocab, eos_token_id=eos, n_positions=args.seq_len).to(device)
+    vocab = VOCABS[args.vocab][0]
+    model = build_matched_lm(variant, width=args.width, heads=args.heads, depth=args.depth, vocab=args.vocab,
+                             n_positions=args.seq_len).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     x = torch.randint(0, vocab - 1, (args.batch, args.seq_len), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -135,20 +135,6 @@ def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: 
         "mflop_per_token_counted": counted / 1e6, "achieved_gflops": tokens_per_s * flops_6n / 1e9,
         "mfu_pct": 100 * tokens_per_s * flops_6n / 1e9 / peak, "peak_mem_mb": peak_memory_mb(step, device),
     }
-
-
-def selected_variants(text: str) -> list[str]:
-    """The named labels (default: every registered causal-LM variant); each a registered variant or an
-    ``attention-block`` pair of registered names."""
-    known = model_variants(TASK)
-    labels = [v.strip() for v in text.split(",") if v.strip()] if text else known
-    for label in labels:
-        fields = variant_fields(label)
-        if fields["variant"] is not None and fields["variant"] not in known:
-            raise ValueError(f"unknown variant {label!r}; registered: {', '.join(known)} (or attention-block)")
-        if fields["variant"] is None:
-            ATTENTIONS.get(fields["attention"]), BLOCKS.get(fields["block"])  # an unknown name lists the registered
-    return labels
 
 
 @without_finite_checks
@@ -177,7 +163,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         import_modules(args.imports)
-        variants = selected_variants(args.variants)
+        variants = selected_lm_variants(args.variants)
     except ValueError as err:
         parser.error(str(err))
     peak, peak_text = peak_gflops(device, args.peak_tflops)

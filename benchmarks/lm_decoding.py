@@ -1,0 +1,119 @@
+"""Cached decoding speed of the causal LMs at equal parameters: tokens/s and FLOP/s of ``generate`` for every
+registered LM variant (a user's own with ``--import``) against HF's GPT-2.
+
+    python -m benchmarks.lm_decoding                       # CPU, the quick preset's sizes; writes benchmarks/results/
+    python -m benchmarks.lm_decoding --device cuda --width 768 --heads 12 --depth 12 --vocab gpt2 --batches 1,8
+
+Each variant has GPT-2's width and heads and the layer count whose stack matches GPT-2's parameters at
+``--depth`` layers (``model.match_params=gpt2``). A run is greedy ``generate`` of ``--new-tokens`` tokens (no early
+stop) after a random prompt of ``--prompt`` tokens, with the layer-owned cache (``use_cache=True``); the time is the
+median over ``--repeats`` after one warm-up. ``mflop_per_token`` is torch's FlopCounterMode over one whole
+``generate`` divided by the tokens it produced (prompt prefill included, a small share at 128 new tokens), so
+``gflop_per_s`` compares how well each variant turns its arithmetic into decoding speed; ``decode`` says whether its
+attention extends the output from stored state (``cached``) or recomputes the prefix (``recomputes``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import unrollattn  # noqa: F401 (registers the models)
+from benchmarks.common import (
+    VOCABS, build_matched_lm, device_name, publish_table, selected_lm_variants, time_call, without_finite_checks,
+)
+from unrollattn.registry import import_modules
+from unrollattn.utils.params import count_parameters
+
+COLUMNS = ["variant", "layers", "width", "params", "decode", "batch", "new_tokens", "seconds", "tokens_per_s",
+           "tokens_per_s_vs_gpt2", "mflop_per_token", "gflop_per_s", "flop_per_s_vs_gpt2"]
+
+
+def decodes_from_cache(model) -> bool:
+    """Whether every block of ``model`` extends its output from stored state (HF's GPT-2 blocks do; an unrollattn
+    block says so through ``decode_recomputes_prefix``)."""
+    blocks = [getattr(layer, "block", layer) for layer in model.transformer.h]  # UnrollAttnBlock wraps a registry block
+    return not any(getattr(block, "decode_recomputes_prefix", False) for block in blocks)
+
+
+def measure(label: str, batch: int, args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    vocab, eos = VOCABS[args.vocab]
+    model = build_matched_lm(label, width=args.width, heads=args.heads, depth=args.depth, vocab=args.vocab,
+                             n_positions=args.prompt + args.new_tokens).to(device).eval()
+    prompt = torch.randint(0, vocab - 1, (batch, args.prompt), device=device)
+    generate = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, use_cache=True,
+                    pad_token_id=eos)
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(prompt, **generate)
+        if out.shape[1] != args.prompt + args.new_tokens:
+            raise RuntimeError(f"{label}: generate returned {out.shape[1] - args.prompt} new tokens, expected "
+                               f"{args.new_tokens}")
+
+    seconds = time_call(run, device, warmup=1, repeats=args.repeats)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    produced = batch * args.new_tokens
+    tokens_per_s = produced / seconds
+    flop_per_token = counter.get_total_flops() / produced
+    return {"variant": label, "layers": model.config.n_layer, "width": args.width, "params": count_parameters(model),
+            "decode": "cached" if decodes_from_cache(model) else "recomputes", "batch": batch,
+            "new_tokens": args.new_tokens, "seconds": seconds, "tokens_per_s": tokens_per_s,
+            "mflop_per_token": flop_per_token / 1e6, "gflop_per_s": tokens_per_s * flop_per_token / 1e9}
+
+
+@without_finite_checks
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
+    parser.add_argument("--variants", default="", help="comma-separated registered LM variants or attention-block "
+                        "labels (default: every registered causal-LM variant); gpt2 is always measured first")
+    parser.add_argument("--import", dest="imports", default="", metavar="MODULES",
+                        help="comma-separated modules to import first (e.g. one registering your own attention)")
+    parser.add_argument("--width", type=int, default=160)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=4, help="GPT-2-equivalent depth (equal parameters)")
+    parser.add_argument("--vocab", default="byte", choices=sorted(VOCABS))
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import_modules(args.imports)
+        labels = ["gpt2"] + [v for v in selected_lm_variants(args.variants) if v != "gpt2"]
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError as err:
+        parser.error(str(err))
+    rows = []
+    for batch in batches:
+        group = []
+        for label in labels:
+            row = measure(label, batch, args, device)
+            group.append(row)
+            print(f"{label:>16s} batch {batch}: {row['tokens_per_s']:9,.0f} tok/s  {row['gflop_per_s']:8.2f} GFLOP/s  "
+                  f"({row['decode']})", flush=True)
+        for row in group:
+            row["tokens_per_s_vs_gpt2"] = row["tokens_per_s"] / group[0]["tokens_per_s"]
+            row["flop_per_s_vs_gpt2"] = row["gflop_per_s"] / group[0]["gflop_per_s"]
+        rows.extend(group)
+    title = (f"Cached decoding ({args.new_tokens} new tokens after a {args.prompt}-token prompt, greedy), "
+             f"{device_name(device)}, float32, torch {torch.__version__}, width {args.width}, GPT-2 depth {args.depth}, "
+             f"vocab {args.vocab}")
+    publish_table(rows, COLUMNS, name="lm_decoding", title=title, argv=argv, out_dir=args.out, device=device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""benchmarks/lm_decoding.py runs end to end on a tiny shape for every registered LM variant (no timing asserted)."""
+import pytest
+
+from benchmarks import lm_decoding
+from unrollattn.registry import model_variants
+
+
+def test_a_row_per_variant_and_batch_with_flops_and_the_decode_kind(tmp_path):
+    assert lm_decoding.main(["--width", "32", "--heads", "2", "--depth", "1", "--prompt", "3", "--new-tokens", "4",
+                             "--batches", "1,2", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "lm_decoding_cpu.md").read_text()
+    rows = {(cells[1], cells[6]): cells for cells in (line.split("|") for line in text.splitlines())
+            if len(cells) > 6 and cells[6].strip() in ("1", "2")}
+    variants = set(model_variants("causal-lm"))
+    assert {name.strip() for name, _ in rows} == variants
+    assert all(float(cells[11].replace(",", "")) > 0 for cells in rows.values())  # mflop_per_token
+    decode = {name.strip(): cells[5].strip() for (name, _), cells in rows.items()}
+    assert decode["gpt2"] == decode["aot_mssa"] == decode["bilateral"] == "cached"
+    assert decode["twicing"] == "recomputes"
+
+
+def test_unknown_variants_are_named():
+    with pytest.raises(SystemExit):
+        lm_decoding.main(["--variants", "gpt3", "--out", "/nonexistent"])
