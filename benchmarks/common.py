@@ -98,6 +98,19 @@ def selected_lm_variants(text: str) -> list[str]:
     return labels
 
 
+def add_lm_arguments(parser) -> None:
+    """The options every LM benchmark shares: which variants (a user's own with --import) at which GPT-2 shape."""
+    parser.add_argument("--variants", default="", help="comma-separated registered LM variants or attention-block "
+                        "labels (default: every registered causal-LM variant)")
+    parser.add_argument("--import", dest="imports", default="", metavar="MODULES",
+                        help="comma-separated modules to import first (e.g. one registering your own attention)")
+    parser.add_argument("--width", type=int, default=160)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=4, help="GPT-2-equivalent depth (equal parameters)")
+    parser.add_argument("--vocab", default="byte", choices=sorted(VOCABS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
 def build_matched_lm(label: str, *, width: int, heads: int, depth: int, vocab: str, n_positions: int):
     """LM ``label`` at ``width`` / ``heads`` whose layer stack has the parameters of GPT-2 at ``depth`` layers
     (``model.match_params=gpt2``, computed on the meta device)."""

@@ -21,7 +21,8 @@ import torch
 
 import unrollattn  # noqa: F401 (registers the models)
 from benchmarks.common import (
-    VOCABS, build_matched_lm, device_name, publish_table, selected_lm_variants, time_call, without_finite_checks,
+    VOCABS, add_lm_arguments, build_matched_lm, device_name, publish_table, selected_lm_variants, time_call,
+    without_finite_checks,
 )
 from unrollattn.registry import import_modules
 from unrollattn.utils.params import count_parameters
@@ -72,19 +73,11 @@ def measure(label: str, batch: int, args, device: torch.device) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
-    parser.add_argument("--variants", default="", help="comma-separated registered LM variants or attention-block "
-                        "labels (default: every registered causal-LM variant); gpt2 is always measured first")
-    parser.add_argument("--import", dest="imports", default="", metavar="MODULES",
-                        help="comma-separated modules to import first (e.g. one registering your own attention)")
-    parser.add_argument("--width", type=int, default=160)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--depth", type=int, default=4, help="GPT-2-equivalent depth (equal parameters)")
-    parser.add_argument("--vocab", default="byte", choices=sorted(VOCABS))
+    add_lm_arguments(parser)
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 import unrollattn  # noqa: F401 (registers the models)
 from benchmarks.common import (
-    VOCABS, build_matched_lm, device_name, peak_memory_mb, selected_lm_variants, time_call, without_finite_checks,
+    VOCABS, add_lm_arguments, build_matched_lm, device_name, peak_memory_mb, selected_lm_variants, time_call,
+    without_finite_checks,
 )
 from unrollattn.registry import import_modules
 from unrollattn.utils.io import atomic_write_text
@@ -142,18 +143,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--variants", default="", help="comma-separated registered LM variants or attention-block "
-                        "labels (default: every registered causal-LM variant)")
-    parser.add_argument("--import", dest="imports", default="", metavar="MODULES",
-                        help="comma-separated modules to import first (e.g. one registering your own attention)")
-    parser.add_argument("--width", type=int, default=160)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--depth", type=int, default=4, help="GPT-2-equivalent depth (equal parameters)")
+    add_lm_arguments(parser)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--vocab", default="byte", choices=["byte", "gpt2"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak of the device (default: see doc)")
     parser.add_argument("--no-count-flops", dest="count_flops", action="store_false")
     parser.add_argument("--out", default="benchmarks/results")
