@@ -1,6 +1,6 @@
 """Forward+backward time and peak memory of one attention layer, for every registered attention (a user's own,
 registered in a module named with ``--import``, included) against a baseline (``mhsa``: SDPA softmax) and timm's
-own ``Attention``.
+own ``Attention`` (and, with ``--flex`` on CUDA, softmax attention through FlexAttention).
 
     python -m benchmarks.attention_throughput                          # CPU defaults, writes benchmarks/results/
     python -m benchmarks.attention_throughput --attentions mhsa,gaussian,mahalanobis,bilateral,twicing --qkv-bias
@@ -26,6 +26,25 @@ from benchmarks.common import device_name, measure_layer, print_row, publish_tab
 from unrollattn.registry import import_modules, list_attentions
 
 TIMM_REFERENCE = "timm_attention"  # timm.layers.Attention, the field's reference implementation (not registered)
+FLEX_REFERENCE = "flex_softmax"  # softmax attention through torch's compiled FlexAttention (CUDA: backward)
+
+
+class FlexSoftmaxAttention(torch.nn.Module):
+    """Softmax self-attention with mhsa's projections, its scores through ``flex_attention`` (compiled once)."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = False):
+        super().__init__()
+        from torch.nn.attention.flex_attention import flex_attention
+
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.attend = torch.compile(flex_attention)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(self.attend(q, k, v).transpose(1, 2).reshape(b, n, c))
 COLUMNS = ["width", "heads", "seq_len", "batch", "attention", "params", "fwd_bwd_ms", "tokens_per_s",
            "time_vs_baseline", "peak_mem_mb", "mem_vs_baseline"]
 
@@ -35,6 +54,8 @@ def build_layer(attention: str, dim: int, heads: int, seq_len: int, *, qkv_bias:
     of ``seq_len`` tokens when there is one."""
     if attention == TIMM_REFERENCE:
         return TimmAttention(dim, num_heads=heads, qkv_bias=qkv_bias)
+    if attention == FLEX_REFERENCE:
+        return FlexSoftmaxAttention(dim, heads, qkv_bias)
     layer = unrollattn.build_attention(attention, dim, heads, qkv_bias=qkv_bias)
     side = math.isqrt(seq_len)
     if side * side == seq_len:
@@ -55,15 +76,15 @@ def parse_widths(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def selected_attentions(text: str, baseline: str, timm_reference: bool) -> list[str]:
-    """The baseline first, then the named attentions (default: every registered one), then timm's reference."""
+def selected_attentions(text: str, baseline: str, timm_reference: bool, flex_reference: bool = False) -> list[str]:
+    """The baseline first, then the named attentions (default: every registered one), then the references."""
     registered = list_attentions()
     names = [n.strip() for n in text.split(",") if n.strip()] if text else registered
     unknown = [n for n in [baseline, *names] if n not in registered]
     if unknown:
         raise ValueError(f"unknown attention(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
     ordered = [baseline] + [n for n in dict.fromkeys(names) if n != baseline]
-    return ordered + ([TIMM_REFERENCE] if timm_reference else [])
+    return ordered + ([TIMM_REFERENCE] if timm_reference else []) + ([FLEX_REFERENCE] if flex_reference else [])
 
 
 @without_finite_checks
@@ -75,6 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default="mhsa", help="the attention every ratio is relative to")
     parser.add_argument("--no-timm", dest="timm_reference", action="store_false",
                         help="leave out timm.layers.Attention")
+    parser.add_argument("--flex", action="store_true", help="add softmax attention through FlexAttention (CUDA only: "
+                        "torch 2.14 has no FlexAttention backward on CPU)")
     parser.add_argument("--qkv-bias", action="store_true", help="biases in the input projections (as in ViT)")
     parser.add_argument("--import", dest="imports", default="", metavar="MODULES",
                         help="comma-separated modules to import first (e.g. one registering your own attention)")
@@ -88,7 +111,9 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     try:
         import_modules(args.imports)
-        attentions = selected_attentions(args.attentions, args.baseline, args.timm_reference)
+        if args.flex and device.type != "cuda":
+            raise ValueError("--flex: FlexAttention's backward needs a CUDA device (torch 2.14 has none on CPU)")
+        attentions = selected_attentions(args.attentions, args.baseline, args.timm_reference, args.flex)
         widths = parse_widths(args.widths)
         seq_lens = [int(n) for n in args.seq_lens.split(",")]
     except ValueError as err:

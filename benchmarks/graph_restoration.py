@@ -24,15 +24,19 @@ import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the res
 from unrollattn.utils.params import count_parameters
 from benchmarks.common import device_name, peak_memory_mb, publish_table, time_call, without_finite_checks
 
-QUICK = {"uglr": dict(blocks=3, heads=2, iters=4), "ugtv": dict(blocks=3, heads=2, iters=2, cg_iters=2)}
 COLUMNS = ["model", "params", "size", "megapixels", "seconds", "s_per_mp", "peak_mem_mb", "time_ratio", "mem_ratio",
            "linear"]
 LINEAR_LIMIT = 4.5
 
 
 def build(variant: str, task: str, quick: bool):
-    name = {"uglr": f"uglr_{task}", "ugtv": f"ugtv_{task}", "transformer": f"swin_{task}"}[variant]
-    return unrollattn.build_model(name, **(QUICK.get(variant, {}) if quick else {})), name
+    """(model, registered name) of restoration ``variant`` for ``task`` from the registry, at its registered size or,
+    with ``quick``, at the ``<task>_quick`` preset's."""
+    from unrollattn.recipes import restore
+
+    name = restore.model_name(task, variant)
+    options = restore.load_config(f"{task}_quick", [f"model.variant={variant}"]).model.options() if quick else {}
+    return unrollattn.build_model(name, **options), name
 
 
 def measure(model, size: int, device, repeats: int, warmup: int = 1) -> dict:
@@ -55,7 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", default=None, help="comma-separated square sizes (default: 128,256,512 on CPU, "
                                                       "256,512,1024 on CUDA)")
-    parser.add_argument("--variants", default="uglr,ugtv,transformer")
+    parser.add_argument("--variants", default="uglr,ugtv,transformer", help="restore recipe variants")
     parser.add_argument("--task", default="demosaic", choices=["demosaic", "sr2"])
     parser.add_argument("--quick", action="store_true", help="the demosaic_quick preset's model sizes")
     parser.add_argument("--repeats", type=int, default=3)

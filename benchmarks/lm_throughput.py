@@ -22,6 +22,7 @@ clock (/proc/cpuinfo) x FP32 FLOPs per cycle (2 FMA units x SIMD width: 32 for A
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -31,16 +32,15 @@ import torch.nn.functional as F
 
 import unrollattn  # noqa: F401 (registers the models)
 from benchmarks.common import (
-    VOCABS, add_lm_arguments, build_matched_lm, device_name, peak_memory_mb, selected_lm_variants, time_call,
-    without_finite_checks,
+    VOCABS, add_lm_arguments, build_matched_lm, device_name, peak_memory_mb, publish_table, selected_lm_variants,
+    time_call, without_finite_checks,
 )
 from unrollattn.registry import import_modules
-from unrollattn.utils.io import atomic_write_text
 from unrollattn.utils.params import count_parameters
-from unrollattn.utils.tables import markdown_table
 
-COLUMNS = ["variant", "layers", "width", "heads", "params", "non_emb_params", "seq_len", "batch", "step_ms",
-           "tokens_per_s", "mflop_per_token_6n", "mflop_per_token_counted", "achieved_gflops", "mfu_pct", "peak_mem_mb"]
+COLUMNS = ["variant", "mode", "layers", "params", "non_emb_params", "seq_len", "batch", "step_ms", "tokens_per_s",
+           "mflop_per_token_6n", "mflop_per_token_counted", "achieved_gflops", "pct_of_matmul_peak",
+           "pct_vs_gpt2", "mfu_pct", "peak_mem_mb"]
 # dense bf16 tensor-core peaks (TFLOPS), by a substring of torch.cuda.get_device_name()
 CUDA_PEAK_BF16 = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
                   "L4": 121.0, "RTX 4090": 165.0}
@@ -66,6 +66,13 @@ def cpu_peak_estimate() -> tuple[float, str]:
     gflops = threads * ghz * per_cycle
     return gflops, (f"CPU estimate for {model}: {threads} threads x {ghz:.2f} GHz x {per_cycle} FP32 FLOP/cycle "
                     f"({isa}, 2 FMA units assumed) = {gflops:.0f} GFLOPS")
+
+
+def measured_matmul_gflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """GFLOP/s of a square ``size`` x ``size`` matmul in ``dtype`` on ``device``: the peak this run can reach."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    seconds = time_call(lambda: a @ b, device, warmup=2, repeats=repeats)
+    return 2 * size ** 3 / seconds / 1e9
 
 
 def peak_gflops(device: torch.device, given_tflops: float | None) -> tuple[float, str]:
@@ -107,7 +114,8 @@ def counted_flops_per_token(model, x: torch.Tensor) -> float:
     return counter.get_total_flops() / x.numel()
 
 
-def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: float) -> dict:
+def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: float, matmul_peak: float,
+            compiled: bool = False) -> dict:
     torch.manual_seed(0)
     vocab = VOCABS[args.vocab][0]
     model = build_matched_lm(variant, width=args.width, heads=args.heads, depth=args.depth, vocab=args.vocab,
@@ -115,10 +123,12 @@ def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     x = torch.randint(0, vocab - 1, (args.batch, args.seq_len), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    torch._dynamo.reset()
+    forward = torch.compile(model, backend=args.compile_backend) if compiled else model
 
     def step():
         with autocast:
-            logits = model(input_ids=x).logits
+            logits = forward(input_ids=x).logits
         F.cross_entropy(logits.float().flatten(0, 1)[:-1], x.flatten()[1:]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -129,12 +139,14 @@ def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: 
     tokens_per_s = args.batch * args.seq_len / seconds
     params = count_parameters(model)
     emb = model.transformer.wte.weight.numel() + _position_params(model)
+    achieved = tokens_per_s * flops_6n / 1e9
     return {
-        "variant": variant, "layers": model.config.n_layer, "width": args.width, "heads": args.heads,
-        "params": params, "non_emb_params": params - emb, "seq_len": args.seq_len, "batch": args.batch,
-        "step_ms": seconds * 1e3, "tokens_per_s": tokens_per_s, "mflop_per_token_6n": flops_6n / 1e6,
-        "mflop_per_token_counted": counted / 1e6, "achieved_gflops": tokens_per_s * flops_6n / 1e9,
-        "mfu_pct": 100 * tokens_per_s * flops_6n / 1e9 / peak, "peak_mem_mb": peak_memory_mb(step, device),
+        "variant": variant, "mode": "compiled" if compiled else "eager", "layers": model.config.n_layer,
+        "width": args.width, "heads": args.heads, "params": params, "non_emb_params": params - emb,
+        "seq_len": args.seq_len, "batch": args.batch, "step_ms": seconds * 1e3, "tokens_per_s": tokens_per_s,
+        "mflop_per_token_6n": flops_6n / 1e6, "mflop_per_token_counted": counted / 1e6, "achieved_gflops": achieved,
+        "pct_of_matmul_peak": 100 * achieved / matmul_peak, "mfu_pct": 100 * achieved / peak,
+        "peak_mem_mb": peak_memory_mb(step, device),
     }
 
 
@@ -149,6 +161,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak of the device (default: see doc)")
     parser.add_argument("--no-count-flops", dest="count_flops", action="store_false")
+    parser.add_argument("--modes", default="eager", help="eager and/or compiled (torch.compile), comma-separated")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled mode")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul measuring the peak")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -160,23 +175,30 @@ def main(argv=None) -> int:
     except ValueError as err:
         parser.error(str(err))
     peak, peak_text = peak_gflops(device, args.peak_tflops)
+    matmul_peak = measured_matmul_gflops(device, dtype, args.matmul_size)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"eager", "compiled"}:
+        parser.error(f"--modes: expected eager and/or compiled, got {args.modes!r}")
     rows = []
-    for variant in variants:
-        row = measure(variant, args, device, dtype, peak)
-        rows.append(row)
-        print(f"{variant:9s} {row['layers']:3d} layers  {row['tokens_per_s']:10,.0f} tok/s  "
-              f"MFU {row['mfu_pct']:.1f}%", flush=True)
-    table = markdown_table(rows, COLUMNS)
-    text = (f"# Causal LM training throughput ({device_name(device)}, {args.dtype}, vocab {args.vocab})\n\n"
-            f"Peak for MFU: {peak_text}. FLOPs per token: 6N + 12 L d T (PaLM convention; N = weights without the "
-            f"position embedding); the counted column is torch's FlopCounterMode over forward + backward.\n"
-            f"Command: python -m benchmarks.lm_throughput {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
-            f"{table}\n")
-    print()
-    print(text)
-    out = Path(args.out) / f"lm_throughput_{device.type}.md"
-    atomic_write_text(out, text)
-    print(f"wrote {out}")
+    for mode in modes:
+        group = []
+        for variant in variants:
+            row = measure(variant, args, device, dtype, peak, matmul_peak, compiled=mode == "compiled")
+            group.append(row)
+            print(f"{variant:9s} {mode:8s} {row['layers']:3d} layers  {row['tokens_per_s']:10,.0f} tok/s  "
+                  f"{row['pct_of_matmul_peak']:.1f}% of the matmul peak", flush=True)
+        reference = next((r for r in group if r["variant"] == "gpt2"), None)
+        for row in group:  # points of the matmul peak above (+) or below (-) GPT-2's, same mode
+            row["pct_vs_gpt2"] = row["pct_of_matmul_peak"] - reference["pct_of_matmul_peak"] if reference else math.nan
+        rows.extend(group)
+    title = f"Causal LM training throughput, {device_name(device)}, {args.dtype}, vocab {args.vocab}"
+    note = (f"Measured matmul peak of this run: {matmul_peak:,.1f} GFLOP/s ({args.matmul_size}^3 {args.dtype} "
+            f"matmul; pct_of_matmul_peak = achieved / it, pct_vs_gpt2 = points against GPT-2's in the same mode). "
+            f"MFU: against {peak_text}. FLOPs per token: 6N + 12 L d T (PaLM convention; N = weights without the "
+            f"position embedding); the counted column is torch's FlopCounterMode over forward + backward. "
+            f"compiled = torch.compile(model, backend={args.compile_backend!r}).")
+    publish_table(rows, COLUMNS, name="lm_throughput", title=title, argv=argv, out_dir=args.out, device=device,
+                  note=note)
     return 0
 
 
