@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from unrollattn import get_attention
+from unrollattn.layers import build_attention
 
 KERNELS = ("gaussian", "mahalanobis", "bilateral", "twicing")
 
@@ -25,3 +26,33 @@ def test_float64_build_has_float64_bandwidths(name, how):
     assert out.dtype == torch.float64
     out.sum().backward()
     assert all(p.grad is None or p.grad.dtype == torch.float64 for p in layer.parameters())
+
+
+def test_alibi_is_softmax_minus_alibis_linear_distance_bias():
+    """The ALiBi control: softmax(q.k/sqrt(d) - m_h |i - j|) with m_h = 2^(-8h/H), nothing learned beyond GPT-2's."""
+    import math
+
+    from unrollattn.core.subspace import merge_heads
+    from unrollattn.layers.kernel_attention import alibi_slopes
+
+    torch.manual_seed(0)
+    layer = build_attention("alibi", 32, 4).double()
+    assert not any(p.requires_grad for n, p in layer.named_parameters() if "bandwidth" in n)
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    q, k, v = layer.project_qkv(x)
+    i = torch.arange(10)
+    slopes = torch.tensor(alibi_slopes(4), dtype=torch.float64)[:, None, None]
+    logits = q @ k.transpose(-1, -2) / math.sqrt(8) - slopes * (i[:, None] - i[None]).abs()
+    logits = logits.masked_fill(i[None, :] > i[:, None], float("-inf"))
+    torch.testing.assert_close(layer(x, is_causal=True), layer.proj(merge_heads(logits.softmax(-1) @ v)))
+
+
+def test_tied_bilateral_bandwidths_are_one_parameter():
+    tied = build_attention("bilateral", 32, 4, tie_bandwidths=True)
+    assert tied.log_spatial_bandwidth is tied.log_range_bandwidth
+    assert sum(p.numel() for p in tied.parameters()) == sum(p.numel() for p in build_attention("bilateral", 32, 4)
+                                                             .parameters()) - 4
+    with pytest.raises(ValueError, match="tie_bandwidths"):
+        build_attention("gaussian", 32, 4, tie_bandwidths=True)
+    with pytest.raises(ValueError, match="spatial"):
+        build_attention("gaussian", 32, 4, spatial=True)

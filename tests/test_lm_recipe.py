@@ -62,7 +62,7 @@ def test_presets_and_overrides():
 def test_bad_config_values_are_rejected():
     with pytest.raises(KeyError, match="unknown lm preset 'quik'; closest: quick"):
         lm.load_config("quik")
-    with pytest.raises(ConfigError, match="variant: expected one of aot_mhsa, aot_mssa, bilateral, crate"):
+    with pytest.raises(ConfigError, match="variant: expected one of alibi, aot_mhsa, aot_mssa, bilateral, bilateral_tied, crate"):
         lm.load_config("quick", ["model.variant=mamba"])
     with pytest.raises(ConfigError, match=r"data.block_size=512 exceeds the model's context model.n_positions=256"):
         lm.load_config("quick", ["data.block_size=512", "model.n_positions=256"])

@@ -318,6 +318,12 @@ KERNEL_LM = {
                    "position_embedding": "none"}, "bilateral attention (range x Laplacian spatial kernel, no PE)"),
     "gaussian": ({"attention": "gaussian"}, "Gaussian (RBF) attention, learned PE"),
     "twicing": ({"attention": "twicing"}, "twicing attention (2A - A^2)V, learned PE"),
+    # controls for bilateral's gain: its locality prior alone (ALiBi), no position signal at all (NoPE), and one
+    # learned bandwidth per head for both the range and the spatial kernel
+    "alibi": ({"attention": "alibi", "position_embedding": "none"}, "softmax + ALiBi's fixed distance bias, no PE"),
+    "nope": ({"attention": "mhsa", "position_embedding": "none"}, "softmax with no position signal (NoPE)"),
+    "bilateral_tied": ({"attention": "bilateral", "attn_options": {"spatial_kernel": "laplacian", "tie_bandwidths": True},
+                        "position_embedding": "none"}, "bilateral attention with h_p = h_y per head, no PE"),
 }
 for _kernel, (_options, _summary) in KERNEL_LM.items():
     for _size, _shape, _layers in (("tiny", TINY, 4), ("base", BASE, 12)):

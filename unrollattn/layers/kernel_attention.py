@@ -26,9 +26,11 @@ class KernelAttention(AttentionLayer):
     """Nadaraya-Watson attention over learned queries/keys/values with an explicit kernel.
 
     Options: ``kernel`` in {dot, gaussian, mahalanobis, bilateral}; ``range_bandwidth`` h_y (default
-    (4d)^{1/4}, per head); ``spatial_bandwidth`` h_p (float, or None for per-head values spaced
-    geometrically from 1 to 16 grid steps); ``spatial_kernel`` in {gaussian, laplacian};
-    ``learn_bandwidth`` (default True); ``smoother`` in {single, twicing, boost} with ``boost_steps``.
+    (4d)^{1/4}, per head); ``spatial_bandwidth`` h_p (float, a list of per-head values, or None for per-head values
+    spaced geometrically from 1 to 16 grid steps); ``spatial_kernel`` in {gaussian, laplacian}; ``spatial`` (default:
+    kernel is bilateral) multiplies a dot kernel by the spatial kernel too (softmax with ALiBi's bias, C.3);
+    ``tie_bandwidths`` (bilateral) makes h_p = h_y, one learned bandwidth per head; ``learn_bandwidth`` (default
+    True); ``smoother`` in {single, twicing, boost} with ``boost_steps``.
 
     Cached decoding (``decode``) stores the keys and values of every past token; their positions are their cache
     slots (slot j holds token j), so the spatial kernel of the new queries needs no recomputation. The ``twicing`` /
@@ -37,8 +39,8 @@ class KernelAttention(AttentionLayer):
 
     decode_recomputes_prefix = False
 
-    option_names = ("kernel", "range_bandwidth", "spatial_bandwidth", "spatial_kernel", "learn_bandwidth",
-                    "smoother", "boost_steps")
+    option_names = ("kernel", "range_bandwidth", "spatial_bandwidth", "spatial_kernel", "spatial", "tie_bandwidths",
+                    "learn_bandwidth", "smoother", "boost_steps")
 
     def __init__(self, dim, num_heads=8, **kwargs):
         super().__init__(dim, num_heads, **kwargs)
@@ -55,16 +57,32 @@ class KernelAttention(AttentionLayer):
         h_y = o.get("range_bandwidth")
         h_y = default_range_bandwidth(self.head_dim) if h_y is None else _positive(h_y, "range_bandwidth")
         self.log_range_bandwidth = self._log_param(torch.full((num_heads,), math.log(h_y)), learn)
-        if self.kernel == "bilateral":
-            h_p = o.get("spatial_bandwidth")
-            init = (torch.linspace(0, math.log(16), num_heads) if h_p is None  # 1 .. 16 grid steps, geometric
-                    else torch.full((num_heads,), math.log(_positive(h_p, "spatial_bandwidth"))))
-            self.log_spatial_bandwidth = self._log_param(init, learn)
+        self.spatial = bool(o.get("spatial", self.kernel == "bilateral"))
+        if self.spatial and self.kernel not in ("bilateral", "dot"):
+            raise ValueError(f"spatial: a spatial kernel multiplies the dot or bilateral kernel, not {self.kernel!r}")
+        tie = bool(o.get("tie_bandwidths", False))
+        if tie and (self.kernel != "bilateral" or o.get("spatial_bandwidth") is not None):
+            raise ValueError("tie_bandwidths: for kernel='bilateral' without a spatial_bandwidth (h_p is h_y)")
+        if tie:  # one parameter under both names (state dicts keep both keys, counted once)
+            self.log_spatial_bandwidth = self.log_range_bandwidth
+        elif self.spatial:
+            self.log_spatial_bandwidth = self._log_param(self._spatial_init(o.get("spatial_bandwidth"), num_heads), learn)
         if self.kernel == "mahalanobis":  # diagonal metric M = exp(log_metric), initialised to I
             self.log_metric = nn.Parameter(torch.zeros(num_heads, self.head_dim, **self.factory))
         self.qkv = nn.Linear(self.dim, 3 * self.inner_dim, bias=self.qkv_bias, **self.factory)
         self.proj = nn.Linear(self.inner_dim, self.dim, bias=self.proj_bias, **self.factory)
         self.decode_recomputes_prefix = self.smoother != "single"
+
+    @staticmethod
+    def _spatial_init(h_p, heads: int) -> torch.Tensor:
+        """Log of the initial spatial bandwidths: per-head values spaced geometrically from 1 to 16 grid steps, one
+        value for every head, or one value per head."""
+        if h_p is None:
+            return torch.linspace(0, math.log(16), heads)
+        values = list(h_p) if isinstance(h_p, (list, tuple)) else [h_p] * heads
+        if len(values) != heads:
+            raise ValueError(f"spatial_bandwidth: expected one value or {heads} (one per head), got {len(values)}")
+        return torch.tensor([math.log(_positive(v, "spatial_bandwidth")) for v in values])
 
     def _log_param(self, log_init: torch.Tensor, learn: bool) -> nn.Parameter:
         """A log-bandwidth parameter; the values were validated as Python floats, so this also runs on the meta
@@ -77,7 +95,7 @@ class KernelAttention(AttentionLayer):
     def spatial_bias(self, n_query: int, n_key: int, grid, device, dtype) -> SpatialKernel | None:
         """Spatial log-kernel of the last ``n_query`` positions against all ``n_key`` (bilateral only), by its parts:
         attention builds it in blocks of query rows (``SpatialKernel.full()`` is the [H, Tq, Tk] tensor)."""
-        if self.kernel != "bilateral":
+        if not self.spatial:
             return None
         pos = token_positions(n_key, grid, self.num_prefix_tokens if grid is not None else 0, device=device, dtype=dtype)
         return SpatialKernel(pos[n_key - n_query:], pos, self.log_spatial_bandwidth.exp().to(dtype), self.spatial_kernel)
@@ -139,6 +157,26 @@ class MahalanobisAttention(KernelAttention):
 class BilateralAttention(KernelAttention):
     bound_options = {"kernel": "bilateral"}
     encodes_position = True  # its spatial kernel on token positions replaces an additive position embedding
+
+
+def alibi_slopes(heads: int) -> list[float]:
+    """ALiBi's per-head slopes m_h = 2^(-8h/H), h = 1..H (C.3)."""
+    return [2.0 ** (-8.0 * h / heads) for h in range(1, heads + 1)]
+
+
+@register_attention("alibi", summary="softmax q.k/sqrt(d) minus ALiBi's m_h |i - j| (a Laplacian spatial kernel, "
+                                     "fixed slopes)")
+class ALiBiAttention(KernelAttention):
+    """Softmax attention with ALiBi's linear distance bias: the dot kernel times a Laplacian spatial kernel with
+    bandwidth 1/m_h per head, both fixed (C.3) — bilateral attention's locality prior without its learned range
+    and spatial bandwidths, the control that tells the two apart."""
+
+    bound_options = {"kernel": "dot", "spatial": True, "spatial_kernel": "laplacian", "learn_bandwidth": False}
+    encodes_position = True
+
+    def __init__(self, dim, num_heads=8, **kwargs):
+        kwargs.setdefault("spatial_bandwidth", [1.0 / m for m in alibi_slopes(num_heads)])
+        super().__init__(dim, num_heads, **kwargs)
 
 
 @register_attention("twicing", summary="softmax attention smoother applied as twicing: (2A - A^2) V")
