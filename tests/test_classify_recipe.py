@@ -215,3 +215,17 @@ def test_eps_zero_is_clean_and_sharded_evaluation_adds_up(tmp_path):
     for key in ("adv_subset_top1", "fgsm_top1@0.05"):
         assert whole[key] == pytest.approx(sum(s[key] * n for s, n in zip(shards, sizes)) / 101)
     assert whole["fgsm_top1@0.05"] == summary["fgsm_top1@0.05"]
+
+
+def test_patch_norm_eps_is_a_model_option():
+    cfg = classify.load_config("digits_debug", ["model.variant=aot_mhsa", "model.patch_norm_eps=0.01"])
+    model = classify.build_classifier(cfg.model, num_classes=10, in_chans=1, img_size=(8, 8))
+    assert model.patch_embed.patch_norm.eps == 0.01
+    default = classify.build_classifier(classify.load_config("digits_debug", ["model.variant=aot_mhsa"]).model,
+                                        num_classes=10, in_chans=1, img_size=(8, 8))
+    assert default.patch_embed.patch_norm.eps == 1e-5
+    with pytest.raises(ValueError, match="vit_tiny_patch16_224 has no per-patch LayerNorm"):
+        classify.build_classifier(classify.load_config("digits_debug", ["model.variant=vit", "model.patch_norm_eps=0.01"])
+                                  .model, num_classes=10, in_chans=1, img_size=(8, 8))
+    with pytest.raises(ValueError, match="patch_norm_eps: expected a positive float"):
+        classify.load_config("digits_debug", ["model.patch_norm_eps=-1"])

@@ -120,6 +120,7 @@ class ModelConfig:
     patch_size: int = 4
     drop_path_rate: float = 0.0
     match_params: str | None = None
+    patch_norm_eps: float | None = None  # the per-patch LayerNorm's epsilon (models with CRATE's patch embedding)
 
     def __post_init__(self):
         if self.composed:
@@ -137,6 +138,8 @@ class ModelConfig:
             raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate: expected a float in [0, 1), got {self.drop_path_rate!r}")
+        if self.patch_norm_eps is not None and not 0 < self.patch_norm_eps < math.inf:
+            raise ValueError(f"patch_norm_eps: expected a positive float or none, got {self.patch_norm_eps!r}")
         if self.match_params is not None:
             reference_model(self)
 
@@ -259,12 +262,19 @@ def build_classifier(model: ModelConfig, *, num_classes: int, in_chans: int, img
         raise ValueError(f"image size {img_size[0]}x{img_size[1]} is not divisible by model.patch_size={model.patch_size}"
                          " (set data.img_size or model.patch_size)")
     model = matched_model(model, in_chans=in_chans, img_size=img_size)
-    dims = {k: getattr(model, k) for k in ("embed_dim", "num_heads", "depth") if getattr(model, k) is not None}
+    dims = {k: getattr(model, k) for k in ("embed_dim", "num_heads", "depth", "patch_norm_eps")
+            if getattr(model, k) is not None}
     if model.composed:
         dims.update({k: v for k, v in (("attention", model.attention), ("block", model.block)) if v is not None})
-    return timm.create_model(timm_name(model), pretrained=False, num_classes=num_classes, img_size=tuple(img_size),
-                             in_chans=in_chans, patch_size=model.patch_size, drop_path_rate=model.drop_path_rate,
-                             **dims)
+    try:
+        return timm.create_model(timm_name(model), pretrained=False, num_classes=num_classes, img_size=tuple(img_size),
+                                 in_chans=in_chans, patch_size=model.patch_size, drop_path_rate=model.drop_path_rate,
+                                 **dims)
+    except TypeError as err:
+        if "patch_norm_eps" not in str(err):
+            raise
+        raise ValueError(f"model.patch_norm_eps: {timm_name(model)} has no per-patch LayerNorm (only the models "
+                         "with CRATE's normalised patch embedding: aot_*, crate_*, attention/block compositions)") from None
 
 
 def block_stack_params(model: ModelConfig, *, depth: int | None = None, in_chans: int = 3,

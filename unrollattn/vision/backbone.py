@@ -43,12 +43,20 @@ class CheckedPatchEmbed(PatchEmbed):
 
 
 class NormalizedPatchEmbed(CheckedPatchEmbed):
-    """CRATE's patch embedding: LayerNorm over each flattened patch, linear map, LayerNorm (``norm_layer``)."""
+    """CRATE's patch embedding: LayerNorm over each flattened patch, linear map, LayerNorm (``norm_layer``).
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, *, device=None, dtype=None, **kwargs):
+    ``patch_norm_eps``: that first LayerNorm's epsilon. A patch of (near) zero variance — flat background — is divided
+    by sqrt(var + eps), so a small eps turns a 1/255 perturbation of it into a full-size token; a larger eps bounds
+    that gain (see the README's robustness notes)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, *, patch_norm_eps: float = 1e-5,
+                 device=None, dtype=None, **kwargs):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                          device=device, dtype=dtype, **kwargs)
-        self.patch_norm = nn.LayerNorm(in_chans * self.patch_size[0] * self.patch_size[1], device=device, dtype=dtype)
+        if not isinstance(patch_norm_eps, (int, float)) or not 0 < patch_norm_eps < float("inf"):
+            raise ValueError(f"patch_norm_eps: expected a positive float, got {patch_norm_eps!r}")
+        self.patch_norm = nn.LayerNorm(in_chans * self.patch_size[0] * self.patch_size[1], eps=float(patch_norm_eps),
+                                       device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -80,12 +88,13 @@ def model_cfg(**kwargs) -> dict:
 
 def create_unrolled_vit(variant: str, pretrained: bool = False, *, block="aot", attention="mssa",
                         block_options: dict | None = None, attn_options: dict | None = None,
-                        **kwargs) -> VisionTransformer:
+                        patch_norm_eps: float | None = None, **kwargs) -> VisionTransformer:
     """Build ``variant`` as a timm VisionTransformer whose blocks are ``block`` with ``attention``.
 
     ``attention`` / ``block`` are registry names (or classes); ``attn_options`` / ``block_options`` bind
-    their options. All other keywords go to ``VisionTransformer`` (img_size, patch_size, in_chans,
-    num_classes, embed_dim, depth, num_heads, global_pool, drop_path_rate, ...).
+    their options; ``patch_norm_eps`` sets the epsilon of the patch embedding's per-patch LayerNorm
+    (:class:`NormalizedPatchEmbed`). All other keywords go to ``VisionTransformer`` (img_size, patch_size,
+    in_chans, num_classes, embed_dim, depth, num_heads, global_pool, drop_path_rate, ...).
     """
     if "block_fn" in kwargs or "attn_layer" in kwargs:
         raise ValueError("pass block= and attention= (registry names or classes), not block_fn=/attn_layer=")
@@ -97,6 +106,11 @@ def create_unrolled_vit(variant: str, pretrained: bool = False, *, block="aot", 
     kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-5))
     if kwargs["embed_layer"] is NormalizedPatchEmbed:
         kwargs.setdefault("embed_norm_layer", kwargs["norm_layer"])
+        if patch_norm_eps is not None:
+            kwargs["embed_layer"] = partial(NormalizedPatchEmbed, patch_norm_eps=patch_norm_eps)
+    elif patch_norm_eps is not None:
+        raise ValueError("patch_norm_eps: only the normalised patch embedding (NormalizedPatchEmbed) has a per-patch "
+                         f"LayerNorm; this model's embed_layer is {kwargs['embed_layer']!r}")
     model = build_model_with_cfg(
         VisionTransformer, variant, pretrained,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
