@@ -18,6 +18,14 @@ one is moved into place, so a failure while serializing leaves the previous chec
 directory untouched; a crash between the final renames is caught on load by the sha256 check.
 The trainer writes one directory per step (``checkpoints/step_00001000``) and deletes older ones
 only after a newer one is complete, so a complete checkpoint always survives.
+
+A model sharded by FSDP2 (``loop.parallel=fsdp``) is saved by every rank together with
+:func:`save_sharded_checkpoint`: model and optimizer state go through ``torch.distributed.checkpoint``
+(DCP) into ``sharded/`` (one file per rank plus DCP's ``.metadata``), the index records
+``"layout": "sharded"`` and lists those files too; a final checkpoint also holds the full weights as
+``model.safetensors``. The whole step directory is written under a temporary name
+(``.step_00001000.tmp-<id>``) and renamed into place once complete. Every rank writes and reads
+its shard at the same path: the checkpoint directory must be on a filesystem every rank sees.
 """
 from __future__ import annotations
 
@@ -29,19 +37,24 @@ import re
 import shutil
 import stat
 import time
+import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..utils.dist import unwrap_model
+from ..utils.dist import (
+    DistState, barrier, broadcast_object, has_sharded_parameters, main_rank_only, raise_if_any_rank_failed,
+    unwrap_model,
+)
 from ..utils.io import atomic_path, atomic_write_json, sha256_file
 
 __all__ = [
     "load_latest_weights",
     "CheckpointError", "checkpoint_dir_for_step", "latest_checkpoint", "list_checkpoints",
-    "load_checkpoint", "prune_checkpoints", "save_checkpoint", "verify_checkpoint",
+    "load_checkpoint", "load_sharded_checkpoint", "prune_checkpoints", "save_checkpoint", "save_sharded_checkpoint",
+    "verify_checkpoint",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -50,7 +63,10 @@ INDEX_FILE = "checkpoint.json"
 FORMAT = "unrollattn-checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINTS_SUBDIR = "checkpoints"
+SHARDED_SUBDIR = "sharded"  # DCP files of a sharded checkpoint
+SHARDED_LAYOUT = "sharded"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_STAGING_DIR = re.compile(r"^\.step_\d+\.(tmp|old)-[0-9a-f]+$")
 
 
 class CheckpointError(ValueError):
@@ -61,9 +77,9 @@ class CheckpointError(ValueError):
 # model weights
 
 
-def _weights_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict with each shared tensor stored once, plus ``{alias: kept_name}`` metadata."""
-    state = unwrap_model(model).state_dict()
+def _weights_for_saving(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state`` (a state dict) with each shared tensor stored once, on the CPU, plus ``{alias: kept_name}``
+    metadata."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -97,6 +113,27 @@ def _describe(names: list[str], shapes: dict[str, Any] | None = None, limit: int
     return ", ".join(shown) + more
 
 
+def _key_problems(saved: dict[str, Any], expected: dict[str, Any], strict: bool) -> list[str]:
+    """What keeps a checkpoint's tensors (``saved``: name -> shape, None where unknown) from loading into a model's
+    (``expected``): shape mismatches, and with ``strict`` missing and unexpected keys."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    mismatched = [k for k in expected if k in saved and saved[k] is not None and expected[k] is not None
+                  and tuple(expected[k]) != tuple(saved[k])]
+    problems = []
+    if mismatched:
+        pairs = [f"{k}: checkpoint {tuple(saved[k])} vs model {tuple(expected[k])}" for k in mismatched[:5]]
+        more = f" (+{len(mismatched) - 5} more)" if len(mismatched) > 5 else ""
+        problems.append(f"shape mismatch for {len(mismatched)} tensor(s): " + "; ".join(pairs) + more)
+    if strict and missing:
+        problems.append(f"{len(missing)} key(s) of the model missing from the checkpoint: "
+                        f"{_describe(missing, expected if all(expected[k] is not None for k in missing) else None)}")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) in the checkpoint: "
+                        f"{_describe(unexpected, saved if all(saved[k] is not None for k in unexpected) else None)}")
+    return problems
+
+
 def _load_weights(path: Path, model: nn.Module, map_location: Any, strict: bool) -> None:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
@@ -114,20 +151,8 @@ def _load_weights(path: Path, model: nn.Module, map_location: Any, strict: bool)
 
     target = unwrap_model(model)
     expected = target.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    mismatched = [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
-    problems = []
-    if mismatched:
-        pairs = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched[:5]]
-        more = f" (+{len(mismatched) - 5} more)" if len(mismatched) > 5 else ""
-        problems.append(f"shape mismatch for {len(mismatched)} tensor(s): " + "; ".join(pairs) + more)
-    if strict and missing:
-        problems.append(f"{len(missing)} key(s) of the model missing from the checkpoint: "
-                        f"{_describe(missing, {k: v.shape for k, v in expected.items()})}")
-    if strict and unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) in the checkpoint: "
-                        f"{_describe(unexpected, {k: v.shape for k, v in tensors.items()})}")
+    problems = _key_problems({k: v.shape for k, v in tensors.items()}, {k: v.shape for k, v in expected.items()},
+                             strict)
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match model {type(target).__name__}: " + " | ".join(problems))
     target.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=strict)
@@ -197,14 +222,14 @@ def save_checkpoint(directory: str | os.PathLike, *, model: nn.Module, optimizer
     Returns the directory. ``extra`` holds small plain-Python values (e.g. a data cursor or the run
     name) and comes back from :func:`load_checkpoint`.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"step: expected an int >= 0, got {step!r}")
-    extra = dict(extra or {})
-    _check_safe(extra, "extra")
+    if has_sharded_parameters(model):
+        raise CheckpointError(f"{type(unwrap_model(model)).__name__} is sharded (FSDP2): save it with "
+                              "save_sharded_checkpoint, called on every rank")
+    extra = _checked_step_and_extra(step, extra)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
-    tensors, aliases = _weights_for_saving(model)
+    tensors, aliases = _weights_for_saving(unwrap_model(model).state_dict())
     trainer_state = {
         "format": FORMAT, "version": FORMAT_VERSION, "step": step, "extra": extra, "rng": _rng_state(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -229,6 +254,14 @@ def save_checkpoint(directory: str | os.PathLike, *, model: nn.Module, optimizer
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     return directory
+
+
+def _checked_step_and_extra(step: Any, extra: dict | None) -> dict:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"step: expected an int >= 0, got {step!r}")
+    extra = dict(extra or {})
+    _check_safe(extra, "extra")
+    return extra
 
 
 def _read_index(directory: Path) -> dict[str, Any]:
@@ -309,19 +342,25 @@ def load_checkpoint(directory: str | os.PathLike, *, model: nn.Module, optimizer
     torch RNG states of the saving process; ``verify=False`` skips the sha256 check (large files).
     """
     directory = Path(directory)
+    if has_sharded_parameters(model):
+        raise CheckpointError(f"{type(unwrap_model(model)).__name__} is sharded (FSDP2): load {directory} into it "
+                              "with load_sharded_checkpoint, called on every rank")
     index = verify_checkpoint(directory) if verify else _read_index(directory)
-    for name in (MODEL_FILE, STATE_FILE):
+    sharded = index.get("layout") == SHARDED_LAYOUT
+    if sharded and optimizer is not None:
+        raise CheckpointError(f"{directory} is a sharded checkpoint (written with loop.parallel=fsdp): its optimizer "
+                              "state loads into a sharded model only; resume the run with loop.parallel=fsdp under "
+                              "torchrun (its weights alone load into a plain model, without an optimizer)")
+    required = (STATE_FILE,) if sharded else (MODEL_FILE, STATE_FILE)
+    for name in required:
         if name not in index["files"] or not (directory / name).exists():
             raise CheckpointError(f"incomplete checkpoint at {directory}: {name} is missing")
+    state = _read_trainer_state(directory, map_location)
 
-    try:
-        state = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read {directory / STATE_FILE}: {err}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{directory / STATE_FILE} is not an unrollattn trainer state")
-
-    _load_weights(directory / MODEL_FILE, model, map_location, strict)
+    if not sharded or MODEL_FILE in index["files"]:
+        _load_weights(directory / MODEL_FILE, model, map_location, strict)
+    else:
+        _load_sharded_weights_into_plain_model(directory, model, strict)
     if optimizer is not None:
         if state.get("optimizer") is None:
             raise CheckpointError(f"checkpoint {directory} has no optimizer state (it was saved without an optimizer)")
@@ -339,6 +378,217 @@ def load_checkpoint(directory: str | os.PathLike, *, model: nn.Module, optimizer
     if restore_rng and state.get("rng"):
         _set_rng_state(state["rng"])
     return {"step": int(state["step"]), "extra": state.get("extra") or {}}
+
+
+def _read_trainer_state(directory: Path, map_location: Any) -> dict[str, Any]:
+    try:
+        state = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise CheckpointError(f"cannot read {directory / STATE_FILE}: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{directory / STATE_FILE} is not an unrollattn trainer state")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# sharded checkpoints (FSDP2 + torch.distributed.checkpoint)
+
+
+def _sharded_metadata(directory: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(str(directory / SHARDED_SUBDIR)).read_metadata()
+    except Exception as err:  # a missing or unreadable .metadata raises several types
+        raise CheckpointError(f"cannot read the DCP metadata of {directory / SHARDED_SUBDIR}: {err}") from None
+
+
+def _check_sharded_model_keys(directory: Path, metadata: Any, expected: dict[str, Any], strict: bool) -> None:
+    """CheckpointError naming the differences between the model entries of a sharded checkpoint's metadata and
+    ``expected`` (the model's state dict: names and global shapes)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = {key[len("model."):]: tuple(meta.size) if isinstance(meta, TensorStorageMetadata) else None
+             for key, meta in metadata.state_dict_metadata.items() if key.startswith("model.")}
+    problems = _key_problems(saved, {k: v.shape if isinstance(v, torch.Tensor) else None for k, v in expected.items()},
+                             strict)
+    if problems:
+        raise CheckpointError(f"sharded checkpoint {directory} does not match the model: " + " | ".join(problems))
+
+
+def _load_sharded_weights_into_plain_model(directory: Path, model: nn.Module, strict: bool) -> None:
+    """The model part of a sharded checkpoint, gathered by this one process into an unsharded ``model``."""
+    import torch.distributed.checkpoint as dcp
+
+    target = unwrap_model(model)
+    weights = target.state_dict()
+    metadata = _sharded_metadata(directory)
+    _check_sharded_model_keys(directory, metadata, weights, strict)
+    weights = {k: v for k, v in weights.items() if f"model.{k}" in metadata.state_dict_metadata}
+    try:
+        with warnings.catch_warnings():  # DCP warns that it loads in one process, which is what no_dist asks for
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load({"model": weights}, checkpoint_id=str(directory / SHARDED_SUBDIR), no_dist=True)
+    except Exception as err:  # DCP wraps reader errors in its own exception types
+        raise CheckpointError(f"cannot read the sharded weights of {directory}: {err}") from None
+    target.load_state_dict(weights, strict=strict)
+
+
+def _staging_name(directory: Path, kind: str, token: str) -> Path:
+    return directory.parent / f".{directory.name}.{kind}-{token}"
+
+
+def _listed_files(root: Path) -> dict[str, dict[str, Any]]:
+    """``{relative name: {sha256, bytes}}`` of every file under ``root`` but the index."""
+    return {path.relative_to(root).as_posix(): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            for path in sorted(root.rglob("*")) if path.is_file() and path.name != INDEX_FILE}
+
+
+def save_sharded_checkpoint(directory: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                            scheduler: Any, step: int, state: DistState, extra: dict | None = None,
+                            full_weights: bool = False) -> Path:
+    """Collective (every rank calls it): write a complete sharded checkpoint of an FSDP2 ``model`` (+ optimizer,
+    scheduler, rank 0's RNG) to ``directory``; with ``full_weights`` also the gathered weights as
+    ``model.safetensors``. Returns the directory.
+
+    Every rank writes its shard into a temporary sibling directory; rank 0 then checks that it sees every rank's
+    files (a filesystem every rank shares), writes the trainer state and the index, and renames the directory into
+    place. A failure anywhere leaves an earlier checkpoint at ``directory`` as it was.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    error = None
+    try:
+        extra = _checked_step_and_extra(step, extra)
+    except CheckpointError as err:
+        error = err
+    raise_if_any_rank_failed(error, state, "save_sharded_checkpoint")
+    directory = Path(directory)
+    token = broadcast_object(os.urandom(6).hex(), state)
+    staging = _staging_name(directory, "tmp", token)
+    main_rank_only(state, lambda: (staging / SHARDED_SUBDIR).mkdir(parents=True))
+
+    if optimizer is not None:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        payload = {"model": model_state, "optim": optimizer_state}
+    else:
+        payload = {"model": get_model_state_dict(model)}
+    try:
+        dcp.save(payload, checkpoint_id=str(staging / SHARDED_SUBDIR))
+        full = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                if full_weights else None)
+    except BaseException:
+        if state.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    def finish() -> Path:
+        try:
+            _check_every_shard_visible(staging)
+            if full is not None:
+                tensors, aliases = _weights_for_saving(full)
+                from safetensors.torch import save_file
+
+                save_file(tensors, str(staging / MODEL_FILE), metadata={**aliases, "format": "pt"})
+            torch.save({
+                "format": FORMAT, "version": FORMAT_VERSION, "layout": SHARDED_LAYOUT, "step": step, "extra": extra,
+                "rng": _rng_state(), "world_size": state.world_size, "optimizer": None,
+                "sharded_optimizer": optimizer is not None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            }, staging / STATE_FILE)
+            atomic_write_json(staging / INDEX_FILE, {
+                "format": FORMAT, "version": FORMAT_VERSION, "layout": SHARDED_LAYOUT, "step": step,
+                "world_size": state.world_size, "files": _listed_files(staging),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+            _move_into_place(staging, directory, token)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+    return main_rank_only(state, finish)
+
+
+def _check_every_shard_visible(staging: Path) -> None:
+    """CheckpointError when a shard file that DCP's metadata names is missing here: the ranks do not share the
+    checkpoint filesystem (each node wrote its shard to its own disk)."""
+    metadata = _sharded_metadata(staging)
+    names = sorted({info.relative_path for info in metadata.storage_data.values()})
+    missing = [name for name in names if not (staging / SHARDED_SUBDIR / name).is_file()]
+    if missing:
+        raise CheckpointError(f"rank 0 does not see the shard file(s) {', '.join(missing)} that other ranks wrote to "
+                              f"{staging / SHARDED_SUBDIR}: put loop.out_dir on a filesystem every rank (every node) "
+                              "shares; no checkpoint was written")
+
+
+def _move_into_place(staging: Path, directory: Path, token: str) -> None:
+    """Rename the complete ``staging`` directory to ``directory``; an existing ``directory`` is moved aside first
+    and deleted only once the new one is in place."""
+    previous = None
+    if directory.exists():
+        previous = _staging_name(directory, "old", token)
+        os.replace(directory, previous)
+    os.replace(staging, directory)
+    if previous is not None:
+        with contextlib.suppress(FileNotFoundError):
+            (previous / INDEX_FILE).unlink()
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def load_sharded_checkpoint(directory: str | os.PathLike, *, model: nn.Module,
+                            optimizer: torch.optim.Optimizer | None, scheduler: Any, state: DistState,
+                            verify: bool = False) -> dict[str, Any]:
+    """Collective: load a checkpoint written by :func:`save_sharded_checkpoint` into an FSDP2 ``model`` (and its
+    optimizer / scheduler). Returns ``{"step": int, "extra": dict}``. The number of ranks may differ from the
+    saving run's (DCP reshards). Every rank reads ``directory`` at the same path; a rank that cannot, or a
+    checkpoint that does not fit the model, raises CheckpointError on every rank before anything is loaded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
+    )
+
+    directory = Path(directory)
+    trainer_state, error = None, None
+    if optimizer is not None:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+    else:
+        model_state, optimizer_state = get_model_state_dict(model), None
+    try:
+        index = verify_checkpoint(directory) if verify else _read_index(directory)
+        if index.get("layout") != SHARDED_LAYOUT:
+            raise CheckpointError(f"{directory} is a single-file checkpoint (written with loop.parallel=ddp or in one "
+                                  "process), not a sharded one: resume the run with loop.parallel=ddp")
+        trainer_state = _read_trainer_state(directory, "cpu")
+        if optimizer is not None and not trainer_state.get("sharded_optimizer"):
+            raise CheckpointError(f"checkpoint {directory} has no optimizer state (it was saved without an optimizer)")
+        if scheduler is not None and trainer_state.get("scheduler") is None:
+            raise CheckpointError(f"checkpoint {directory} has no scheduler state (it was saved without a scheduler)")
+        _check_sharded_model_keys(directory, _sharded_metadata(directory), model_state, strict=True)
+    except CheckpointError as err:
+        error = CheckpointError(f"rank {state.rank}: {err}" if state.world_size > 1 else str(err))
+    except OSError as err:
+        error = CheckpointError(f"rank {state.rank} cannot read {directory} ({err}): checkpoints must be on a "
+                                "filesystem every rank sees at the same path")
+    raise_if_any_rank_failed(error, state, f"loading {directory}")
+
+    payload = {"model": model_state, **({"optim": optimizer_state} if optimizer is not None else {})}
+    try:
+        dcp.load(payload, checkpoint_id=str(directory / SHARDED_SUBDIR))
+    except Exception as err:  # DCP raises its own exception types, on every rank alike
+        raise CheckpointError(f"the sharded state in {directory} does not fit this model / optimizer: {err}") from None
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    else:
+        set_model_state_dict(model, model_state)
+    if scheduler is not None:
+        try:
+            scheduler.load_state_dict(trainer_state["scheduler"])
+        except (ValueError, KeyError, RuntimeError, TypeError) as err:
+            raise CheckpointError(f"scheduler state in {directory} does not fit this scheduler: {err}") from None
+    barrier(state)
+    return {"step": int(trainer_state["step"]), "extra": trainer_state.get("extra") or {}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,6 +633,10 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
     removed = []
     root = Path(run_dir) / CHECKPOINTS_SUBDIR
     for child in sorted(root.iterdir()):
+        if _STAGING_DIR.match(child.name) and child.is_dir():  # left by a sharded save that did not finish
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+            continue
         match = _STEP_DIR.match(child.name)
         if match and child.is_dir() and child not in kept and int(match.group(1)) < oldest_kept:
             # The index goes first: a deletion cut short leaves an incomplete directory, never a "complete"

@@ -15,8 +15,9 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
-    "DistState", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "barrier", "broadcast_object", "env_int",
-    "group_active", "is_main_process", "micro_batch_seed", "micro_batch_size", "run_on_main", "step_seed", "unwrap_model",
+    "DistState", "all_gather_object", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "barrier",
+    "broadcast_object", "env_int", "group_active", "has_sharded_parameters", "is_main_process", "main_rank_only",
+    "micro_batch_seed", "micro_batch_size", "raise_if_any_rank_failed", "run_on_main", "step_seed", "unwrap_model",
 ]
 
 T = TypeVar("T")
@@ -112,6 +113,43 @@ def broadcast_object(obj: Any, state: DistState, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any, state: DistState) -> list[Any]:
+    """Every rank's (picklable) ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not group_active(state):
+        return [obj]
+    gathered: list[Any] = [None] * state.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def raise_if_any_rank_failed(error: Exception | None, state: DistState, what: str) -> None:
+    """Collective: re-raise this rank's ``error``, or raise RuntimeError on every rank when another rank failed
+    (naming each failing rank), so that no rank goes on into a collective that a failed peer never reaches."""
+    failures = all_gather_object(None if error is None else f"{type(error).__name__}: {error}", state)
+    if error is not None:
+        raise error
+    failed = [f"rank {rank}: {message}" for rank, message in enumerate(failures) if message is not None]
+    if failed:
+        raise RuntimeError(f"{what} failed on another rank: " + "; ".join(failed))
+
+
+def main_rank_only(state: DistState, action: Callable[[], T]) -> T:
+    """Run ``action()`` on rank 0 only; every rank returns its result, or raises if it failed (rank 0 its own error,
+    the others a RuntimeError naming it)."""
+    result, error = None, None
+    if state.is_main:
+        try:
+            result = action()
+        except Exception as err:  # forwarded to the other ranks so that none waits forever
+            error = err
+    shared = broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"), state)
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise RuntimeError(f"rank 0 failed: {shared[1]}")
+    return shared[0]
+
+
 def barrier(state: DistState) -> None:
     if group_active(state):
         if state.backend == "nccl":
@@ -151,6 +189,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def has_sharded_parameters(model: nn.Module) -> bool:
+    """Whether ``model`` holds DTensor parameters (sharded by FSDP2's ``fully_shard``)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def micro_batch_size(batch_size: int, grad_accum: int, world_size: int) -> int:
