@@ -33,6 +33,7 @@ __all__ = [
 OPTIMIZERS = ("adamw", "sgd", "lion")
 SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("fp32", "bf16")
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,12 @@ class LoopConfig:
     step checkpoints stay in the run directory (older ones are deleted once a newer one is complete).
     ``max_steps`` = 0 trains nothing: the model is evaluated once, as step 0, and no checkpoint is written (how
     models without parameters run).
+
+    ``parallel`` is how torchrun ranks share the model: ``"ddp"`` (each rank holds all of it; also the plain
+    single-process run) or ``"fsdp"`` (FSDP2: each block of the layer stack and the rest of the model sharded
+    over the ranks, checkpoints sharded through ``torch.distributed.checkpoint``; needs torchrun, and a run
+    resumes only with the mode it started with). On CUDA with ``precision="bf16"``, fsdp keeps the parameters in
+    bf16 for compute and reduces the gradients in fp32.
     """
 
     max_steps: int = 100
@@ -98,6 +105,7 @@ class LoopConfig:
     resume: bool = False
     progress: bool = True
     keep_checkpoints: int = 1
+    parallel: str = "ddp"
 
     def __post_init__(self):
         _check_finite_fields(self)
@@ -111,6 +119,7 @@ class LoopConfig:
         _check(self.ckpt_every >= 0, "ckpt_every", "an int >= 0 (0 = only at the end)", self.ckpt_every)
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "an int >= 1", self.keep_checkpoints)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("parallel", self.parallel, PARALLEL_MODES)
         _check("/" not in self.run_name and "\\" not in self.run_name and self.run_name not in (".", ".."),
                "run_name", "a plain directory name (no path separators)", self.run_name)
 

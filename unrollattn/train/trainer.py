@@ -1,6 +1,6 @@
 """The one training loop of unrollattn: a recipe supplies a :class:`Task`, :func:`fit` does the rest.
 
-``fit`` handles torchrun/DDP, seeding, optimizer + schedule, gradient accumulation, bf16 autocast,
+``fit`` handles torchrun (DDP, or FSDP2 with ``loop.parallel=fsdp``), seeding, optimizer + schedule, gradient accumulation, bf16 autocast,
 clipping, logging (metrics.jsonl, summary.csv, tqdm), evaluation, atomic checkpoints and exact
 resume. Exact resume needs no data-loader state: ``Task.batch`` is a pure function of (step,
 micro-batch, rank) and the RNG is re-seeded from (seed, step, rank) at the start of every step.
@@ -36,16 +36,15 @@ from torch import Tensor, nn
 
 from ..utils.params import count_parameters
 from .checkpoint import (
-    CheckpointError, checkpoint_dir_for_step, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
-    save_checkpoint, verify_checkpoint,
+    CheckpointError, checkpoint_dir_for_step, latest_checkpoint, list_checkpoints, load_checkpoint,
+    load_sharded_checkpoint, prune_checkpoints, save_checkpoint, save_sharded_checkpoint, verify_checkpoint,
 )
 from .config import LoopConfig, OptimConfig, config_to_dict
 from ..utils.dist import (
-    DistState, all_reduce_sum, all_reduce_tensor, broadcast_object, micro_batch_seed, micro_batch_size, step_seed,
-    unwrap_model,
+    DistState, all_reduce_sum, all_reduce_tensor, main_rank_only, micro_batch_size, step_seed, unwrap_model,
 )
 from ..utils.memory import LiveTensorBytes, optimizer_state_bytes, tensor_bytes
-from .distributed import init_distributed, wrap_model
+from .distributed import init_distributed, materialize_replica, meta_replica, shard_model, wrap_model
 from .optim import build_optimizer, build_scheduler
 from .runlog import DEFAULT_LOSS_LABEL, RunDir, RunDirError, plot_curves, progress_bar
 
@@ -326,14 +325,22 @@ class _InterruptGuard:
             raise KeyboardInterrupt
 
 
-def _non_finite_tensors(model: nn.Module) -> list[str]:
-    """Names of the floating-point parameters and buffers of ``model`` that hold inf or nan."""
-    return [name for name, t in unwrap_model(model).state_dict().items()
-            if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+def _non_finite_tensors(model: nn.Module, state: DistState | None = None) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` that hold inf or nan. A sharded model's
+    tensors are checked shard by shard; with ``state`` (a collective) the verdict is that of all ranks' shards."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = {name: t.to_local() if isinstance(t, DTensor) else t for name, t in unwrap_model(model).state_dict().items()
+               if isinstance(t, Tensor) and t.is_floating_point()}
+    flags = torch.tensor([bool(t.numel()) and not bool(torch.isfinite(t).all()) for t in tensors.values()],
+                         dtype=torch.float64)
+    if state is not None:
+        flags = all_reduce_tensor(flags, state, "sum")
+    return [name for name, flag in zip(tensors, flags.tolist()) if flag]
 
 
-def _check_finite_weights(model: nn.Module, step: int, run: RunDir) -> None:
-    bad = _non_finite_tensors(model)
+def _check_finite_weights(model: nn.Module, step: int, run: RunDir, state: DistState) -> None:
+    bad = _non_finite_tensors(model, state)
     if bad:
         kept = latest_checkpoint(run.dir)
         more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -377,38 +384,40 @@ def _only_step_zero(run: RunDir) -> bool:
             and all(r.get("step") == 0 for r in run.metrics()) and all(r.get("step") in ("0", "0.0") for r in run.summary_rows()))
 
 
-def _on_main(state: DistState, action) -> Any:
-    """Run ``action()`` on rank 0 only; every rank returns its result or raises if it failed."""
-    result, error = None, None
-    if state.is_main:
-        try:
-            result = action()
-        except Exception as err:  # forwarded to the other ranks so that none waits forever
-            error = err
-    shared = broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"), state)
-    if error is not None:
-        raise error
-    if shared[1] is not None:
-        raise RuntimeError(f"rank 0 failed: {shared[1]}")
-    return shared[0]
+@dataclasses.dataclass
+class _Built:
+    """The model of a run (sharded in place under ``loop.parallel=fsdp``), its optimizer and schedule (None when
+    only evaluating), its parameter count, and under fsdp a meta-device copy from which the task's export gets a
+    plain model."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    scheduler: Any
+    params: int
+    export_replica: nn.Module | None = None
 
 
-def _build_model_and_optimizer(task: Any, loop: LoopConfig, optim: OptimConfig, device: torch.device
-                               ) -> tuple[nn.Module, torch.optim.Optimizer | None, Any]:
-    """The task's model on ``device`` (built after seeding), its optimizer and schedule; with ``loop.max_steps=0``
-    (evaluation only) neither of the two. A model without trainable parameters is only evaluated."""
+def _build_model_and_optimizer(task: Any, loop: LoopConfig, optim: OptimConfig, state: DistState) -> _Built:
+    """The task's model on the device (built after seeding; sharded with FSDP2 under ``loop.parallel=fsdp``), its
+    optimizer and schedule; with ``loop.max_steps=0`` (evaluation only) neither of the two. A model without
+    trainable parameters is only evaluated."""
     _seed_all(loop.seed)
     model = task.build_model()
     if not isinstance(model, nn.Module):
         raise TypeError(f"{type(task).__name__}.build_model must return an nn.Module, got {type(model).__name__}")
-    model.to(device)
+    model.to(state.device)
+    params = count_params(model)
+    replica = None
+    if loop.parallel == "fsdp":
+        replica = meta_replica(model) if callable(getattr(task, "export", None)) else None
+        shard_model(model, state, loop.precision)
     if loop.max_steps == 0:
-        return model, None, None
+        return _Built(model, None, None, params, replica)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"{type(task).__name__}.build_model gave a {type(model).__name__} without trainable "
                          "parameters; set loop.max_steps=0 to evaluate it without training")
     optimizer = build_optimizer(model, optim)
-    return model, optimizer, build_scheduler(optimizer, optim, loop.max_steps)
+    return _Built(model, optimizer, build_scheduler(optimizer, optim, loop.max_steps), params, replica)
 
 
 def _open_run(loop: LoopConfig, state: DistState, config_for_log: Any, run_name_prefix: str
@@ -434,9 +443,13 @@ def _restore(run: RunDir, checkpoint: str | None, model: nn.Module, optimizer: t
              scheduler: Any, loop: LoopConfig, state: DistState) -> int:
     """Load ``checkpoint`` (when resuming from one) and move the rows logged after it aside; returns the step to
     continue from (0 without a checkpoint)."""
-    if checkpoint is not None:
+    if checkpoint is not None and loop.parallel == "fsdp":
+        info = load_sharded_checkpoint(Path(checkpoint), model=model, optimizer=optimizer, scheduler=scheduler,
+                                       state=state)
+    elif checkpoint is not None:
         info = load_checkpoint(Path(checkpoint), model=model, optimizer=optimizer, scheduler=scheduler,
                                map_location=state.device)
+    if checkpoint is not None:
         start = info["step"]
         _print0(state, f"resuming {run.dir} from {Path(checkpoint).name} (step {start})")
         run.rewind(start)
@@ -456,6 +469,17 @@ def _with_task_fields(task: Any, summary: dict[str, Any]) -> dict[str, Any]:
     if callable(getattr(task, "summary_fields", None)):
         summary = {**summary, **task.summary_fields(dict(summary))}
     return summary
+
+
+def _plain_model_for_export(built: _Built, state: DistState) -> nn.Module | None:
+    """The model to hand to the task's export on the main rank: the trained model itself, or under fsdp (a
+    collective) an unsharded CPU copy with the gathered weights on the main rank and None elsewhere."""
+    if built.export_replica is None:
+        return built.model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(built.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return materialize_replica(built.export_replica, full, built.model) if state.is_main else None
 
 
 def _write_results(task: Any, model: nn.Module, run: RunDir, summary: dict[str, Any]) -> None:
@@ -514,9 +538,10 @@ class _TrainingLoop:
         self.bar = progress_bar(loop.max_steps, initial=min(start, loop.max_steps), enabled=loop.progress,
                                 is_main=state.is_main, desc=run.name)
 
+        self.sharded = loop.parallel == "fsdp"  # the model is FSDP2-sharded already, its checkpoints collective
         self.compiled = torch.compile(model) if loop.compile else model
         self.train_model = (wrap_model(self.compiled, state, **(ddp_kwargs or {})) if optimizer is not None
-                            else self.compiled)
+                            and not self.sharded else self.compiled)
         self.is_ddp = self.train_model is not self.compiled
 
         self.steps_to_run = max(0, loop.max_steps - start)
@@ -557,6 +582,8 @@ class _TrainingLoop:
         step_loss, step_items = self._accumulate_gradients(step)
         if self.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.optim.grad_clip)
+            if self.sharded:  # a replicated DTensor under FSDP2
+                grad_norm = grad_norm.full_tensor()
             self.window.grad_norm += grad_norm.detach().to(torch.float64)
         self.lr = self.optimizer.param_groups[0]["lr"]
         with guard.critical():
@@ -579,14 +606,16 @@ class _TrainingLoop:
                 self.log()
 
     def _accumulate_gradients(self, step: int) -> tuple[Tensor, int]:
-        """Forward and backward of every micro-batch of ``step`` (DDP syncs the gradients on the last one only);
-        returns the summed loss and the number of items."""
+        """Forward and backward of every micro-batch of ``step`` (DDP and FSDP2 reduce the gradients on the last one
+        only); returns the summed loss and the number of items."""
         loop, task = self.loop, self.task
         step_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         step_items = 0
         for micro in range(loop.grad_accum):
             batch = to_device(task.batch(step, micro, self.state), self.device)
             last_micro = micro == loop.grad_accum - 1
+            if self.sharded and loop.grad_accum > 1:
+                self.model.set_requires_gradient_sync(last_micro)
             with (self.train_model.no_sync() if self.is_ddp and not last_micro else contextlib.nullcontext()):
                 with _autocast(loop.precision, self.device):
                     loss, metrics = _call_loss(task, self.train_model, batch)
@@ -636,8 +665,11 @@ class _TrainingLoop:
     def maybe_checkpoint(self) -> None:
         """Checkpoint after every ``loop.ckpt_every`` steps and after the last one, of finite weights only."""
         if (self.loop.ckpt_every and self.done % self.loop.ckpt_every == 0) or self.done == self.loop.max_steps:
-            _check_finite_weights(self.model, self.done, self.run)
-            self.checkpoint = _on_main(self.state, functools.partial(self._save, self.done))
+            _check_finite_weights(self.model, self.done, self.run, self.state)
+            if self.sharded:
+                self.checkpoint = self._save_sharded(self.done)
+            else:
+                self.checkpoint = main_rank_only(self.state, functools.partial(self._save, self.done))
             self.checkpoint_step = self.done
 
     def _exclude_pause(self, paused: float) -> None:
@@ -668,7 +700,7 @@ class _TrainingLoop:
         # nothing left to train: report the checkpoint's metrics
         self.last_eval = _evaluate(self.task, self.compiled, self.state, self.loop.precision)
         rows = self.run.metrics
-        previous = _on_main(self.state, lambda: next((r["train_loss"] for r in reversed(rows()) if "train_loss" in r), None))
+        previous = main_rank_only(self.state, lambda: next((r["train_loss"] for r in reversed(rows()) if "train_loss" in r), None))
         self.train_loss = math.nan if previous is None else previous
 
     def _save(self, step_done: int) -> Path:
@@ -676,6 +708,16 @@ class _TrainingLoop:
         save_checkpoint(target, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, step=step_done,
                         extra={"run_name": self.run.name, "world_size": self.state.world_size})
         prune_checkpoints(self.run.dir, self.loop.keep_checkpoints)
+        return target
+
+    def _save_sharded(self, step_done: int) -> Path:
+        """Collective: the sharded checkpoint of ``step_done``, with the full weights (model.safetensors) when it
+        is the last step."""
+        target = checkpoint_dir_for_step(self.run.dir, step_done)
+        save_sharded_checkpoint(target, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                step=step_done, state=self.state, full_weights=step_done == self.loop.max_steps,
+                                extra={"run_name": self.run.name, "world_size": self.state.world_size})
+        main_rank_only(self.state, lambda: prune_checkpoints(self.run.dir, self.loop.keep_checkpoints))
         return target
 
     def items_per_second(self) -> float:
@@ -713,8 +755,10 @@ class _TrainingLoop:
     def interrupted(self) -> TrainingInterrupted:
         """After Ctrl-C: the main rank saves the last completed step (no collective: the other ranks are being
         interrupted too), unless it is saved already or its weights are not finite. A second Ctrl-C abandons the
-        save; the atomic writer then leaves the previous checkpoint as it was."""
-        if (self.state.is_main and self.optimizer is not None and self.checkpoint_step != self.done
+        save; the atomic writer then leaves the previous checkpoint as it was. A sharded model (fsdp) is not saved:
+        its checkpoint needs every rank, which may each have stopped at another point; the newest periodic
+        checkpoint is the one to resume from."""
+        if (self.state.is_main and self.optimizer is not None and not self.sharded and self.checkpoint_step != self.done
                 and not _non_finite_tensors(self.model)):
             with contextlib.suppress(KeyboardInterrupt):
                 self.checkpoint, self.checkpoint_step = self._save(self.done), self.done
@@ -749,12 +793,12 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    model, optimizer, scheduler = _build_model_and_optimizer(task, loop, optim, device)
-    n_params = count_params(model)
+    built = _build_model_and_optimizer(task, loop, optim, state)
+    model, optimizer, scheduler = built.model, built.optimizer, built.scheduler
 
     if config_for_log is None:
         config_for_log = {"loop": config_to_dict(loop), "optim": config_to_dict(optim)}
-    run_name, resume_ckpt, finished = _on_main(
+    run_name, resume_ckpt, finished = main_rank_only(
         state, functools.partial(_open_run, loop, state, config_for_log, run_name_prefix))
     run = RunDir(Path(loop.out_dir) / run_name, is_main=state.is_main)
     if finished is not None:
@@ -769,9 +813,10 @@ def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: st
             final_metrics, final_eval_s = {}, None
             if callable(getattr(task, "final_evaluate", None)):
                 final_metrics, final_eval_s = _final_evaluate(task, model, state)
-            summary = training.summary(params=n_params, final_metrics=final_metrics, final_eval_s=final_eval_s)
+            summary = training.summary(params=built.params, final_metrics=final_metrics, final_eval_s=final_eval_s)
             summary = _with_task_fields(task, summary)
-            _on_main(state, functools.partial(_write_results, task, model, run, summary))
+            export_model = _plain_model_for_export(built, state)
+            main_rank_only(state, functools.partial(_write_results, task, export_model, run, summary))
     except KeyboardInterrupt:
         raise training.interrupted() from None
     finally:

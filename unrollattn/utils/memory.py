@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -24,7 +24,8 @@ class LiveTensorBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            # a wrapper subclass (DTensor) has no storage of its own: its local tensor is counted when created
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and not is_traceable_wrapper_subclass(t):
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
                 if key and key not in self._seen:
