@@ -130,7 +130,7 @@ def test_bad_run_directories_are_named(tmp_path):
     with pytest.raises(ValueError, match="not a run directory"):
         load_run(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"something": 1}))
-    with pytest.raises(ValueError, match="not a finished run of classify, restore, lm"):
+    with pytest.raises(ValueError, match="not a finished run of classify, lm, restore"):
         maps.main([str(tmp_path)])
 
 

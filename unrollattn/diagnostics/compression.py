@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = load_run(run_dir)
         label = run.label if run.label not in labels else f"{run.label} ({Path(run_dir).name})"
         labels.add(label)
-        if run.recipe == "restore":
+        if run.is_restoration:
             raise ValueError(f"{run_dir}: a restoration run has no tokens or subspaces; compression applies to "
                              f"classify and lm runs")
         rows += layer_measures(run.model, run.heldout(args.images)["inputs"], eps=args.eps, normalize=not args.raw,

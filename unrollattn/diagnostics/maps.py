@@ -248,13 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--index: expected >= 0, got {args.index}")
     run = load_run(args.run_dir)
     out = Path(args.out or args.run_dir)
-    if run.recipe == "restore":
+    if run.is_restoration:
         rows, written = _restoration(run, args.index, out)
     else:
         held = run.heldout(max(args.images, args.index + 1))
         rows = layer_statistics(attention_maps(run.model, held["inputs"][: args.images], **run.forward_kwargs))
         one = attention_maps(run.model, held["inputs"][args.index:args.index + 1], **run.forward_kwargs)
-        if run.recipe == "lm":
+        if run.is_language_model:
             written = [_text_figure(run, one, args.window, out)]
         else:
             grid = next((r.grid for r in one if r.grid is not None), None)

@@ -24,7 +24,7 @@ COLUMNS = ["run", "layer", "attention", "subspaces", "snr_in", "snr_out", "snr_g
 def trained_snr_rows(run_dir: str | Path, *, images: int = 256, eta: float = 0.2, tau: float = 0.75) -> list[dict]:
     """One row per attention layer of the run's model (module doc)."""
     run = load_run(run_dir)
-    if run.recipe == "restore":
+    if run.is_restoration:
         raise ValueError(f"{run_dir}: a restoration run has no tokens or subspaces; the SNR applies to classify and "
                          f"lm runs")
     rows = []

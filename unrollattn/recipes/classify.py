@@ -352,6 +352,16 @@ class ClassifyTask:
                 "num_classes": self.data.num_classes, "class_names": list(self.data.class_names or ()),
                 "data": self.data.name}
 
+    def heldout(self, count: int) -> dict[str, torch.Tensor]:
+        """The first ``count`` test images (a fixed choice, for the diagnostics): ``inputs`` (normalised, what the
+        model takes), ``display`` (pixels in [0, 1]) and ``labels``."""
+        data = self.data
+        if data.num_test == 0:
+            raise ValueError(f"the run's data {data.name} has no test split")
+        images = data.test_images[:count]
+        pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return {"inputs": data.normalize(images), "display": pixels, "labels": data.test_labels[:count]}
+
     def run_info(self) -> dict[str, Any]:
         """The model and data of the run (summary and result.json): variant, timm name, depth and the parameters of
         its blocks (and of the reference's, with ``model.match_params``)."""
@@ -558,6 +568,11 @@ def load_model(run_dir: str | Path) -> tuple[nn.Module, ClassifyConfig]:
     else:
         model = ClassifyTask(cfg).build_model()  # the data fixes classes, channels and image size
     return load_latest_weights(run_dir, model).eval(), cfg
+
+
+def make_task(cfg: ClassifyConfig) -> ClassifyTask:
+    """The task of ``cfg`` (it loads the run's data): what the diagnostics ask for held-out examples."""
+    return ClassifyTask(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,6 +48,7 @@ held-out lines, not LAMBADA itself), tokens/s and peak memory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -72,7 +73,7 @@ from unrollattn.registry import (
 )
 from unrollattn.utils.params import matching_shape, stack_parameters
 from unrollattn.train import (
-    ConfigError, LoopConfig, OptimConfig, recipe_main, apply_overrides, fit, init_distributed,
+    ConfigError, LoopConfig, OptimConfig, apply_overrides, config_from_dict, fit, init_distributed, recipe_main,
 )
 from unrollattn.utils.dist import (
     DistState, micro_batch_seed, micro_batch_size, run_on_main, unwrap_model,
@@ -521,6 +522,20 @@ class LMTask:
                 "shift_corpus": self.shift.name if self.shift is not None else None,
                 "tokenizer": self.corpus.meta["tokenizer"], "last_word_passages": len(self.passages)}
 
+    def heldout(self, count: int) -> dict[str, torch.Tensor]:
+        """The first ``count`` windows of ``data.block_size`` tokens of the validation split (for the diagnostics):
+        ``inputs`` and ``display``, both token ids [count, T]."""
+        block = self.cfg.data.block_size
+        val = torch.as_tensor(self.corpus.split("val")[: count * block].astype("int64"))
+        if val.numel() < block:
+            raise ValueError(f"the validation split has fewer than block_size={block} tokens")
+        ids = val[: (val.numel() // block) * block].view(-1, block)[:count]
+        return {"inputs": ids, "display": ids}
+
+    def decode_tokens(self, ids: torch.Tensor) -> list[str]:
+        """Each token id of ``ids`` as text."""
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
     def run_info(self) -> dict[str, Any]:
         """The model (:func:`model_description`) and the data (:meth:`describe`) of the run."""
         with torch.device("meta"):
@@ -600,6 +615,29 @@ def run(cfg: LMConfig) -> dict[str, Any]:
     (:meth:`LMTask.run_info`) and the table fields (:meth:`LMTask.summary_fields`)."""
     return fit(LMTask(cfg), cfg.loop, cfg.optim, run_name_prefix=f"lm-{cfg.preset}-{cfg.model.label}",
                config_for_log=cfg)
+
+
+def load_model(run_dir: str | os.PathLike) -> tuple[nn.Module, LMConfig]:
+    """The trained model of a finished run directory (its exported ``hf_model/``), in eval mode, with its config.
+    Runs from before ``icl`` became its own recipe carry ``task: lm`` and an ``icl`` section, which are dropped."""
+    from transformers import AutoModelForCausalLM
+
+    config_path = Path(run_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: expected an lm run directory")
+    raw = json.loads(config_path.read_text())
+    if raw.get("task") == "lm":
+        raw = {k: v for k, v in raw.items() if k not in ("task", "icl")}
+    cfg = config_from_dict(LMConfig, raw)
+    hf_dir = Path(run_dir) / "hf_model"
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"{hf_dir} not found: expected a finished lm run (it exports hf_model/)")
+    return AutoModelForCausalLM.from_pretrained(hf_dir).eval(), cfg
+
+
+def make_task(cfg: LMConfig) -> LMTask:
+    """The task of ``cfg`` (it loads the corpus and tokenizer): what the diagnostics ask for held-out examples."""
+    return LMTask(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -254,6 +254,14 @@ class RestoreTask:
         self._operator = model.forward_operator
         return model
 
+    def heldout(self, count: int) -> dict[str, torch.Tensor]:
+        """The first ``count`` test photos cropped to a common square (for the diagnostics): ``inputs`` (what the
+        model sees: H x) and ``display`` (the photos)."""
+        photos = [p.reshape(p.shape[-3:]) for p in self.photos.test_images()[:count]]  # [C, H, W] each
+        crop = min(min(p.shape[-2:]) for p in photos)
+        x = torch.stack([p[..., :crop, :crop] for p in photos]).float()
+        return {"inputs": self.operator(x), "display": x}
+
     @property
     def operator(self):
         """The forward operator H, as the model owns it (restoration models own H): that of the model
@@ -506,6 +514,11 @@ def run(cfg: RestoreConfig) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, max_steps=0))
     return fit(RestoreTask(cfg), cfg.loop, cfg.optim, run_name_prefix=f"restore-{cfg.preset}-{cfg.model.variant}",
                config_for_log=cfg)
+
+
+def make_task(cfg: RestoreConfig) -> RestoreTask:
+    """The task of ``cfg`` (it loads the photos): what the diagnostics ask for held-out examples."""
+    return RestoreTask(cfg)
 
 
 def load_model(run_dir: str | Path) -> tuple[nn.Module, RestoreConfig]:
