@@ -40,7 +40,8 @@ def tiny(**kw):
 
 def test_kernel_presets_are_gpt2_shaped_with_equal_parameters():
     assert set(list_models(task="causal-lm", family="kernel")) == {
-        f"{k}_lm_{s}" for k in ("bilateral", "gaussian", "twicing") for s in ("tiny", "base")}
+        f"{k}_lm_{s}" for k in ("bilateral", "gaussian", "twicing", "alibi", "nope", "bilateral_tied")
+        for s in ("tiny", "base")}
     gpt2 = build_model("gpt2_tiny", vocab_size=V, bos_token_id=None, eos_token_id=None)
     ref = sum(p.numel() for p in gpt2.parameters())
     layers, heads, width, ctx = 4, 4, 128, 256
