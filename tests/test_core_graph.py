@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from unrollattn.core.graph import (
     adjacency_matvec, build_neighbourhood, degree, edge_weights, equivalent_band, grid_offsets,
-    edge_logits, incidence_gram_diagonal, incidence_matvec, incidence_t_matvec, laplacian_matvec, metric_features, neighbour_mask, sequence_offsets,
+    edge_logits, incidence_gram_diagonal, incidence_gram_operator, incidence_matvec, incidence_t_matvec, laplacian_matvec,
+    laplacian_operator, metric_features, neighbour_mask, normalize_edges, sequence_offsets,
 )
 from unrollattn.core.reference import (
     dense_adjacency, dense_incidence, dense_laplacian, graph_weights_reference, neighbourhood_reference,
@@ -343,6 +344,11 @@ def test_shift_fast_path_matches_the_gather(kind, shape, include_self):
         (lambda o: incidence_matvec(w_e, index_e, x, offsets=o), nbhd.edge_flat_offsets),
         (lambda o: incidence_t_matvec(w_e, index_e, e, offsets=o), nbhd.edge_flat_offsets),
         (lambda o: incidence_t_matvec(w_e, index_e, e, directed=True, offsets=o), nbhd.edge_flat_offsets),
+        (lambda o: laplacian_operator(w, nbhd.index, offsets=o)(x), nbhd.flat_offsets),
+        (lambda o: incidence_gram_operator(w_e, index_e, offsets=o)(x), nbhd.edge_flat_offsets),
+        (lambda o: incidence_gram_operator(w_e, index_e, directed=True, offsets=o)(x), nbhd.edge_flat_offsets),
+        (lambda o: normalize_edges(edge_logits(f, nbhd.index, nbhd.valid, metric=metric), nbhd.index, "symmetric",
+                                   offsets=o), nbhd.flat_offsets),
     ]
     for fn, offsets in pairs:
         slow, fast = fn(None), fn(offsets)
@@ -353,5 +359,20 @@ def test_shift_fast_path_matches_the_gather(kind, shape, include_self):
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(a, b)
+    # the fused normal operator against the dense C_wᵀ C_w, values and gradients
+    dense = dense_incidence(w_e, index_e, n)
+    fast = incidence_gram_operator(w_e, index_e, offsets=nbhd.edge_flat_offsets)(x)
+    ref = dense.transpose(-1, -2) @ (dense @ x)
+    torch.testing.assert_close(fast, ref)
+    probe = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((fast * probe).sum(), [f, x], retain_graph=True),
+                    torch.autograd.grad((ref * probe).sum(), [f, x], retain_graph=True)):
+        torch.testing.assert_close(a, b)
+    # plane-by-plane signals (node axis innermost, as the restoration models store colour planes): same values
+    planes = x.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
+    torch.testing.assert_close(laplacian_matvec(w, nbhd.index, planes, offsets=nbhd.flat_offsets),
+                               laplacian_matvec(w, nbhd.index, planes))
+    torch.testing.assert_close(incidence_matvec(w_e, index_e, planes, offsets=nbhd.edge_flat_offsets),
+                               incidence_matvec(w_e, index_e, planes))
     with pytest.raises(ValueError, match="offsets"):
         laplacian_matvec(w, nbhd.index, x, offsets=nbhd.flat_offsets[:-1])

@@ -30,11 +30,10 @@ symmetric, and causal neighbourhoods are directed by construction.
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 
@@ -131,6 +130,8 @@ class Neighbourhood:
         offsets: one offset per column: (dr, dc) on grids, (j − i,) on sequences.
         index: long [N, k]; neighbour of node i in column c (node i itself where invalid).
         valid: bool [N, k]; False at borders and outside the causal support.
+        undirected_columns, edge_columns, flat_offsets, edge_flat_offsets: derived at construction (below), so
+        that reading them is a plain attribute access (no lazy caching, nothing for torch.compile to break on).
 
     Build with :func:`build_neighbourhood` (cached per kind, shape and device).
     """
@@ -141,6 +142,34 @@ class Neighbourhood:
     index: torch.Tensor
     valid: torch.Tensor
     include_self: bool = False
+    undirected_columns: tuple[int, ...] = field(init=False, repr=False)
+    """Columns listing every undirected edge once (the GTV edge set); self-loops dropped. An offset o is kept when
+    −o is not in the set, or when o is "positive" in raster order (dr > 0, or dr == 0 and dc > 0): so symmetric
+    kinds keep their forward half and causal kinds keep all their (past-pointing) columns."""
+    edge_columns: torch.Tensor = field(init=False, repr=False)
+    """``undirected_columns`` as a long tensor on the neighbourhood's device (select weight columns with it)."""
+    flat_offsets: tuple[int, ...] = field(init=False, repr=False)
+    """Per column, the node-index offset j − i of a valid neighbour (dr·W + dc on grids, o on sequences). Pass it as
+    ``offsets=`` to the mat-vecs for the shift fast path (see :func:`shift_neighbours`)."""
+    edge_flat_offsets: tuple[int, ...] = field(init=False, repr=False)
+    """``flat_offsets`` of the undirected edge set (``undirected_columns``), for the GTV mat-vecs."""
+    edge_index: torch.Tensor = field(init=False, repr=False)
+    edge_valid: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        offs = set(self.offsets)
+        undirected = tuple(c for c, o in enumerate(self.offsets) if any(v != 0 for v in o)
+                           and (tuple(-v for v in o) not in offs or o > tuple(0 for _ in o)))
+        if len(self.shape) == 2:
+            flat = tuple(dr * self.shape[1] + dc for dr, dc in self.offsets)
+        else:
+            flat = tuple(o[0] for o in self.offsets)
+        columns = torch.tensor(undirected, dtype=torch.long, device=self.index.device)
+        derived = {"undirected_columns": undirected, "edge_columns": columns, "flat_offsets": flat,
+                   "edge_flat_offsets": tuple(flat[c] for c in undirected),
+                   "edge_index": self.index.index_select(1, columns), "edge_valid": self.valid.index_select(1, columns)}
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     @property
     def num_nodes(self) -> int:
@@ -157,53 +186,12 @@ class Neighbourhood:
         offs = set(self.offsets)
         return all(tuple(-v for v in o) in offs for o in offs)
 
-    @functools.cached_property
-    def undirected_columns(self) -> tuple[int, ...]:
-        """Columns listing every undirected edge once (the GTV edge set); self-loops dropped.
-
-        An offset o is kept when −o is not in the set, or when o is "positive" in raster order
-        (dr > 0, or dr == 0 and dc > 0): so symmetric kinds keep their forward half and causal kinds
-        keep all their (past-pointing) columns.
-        """
-        offs = set(self.offsets)
-        keep = []
-        for c, o in enumerate(self.offsets):
-            if all(v == 0 for v in o):
-                continue
-            if tuple(-v for v in o) not in offs or o > tuple(0 for _ in o):
-                keep.append(c)
-        return tuple(keep)
-
-    @functools.cached_property
-    def edge_columns(self) -> torch.Tensor:
-        """``undirected_columns`` as a long tensor on the neighbourhood's device (select weight columns with it)."""
-        return torch.tensor(self.undirected_columns, dtype=torch.long, device=self.index.device)
-
-    @functools.cached_property
-    def flat_offsets(self) -> tuple[int, ...]:
-        """Per column, the node-index offset j − i of a valid neighbour (dr·W + dc on grids, o on sequences).
-
-        Pass it as ``offsets=`` to the mat-vecs for the shift fast path (see :func:`shift_neighbours`)."""
-        if len(self.shape) == 2:
-            return tuple(dr * self.shape[1] + dc for dr, dc in self.offsets)
-        return tuple(o[0] for o in self.offsets)
-
-    @functools.cached_property
-    def edge_flat_offsets(self) -> tuple[int, ...]:
-        """``flat_offsets`` of the undirected edge set (``undirected_columns``), for the GTV mat-vecs."""
-        return tuple(self.flat_offsets[c] for c in self.undirected_columns)
-
     def edges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(index_e [N, m], valid_e [N, m], columns [m]) of the undirected edge set (``undirected_columns``).
 
         The GTV edge weights are ``weights.index_select(-1, columns)`` of the full-neighbourhood weights.
         """
-        return self._edge_tables
-
-    @functools.cached_property
-    def _edge_tables(self):
-        cols = self.edge_columns
-        return self.index.index_select(1, cols), self.valid.index_select(1, cols), cols
+        return self.edge_index, self.edge_valid, self.edge_columns
 
     def to(self, device) -> "Neighbourhood":
         return build_neighbourhood(self.kind, self.shape, include_self=self.include_self, device=device)
@@ -236,8 +224,11 @@ def _sequence_tables(offsets, n: int):
     return torch.stack(index, 1), torch.stack(valid, 1)
 
 
-@functools.lru_cache(maxsize=128)
-def _build_cached(kind: str, shape: tuple[int, ...], include_self: bool, device: str) -> Neighbourhood:
+_NEIGHBOURHOODS: dict[tuple, Neighbourhood] = {}  # (kind, shape, include_self, device) -> Neighbourhood
+_CACHE_SIZE = 128
+
+
+def _build(kind: str, shape: tuple[int, ...], include_self: bool, device: str) -> Neighbourhood:
     if is_grid_kind(kind):
         offsets = grid_offsets(kind)
         if include_self:
@@ -272,7 +263,16 @@ def build_neighbourhood(kind: str, shape: int | Sequence[int], *, include_self: 
         if len(shape) != 1 or shape[0] < 1:
             raise ValueError(f"neighbourhood {kind!r}: expected a sequence length (N,) >= 1, got {shape}")
     dev = str(torch.device(device)) if device is not None else "cpu"
-    return _build_cached(kind, shape, bool(include_self), dev)
+    key = (kind, shape, bool(include_self), dev)
+    cached = _NEIGHBOURHOODS.get(key)
+    if cached is not None:
+        return cached
+    nbhd = _build(*key)
+    if not torch.compiler.is_compiling():  # traced, the tables are part of the graph; the cache fills in eager calls
+        if len(_NEIGHBOURHOODS) >= _CACHE_SIZE:
+            _NEIGHBOURHOODS.pop(next(iter(_NEIGHBOURHOODS)))
+        _NEIGHBOURHOODS[key] = nbhd
+    return nbhd
 
 
 # -------------------------------------------------------------------------------------------- weights
@@ -357,11 +357,15 @@ def edge_logits(features: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
     _check_offsets(offsets, index)
     g = metric_features(features, metric)
     if offsets is not None:  # shift fast path: one [B, G, N] column at a time, no [N, k, R] tensor
-        cols = shift_neighbours(g, offsets)
+        n, pad = g.shape[-2], max((abs(o) for o in offsets), default=0)
+        padded = torch.nn.functional.pad(g.transpose(-1, -2), (pad, pad))  # [B, G, R, N + 2 pad], node axis innermost
+        own = padded[..., pad:pad + n]
+        cols = [padded[..., pad + o: pad + o + n] for o in offsets]
         if similarity == "mahalanobis":
-            logits = torch.stack([-(g - nb).square().sum(-1) for nb in cols], -1)
+            logits = torch.stack([(own - nb).square().sum(-2) for nb in cols], -2).neg_()
         else:
-            logits = torch.stack([(g * nb).sum(-1) for nb in cols], -1)
+            logits = torch.stack([(own * nb).sum(-2) for nb in cols], -2)
+        logits = logits.transpose(-1, -2)  # stored column by column (column_major), like the mat-vecs read it
     else:
         nb = gather_neighbours(g, index)  # [B, G, N, k, R]
         if similarity == "mahalanobis":
@@ -374,7 +378,7 @@ def edge_logits(features: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
 
 
 def normalize_edges(logits: torch.Tensor, index: torch.Tensor, normalization: str = "none", *,
-                    eps: float = 1e-12, return_log_degree: bool = False):
+                    eps: float = 1e-12, return_log_degree: bool = False, offsets: Sequence[int] | None = None):
     """Weights from log-weights [B, G, N, k] (−inf = no edge); exactly 0 on missing edges.
 
     "none":      w_ij = exp(ℓ_ij)
@@ -384,7 +388,9 @@ def normalize_edges(logits: torch.Tensor, index: torch.Tensor, normalization: st
     reachable on directed graphs, where j ∈ N(i) may have no neighbours of its own), so nothing divides by 0.
     Computed in the log domain, so tiny weights do not underflow before normalisation.
     ``return_log_degree``: also return log d_i [B, G, N] of the un-normalised weights (clamped at log ``eps``),
-    e.g. for :func:`row_inner_weights`.
+    e.g. for :func:`row_inner_weights`. ``offsets`` (``Neighbourhood.flat_offsets``): the neighbours' degrees
+    d_j of "symmetric" by shifted slices instead of a gather (other finite values on missing edges, where
+    exp(−inf) = 0 anyway).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")
@@ -400,7 +406,12 @@ def normalize_edges(logits: torch.Tensor, index: torch.Tensor, normalization: st
     elif normalization == "row":
         weights = e / s.clamp_min(eps)
     else:  # ½(log d_i + log d_j) is commutative in floating point, so w̄_ij == w̄_ji bit for bit; exp(−inf) = 0 off-graph
-        weights = torch.exp(logits - 0.5 * (log_deg.unsqueeze(-1) + log_deg[..., index]))
+        if offsets is None:
+            neighbour_log_deg = log_deg[..., index]
+        else:
+            _check_offsets(offsets, index)
+            neighbour_log_deg = torch.cat(shift_neighbours(log_deg.unsqueeze(-1), offsets), -1)
+        weights = torch.exp(logits - 0.5 * (log_deg.unsqueeze(-1) + neighbour_log_deg))
     return (weights, log_deg) if return_log_degree else weights
 
 
@@ -448,13 +459,60 @@ def edge_weights(features: torch.Tensor, neighbourhood: Neighbourhood, *, metric
             logits = logits.masked_fill(~mask, float("-inf"))
         else:
             logits = logits + mask.to(logits.dtype)
-    return normalize_edges(logits, neighbourhood.index, normalization, eps=eps, return_log_degree=return_log_degree)
+    return normalize_edges(logits, neighbourhood.index, normalization, eps=eps, return_log_degree=return_log_degree,
+                           offsets=neighbourhood.flat_offsets)
 
 
 # ------------------------------------------------------------------------------------------- mat-vecs
+# The shift fast paths (``offsets=``) accumulate each neighbour column in place into one output over the node range
+# where the neighbour exists (:func:`node_ranges`): no [N, k, C] gather, no padded copy, one fresh node signal per
+# mat-vec. Weights stored column by column (:func:`column_major`) and signals stored plane by plane (node axis
+# innermost, e.g. image colour planes) stream every column as one contiguous vector. The index gather
+# (``offsets=None``) is the reference of each fast path (parity tests in tests/test_core_graph.py).
 def degree(weights: torch.Tensor) -> torch.Tensor:
     """d_i = Σ_{j∈N(i)} w_ij, [B, G, N] (row sums of W)."""
     return weights.sum(-1)
+
+
+def node_ranges(offset: int, n: int) -> tuple[slice, slice]:
+    """(heads, tails): slices of the node axis pairing each node i whose neighbour i + ``offset`` lies in 0..n−1
+    (heads) with that neighbour (tails); empty when |offset| >= n."""
+    lo, hi = max(0, -offset), min(n, n - offset)
+    hi = max(hi, lo)
+    return slice(lo, hi), slice(lo + offset, hi + offset)
+
+
+def column_major(weights: torch.Tensor) -> torch.Tensor:
+    """The same weights [B, G, N, k], stored column by column ([B, G, k, N] in memory) so that every neighbour
+    column is a contiguous node vector for the shift fast paths; a view when they already are."""
+    return weights.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _lead_shape(weights: torch.Tensor, x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(torch.broadcast_shapes(weights.shape[:-2], x.shape[:-2]))
+
+
+def _new_signal(x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """zeros [..., N, C] (``shape``) stored like x: node axis innermost when x's is (plane-by-plane signals)."""
+    n, c = shape[-2:]
+    if x.stride(-2) == 1 and c > 1:
+        return x.new_zeros(*shape[:-2], c, n, dtype=dtype).transpose(-1, -2)
+    return x.new_zeros(shape, dtype=dtype)
+
+
+def _accumulate_neighbours(out: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, offsets: Sequence[int], *,
+                           value: float = 1.0, to_tails: bool = False) -> torch.Tensor:
+    """In place: out_i += value · w[i, c] · x_{i + o_c} over every column c (``to_tails``: out_{i + o_c} +=
+    value · w[i, c] · x_i, the transposed term), only where node i + o_c exists. Returns out."""
+    n = x.shape[-2]
+    for c, o in enumerate(offsets):
+        heads, tails = node_ranges(o, n)
+        w = weights[..., heads, c].unsqueeze(-1)
+        if to_tails:
+            out[..., tails, :].addcmul_(w, x[..., heads, :], value=value)
+        else:
+            out[..., heads, :].addcmul_(w, x[..., tails, :], value=value)
+    return out
 
 
 def adjacency_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor, *,
@@ -462,24 +520,37 @@ def adjacency_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor
     """(W x)_i = Σ_c w[i, c] x[index[i, c]] for x [B, G, N, C]: one gather [B, G, N, k, C], O(N·k·C).
 
     ``offsets`` (``Neighbourhood.flat_offsets``; weights must be 0 on invalid columns, as :func:`edge_weights`
-    makes them): the shift fast path, Σ_c w[:, c] · shift_c(x) accumulated in [B, G, N, C] (no gather)."""
+    makes them): the shift fast path, Σ_c w[:, c] · x[i + o_c] accumulated in place into one [B, G, N, C]."""
     _check_matvec(weights, index, x)
     _check_offsets(offsets, index)
     if offsets is None:
         return torch.einsum("bgnk,bgnkc->bgnc", weights, gather_neighbours(x, index))
-    out = None
-    for c, nb in enumerate(shift_neighbours(x, offsets)):
-        term = weights[..., c:c + 1] * nb
-        out = term if out is None else out + term
-    return out if out is not None else torch.zeros_like(x)
+    out = _new_signal(x, (*_lead_shape(weights, x), *x.shape[-2:]), torch.promote_types(weights.dtype, x.dtype))
+    return _accumulate_neighbours(out, weights, x, offsets)
 
 
 def laplacian_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor, *,
-                     offsets: Sequence[int] | None = None) -> torch.Tensor:
+                     offsets: Sequence[int] | None = None, degrees: torch.Tensor | None = None) -> torch.Tensor:
     """L x = D x − W x, (L x)_i = Σ_{j∈N(i)} w_ij (x_i − x_j)  (A.1); symmetric iff the weights are.
-    ``offsets``: the shift fast path of :func:`adjacency_matvec`."""
+    ``offsets``: the shift fast path of :func:`adjacency_matvec`, accumulated into D x in place. ``degrees``:
+    :func:`degree` of the weights when already known (see :func:`laplacian_operator`)."""
     _check_matvec(weights, index, x)
-    return degree(weights).unsqueeze(-1) * x - adjacency_matvec(weights, index, x, offsets=offsets)
+    d = degree(weights) if degrees is None else degrees
+    if offsets is None:
+        return d.unsqueeze(-1) * x - adjacency_matvec(weights, index, x)
+    _check_offsets(offsets, index)
+    return _accumulate_neighbours(x * d.unsqueeze(-1), weights, x, offsets, value=-1.0)
+
+
+def laplacian_operator(weights: torch.Tensor, index: torch.Tensor, *,
+                       offsets: Sequence[int] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> L x (:func:`laplacian_matvec`) for repeated use, e.g. by CG: the degrees are summed once and, on the
+    shift fast path, the weights stored column by column (:func:`column_major`) once."""
+    if offsets is None:
+        return lambda x: laplacian_matvec(weights, index, x)
+    columns = column_major(weights)
+    degrees = degree(weights)
+    return lambda x: laplacian_matvec(columns, index, x, offsets=offsets, degrees=degrees)
 
 
 def incidence_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor, *,
@@ -488,7 +559,8 @@ def incidence_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor
 
     Pass the undirected edge set (``Neighbourhood.edges()`` and the matching weight columns) so each
     edge is counted once; then C_wᵀ C_w = L_{w²} on the full neighbourhood. ``offsets``
-    (``Neighbourhood.edge_flat_offsets``, weights 0 on invalid edges): the shift fast path.
+    (``Neighbourhood.edge_flat_offsets``, weights 0 on invalid edges): the shift fast path, w x_i for every
+    column in one product and then −w x_{i + o_c} in place; the edge signal is stored column by column.
     """
     _check_graph_tensors("weights", weights, index, "m")
     _check_graph_tensors("x", x, index, "C")
@@ -496,8 +568,13 @@ def incidence_matvec(weights: torch.Tensor, index: torch.Tensor, x: torch.Tensor
     if offsets is None:
         return weights.unsqueeze(-1) * (x.unsqueeze(-2) - gather_neighbours(x, index))
     if not offsets:
-        return x.new_zeros(*x.shape[:3], 0, x.shape[3])
-    return torch.stack([x - nb for nb in shift_neighbours(x, offsets)], -2) * weights.unsqueeze(-1)
+        return x.new_zeros(*_lead_shape(weights, x), x.shape[-2], 0, x.shape[-1])
+    edges = x.unsqueeze(-3) * weights.transpose(-1, -2).unsqueeze(-1)  # [B, G, m, N, C]: w[i, c] x_i
+    n = x.shape[-2]
+    for c, o in enumerate(offsets):
+        heads, tails = node_ranges(o, n)
+        edges[..., c, heads, :].addcmul_(weights[..., heads, c].unsqueeze(-1), x[..., tails, :], value=-1.0)
+    return edges.transpose(-2, -3)
 
 
 def incidence_gram_diagonal(weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -516,28 +593,64 @@ def incidence_t_matvec(weights: torch.Tensor, index: torch.Tensor, e: torch.Tens
     ``directed=True`` keeps only the head term (each node collects its own edges, nothing is sent back
     to the tail): this is not the transpose, but it keeps information flowing from neighbours to a node
     only, which is what a causal (past-only) edge set needs. ``offsets`` (``Neighbourhood.edge_flat_offsets``,
-    weights 0 on invalid edges): the shift fast path, the tail term as shifted slices instead of a scatter.
+    weights 0 on invalid edges): the shift fast path, both terms accumulated in place into one node signal.
     """
     _check_graph_tensors("weights", weights, index, "m")
     if e.ndim != 5 or e.shape[2:4] != index.shape:
         raise ValueError(f"e: expected an edge signal [B, G, N={index.shape[0]}, m={index.shape[1]}, C], "
                          f"got {list(e.shape)}")
     _check_offsets(offsets, index)
-    flow = weights.unsqueeze(-1) * e
-    out = flow.sum(-2)
-    if directed:
-        return out
     if offsets is None:
+        flow = weights.unsqueeze(-1) * e
+        out = flow.sum(-2)
+        if directed:
+            return out
         return out.index_add(2, index.reshape(-1), flow.flatten(2, 3), alpha=-1)  # −w e at every tail node
-    for c, o in enumerate(offsets):  # node j is the tail of edge (j − o, c): shift column c by −o
-        out = out - shift_neighbours(flow[:, :, :, c], (-o,))[0]
+    n = e.shape[2]
+    shape = (*torch.broadcast_shapes(weights.shape[:2], e.shape[:2]), n, e.shape[-1])
+    if not offsets:
+        return e.new_zeros(shape, dtype=torch.promote_types(weights.dtype, e.dtype))
+    out = _new_signal(e[..., 0, :], shape, torch.promote_types(weights.dtype, e.dtype))
+    for c, o in enumerate(offsets):
+        w, column = weights[..., c].unsqueeze(-1), e[..., c, :]
+        out.addcmul_(w, column)
+        if not directed:  # node j = i + o_c is the tail of edge (i, c)
+            heads, tails = node_ranges(o, n)
+            out[..., tails, :].addcmul_(w[..., heads, :], column[..., heads, :], value=-1.0)
     return out
+
+
+def incidence_gram_operator(weights: torch.Tensor, index: torch.Tensor, *, directed: bool = False,
+                            offsets: Sequence[int] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> C_wᵀ C_w x (= L_{w²} x, A.3) on an undirected edge set, or with ``directed`` the head part
+    (``incidence_t_matvec(directed=True)``) of it. Reference (``offsets=None``): the two incidence mat-vecs.
+    Fast path (``offsets``, ``Neighbourhood.edge_flat_offsets``): with a = w² and the diagonal summed once,
+    (C_wᵀC_w x)_i = diag_i x_i − Σ_{edges (i, j)} a x_j − Σ_{edges (j, i)} a x_j, no edge signal."""
+    _check_graph_tensors("weights", weights, index, "m")
+    _check_offsets(offsets, index)
+    if offsets is None:
+        return lambda x: incidence_t_matvec(weights, index, incidence_matvec(weights, index, x), directed=directed)
+    squared = column_major(weights.square())
+    diagonal = squared.sum(-1)
+    n = weights.shape[2]
+    if not directed:  # an edge (i, c) also counts at its tail i + o_c
+        for c, o in enumerate(offsets):
+            heads, tails = node_ranges(o, n)
+            diagonal[..., tails].add_(squared[..., heads, c])
+
+    def gram(x: torch.Tensor) -> torch.Tensor:
+        _check_graph_tensors("x", x, index, "C")
+        out = _accumulate_neighbours(x * diagonal.unsqueeze(-1), squared, x, offsets, value=-1.0)
+        return out if directed else _accumulate_neighbours(out, squared, x, offsets, value=-1.0, to_tails=True)
+
+    return gram
 
 
 __all__ = [
     "GRID_KINDS", "NORMALIZATIONS", "Neighbourhood", "SEQUENCE_KINDS", "SIMILARITIES", "adjacency_matvec",
-    "build_neighbourhood", "degree", "edge_logits", "edge_weights", "equivalent_band", "gather_neighbours",
-    "grid_offsets", "incidence_gram_diagonal", "incidence_matvec", "incidence_t_matvec", "is_grid_kind", "is_sequence_kind",
-    "laplacian_matvec", "metric_features", "neighbour_mask", "neighbourhood_radius", "neighbourhood_size",
+    "build_neighbourhood", "column_major", "degree", "edge_logits", "edge_weights", "equivalent_band",
+    "gather_neighbours", "grid_offsets", "incidence_gram_diagonal", "incidence_gram_operator", "incidence_matvec",
+    "incidence_t_matvec", "is_grid_kind", "is_sequence_kind", "laplacian_matvec", "laplacian_operator",
+    "metric_features", "neighbour_mask", "neighbourhood_radius", "neighbourhood_size", "node_ranges",
     "normalize_edges", "row_inner_weights", "sequence_offsets", "shift_neighbours",
 ]

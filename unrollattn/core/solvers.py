@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .graph import incidence_gram_diagonal, incidence_matvec, incidence_t_matvec
+from .graph import column_major, incidence_gram_diagonal, incidence_gram_operator, incidence_matvec, incidence_t_matvec
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 StepSizes = tuple[torch.Tensor, torch.Tensor]
@@ -36,6 +36,13 @@ def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     tiny = torch.finfo(den.dtype).tiny if den.is_floating_point() else 0
     ok = den.abs() > tiny
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _plus_scaled(base: torch.Tensor, scale, t: torch.Tensor) -> torch.Tensor:
+    """base + scale · t in one pass (scale a float or a broadcastable tensor)."""
+    if isinstance(scale, torch.Tensor):
+        return torch.addcmul(base, scale, t)
+    return torch.add(base, t, alpha=scale)
 
 
 def _check_steps(step_sizes, iters: int, name: str = "step_sizes") -> StepSizes | None:
@@ -108,17 +115,17 @@ def conjugate_gradient(matvec: MatVec, b: torch.Tensor, x0: torch.Tensor | None 
     for k in range(iters):
         ap = matvec(p)
         alpha = _safe_ratio(rr, inner(p, ap)) if steps is None else steps[0][k]
-        x = x + alpha * p
+        x = _plus_scaled(x, alpha, p)
         if k == iters - 1:
             break
-        r = r - alpha * ap
+        r = _plus_scaled(r, -alpha, ap)
         if steps is None:
             rr_next = inner(r, r)
             beta = _safe_ratio(rr_next, rr)
             rr = rr_next
         else:
             beta = steps[1][k]
-        p = r + beta * p
+        p = _plus_scaled(r, beta, p)
     return x
 
 
@@ -149,9 +156,14 @@ def _relaxed_solve(base: MatVec, diag: torch.Tensor, o: torch.Tensor, q, rhs: to
     operator has A's diagonal, so learned step sizes keep the scale they have on the hard-constraint system.
     S is diagonal, so an A self-adjoint in ``inner_weights`` keeps the scaled system self-adjoint in them."""
     d = diag.unsqueeze(-1).clamp_min(1e-6)
-    s = torch.sqrt(d / (d + q * o))
-    x = conjugate_gradient(lambda v: s * (q * (o * (s * v)) + base(s * v)), s * rhs, x0 / s, iters,
-                           step_sizes=step_sizes, inner_weights=inner_weights)
+    qo = q * o
+    s = torch.sqrt(d / (d + qo))
+
+    def balanced(v):
+        sv = s * v
+        return s * torch.addcmul(base(sv), qo, sv)
+
+    x = conjugate_gradient(balanced, s * rhs, x0 / s, iters, step_sizes=step_sizes, inner_weights=inner_weights)
     return s * x
 
 
@@ -195,8 +207,9 @@ def glr_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, laplacian_matv
 
 
 def soft_threshold(v: torch.Tensor, tau) -> torch.Tensor:
-    """soft_τ(v) = sign(v)·max(|v| − τ, 0) (A.3); τ a float or a broadcastable tensor ≥ 0."""
-    return torch.sign(v) * torch.relu(v.abs() - tau)
+    """soft_τ(v) = sign(v)·max(|v| − τ, 0) (A.3); τ a float or a broadcastable tensor ≥ 0.
+    Computed as v − clamp(v, −τ, τ): the same values bit for bit and the same gradients, in two passes."""
+    return v - torch.clamp(v, -tau, tau)
 
 
 def _on_edges(value):
@@ -247,16 +260,16 @@ def gtv_admm_interpolate(observed_mask: torch.Tensor, y: torch.Tensor, weights: 
     Returns x, or (x, z, μ) with ``return_state``.
     """
     o = _observed(observed_mask, y)
+    if offsets is not None:
+        weights = column_major(weights)  # every edge column a contiguous node vector for the shift fast path
     cw = functools.partial(incidence_matvec, weights, index, offsets=offsets)
     cwt = functools.partial(incidence_t_matvec, weights, index, offsets=offsets)
+    normal = incidence_gram_operator(weights, index, offsets=offsets)  # C_wᵀ C_w v = L_{w²} v
     _check_fidelity(fidelity)
     u = 1 - o
     y_o = o * y
     rhos = _per_iteration(rho, iters, "rho")
     steps = _admm_steps(step_sizes, iters, cg_iters)
-
-    def normal(v):  # C_wᵀ C_w v = L_{w²} v
-        return cwt(cw(v))
 
     if fidelity is None:
         x = y_o + (u * x0 if x0 is not None else 0)
@@ -292,7 +305,7 @@ def glr_denoise(v: torch.Tensor, laplacian_matvec: MatVec, mu, iters: int, *, x0
     row-normalised L = D⁻¹L_sym (not symmetric) needs ``inner_weights`` = the degrees d [..., N, 1]
     (``core.graph.row_inner_weights``): I + μD⁻¹L_sym is self-adjoint in ⟨·,·⟩_D (:func:`conjugate_gradient`).
     """
-    return conjugate_gradient(lambda s: s + mu * laplacian_matvec(s), v, v if x0 is None else x0, iters,
+    return conjugate_gradient(lambda s: _plus_scaled(s, mu, laplacian_matvec(s)), v, v if x0 is None else x0, iters,
                               step_sizes=step_sizes, inner_weights=inner_weights)
 
 
@@ -320,18 +333,22 @@ def gtv_admm_denoise(v: torch.Tensor, weights: torch.Tensor, index: torch.Tensor
         raise ValueError("step_sizes: directed=True needs learned (alpha, beta): exact CG's inner products "
                          "mix all nodes and the directed operator is not symmetric")
 
+    if offsets is not None:
+        weights = column_major(weights)  # every edge column a contiguous node vector for the shift fast path
     cw = functools.partial(incidence_matvec, weights, index, offsets=offsets)
     ct = functools.partial(incidence_t_matvec, weights, index, directed=directed, offsets=offsets)
+    normal = incidence_gram_operator(weights, index, directed=directed, offsets=offsets)  # ct(cw(s))
     x = v if x0 is None else x0
-    u = torch.zeros_like(cw(x))
+    cx = cw(x)
+    u = torch.zeros_like(cx)
     z = u
     for t in range(iters):
         r, r_e = rhos[t], _on_edges(rhos[t])
-        cx = cw(x)
         z = soft_threshold(cx + u, _on_edges(lam) / r_e)
-        b = v + r * ct(z - u)
-        x = conjugate_gradient(lambda s: s + r * ct(cw(s)), b, x, cg_iters, step_sizes=steps[t])
-        u = u + cw(x) - z
+        b = _plus_scaled(v, r, ct(z - u))
+        x = conjugate_gradient(lambda s: _plus_scaled(s, r, normal(s)), b, x, cg_iters, step_sizes=steps[t])
+        cx = cw(x)  # C_w x of the new x, reused by the next z-step
+        u = u + cx - z
     return (x, z, u) if return_state else x
 
 

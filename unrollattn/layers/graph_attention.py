@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from ..core.graph import (
     NORMALIZATIONS, SIMILARITIES, Neighbourhood, build_neighbourhood, degree, edge_weights, equivalent_band,
-    is_grid_kind, is_sequence_kind, laplacian_matvec, metric_features, neighbour_mask, neighbourhood_size,
+    is_grid_kind, is_sequence_kind, laplacian_operator, metric_features, neighbour_mask, neighbourhood_size,
     row_inner_weights,
 )
 from ..core.solvers import glr_denoise, glr_interpolate, gtv_admm_denoise, gtv_admm_interpolate
@@ -185,7 +185,7 @@ class GraphFilter(nn.Module, RecordsAttention):
 
     # ------------------------------------------------------------------ solvers
     def _laplacian(self, weights: torch.Tensor, nbhd: Neighbourhood):
-        return lambda s: laplacian_matvec(weights, nbhd.index, s, offsets=nbhd.flat_offsets)
+        return laplacian_operator(weights, nbhd.index, offsets=nbhd.flat_offsets)
 
     def _inner_weights(self, log_degree: torch.Tensor | None) -> torch.Tensor | None:
         return row_inner_weights(log_degree) if self.needs_degrees else None
