@@ -33,6 +33,32 @@ def test_every_registered_model_trains_as_one_graph(name):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+GRAPH_ATTENTION_MODELS = [("unrollattn_lm_tiny", {"attention": a, "block": "aot"}) for a in ("glr", "gtv")] + [
+    ("vit_unrolled_tiny_patch16_224", {"attention": a, "block": "transformer"}) for a in ("glr", "gtv")]
+
+
+@pytest.mark.parametrize("name,overrides", GRAPH_ATTENTION_MODELS, ids=lambda v: v if isinstance(v, str) else v["attention"])
+def test_graph_attention_models_train_as_one_graph(name, overrides):
+    """glr / gtv build their neighbourhood tables without a cache lookup or lazy attribute the tracer breaks on."""
+    torch._dynamo.reset()
+    model, loss_of = tiny_training_loss(name, **overrides)
+    compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
+    compiled(model).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["uglr_demosaic", "ugtv_demosaic"])
+def test_graph_restoration_models_train_as_one_graph(name):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(name, blocks=1, iters=2, cg_iters=2, heads=2, width=4)
+    x = torch.rand(1, 3, 32, 32)
+    y = model.observe(x)
+    compiled = torch.compile(lambda m: (m(y) - x).square().mean(), fullgraph=True, backend="aot_eager")
+    compiled(model).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.slow  # inductor code generation: about a minute on 2 cores
 def test_a_compiled_model_matches_eager_in_values_and_gradients():
     torch._dynamo.reset()
