@@ -47,11 +47,23 @@ def test_alibi_is_softmax_minus_alibis_linear_distance_bias():
     torch.testing.assert_close(layer(x, is_causal=True), layer.proj(merge_heads(logits.softmax(-1) @ v)))
 
 
-def test_tied_bilateral_bandwidths_are_one_parameter():
+def test_tied_bilateral_bandwidths_are_one_parameter(tmp_path):
     tied = build_attention("bilateral", 32, 4, tie_bandwidths=True)
-    assert tied.log_spatial_bandwidth is tied.log_range_bandwidth
+    assert not hasattr(tied, "log_spatial_bandwidth")
     assert sum(p.numel() for p in tied.parameters()) == sum(p.numel() for p in build_attention("bilateral", 32, 4)
                                                              .parameters()) - 4
+    with torch.no_grad():
+        tied.log_range_bandwidth.fill_(0.5)
+    spatial = tied.spatial_bias(5, 5, None, "cpu", torch.float32)
+    torch.testing.assert_close(spatial.bandwidth, torch.full((4,), 0.5).exp())  # h_p is h_y
+    import unrollattn
+    from transformers import AutoModelForCausalLM
+
+    lm = unrollattn.build_model("bilateral_tied_lm_tiny", n_layer=1, n_embd=32, n_head=4)
+    lm.save_pretrained(tmp_path)  # HF refuses shared tensors it does not know as tied: there must be none
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, lm.config.vocab_size, (1, 6))
+    torch.testing.assert_close(reloaded.eval()(ids).logits, lm.eval()(ids).logits)
     with pytest.raises(ValueError, match="tie_bandwidths"):
         build_attention("gaussian", 32, 4, tie_bandwidths=True)
     with pytest.raises(ValueError, match="spatial"):

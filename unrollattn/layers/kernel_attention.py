@@ -63,9 +63,8 @@ class KernelAttention(AttentionLayer):
         tie = bool(o.get("tie_bandwidths", False))
         if tie and (self.kernel != "bilateral" or o.get("spatial_bandwidth") is not None):
             raise ValueError("tie_bandwidths: for kernel='bilateral' without a spatial_bandwidth (h_p is h_y)")
-        if tie:  # one parameter under both names (state dicts keep both keys, counted once)
-            self.log_spatial_bandwidth = self.log_range_bandwidth
-        elif self.spatial:
+        self.tie_bandwidths = tie  # h_p is h_y: the spatial kernel reads log_range_bandwidth (no second parameter)
+        if self.spatial and not tie:
             self.log_spatial_bandwidth = self._log_param(self._spatial_init(o.get("spatial_bandwidth"), num_heads), learn)
         if self.kernel == "mahalanobis":  # diagonal metric M = exp(log_metric), initialised to I
             self.log_metric = nn.Parameter(torch.zeros(num_heads, self.head_dim, **self.factory))
@@ -98,7 +97,8 @@ class KernelAttention(AttentionLayer):
         if not self.spatial:
             return None
         pos = token_positions(n_key, grid, self.num_prefix_tokens if grid is not None else 0, device=device, dtype=dtype)
-        return SpatialKernel(pos[n_key - n_query:], pos, self.log_spatial_bandwidth.exp().to(dtype), self.spatial_kernel)
+        log_h_p = self.log_range_bandwidth if self.tie_bandwidths else self.log_spatial_bandwidth
+        return SpatialKernel(pos[n_key - n_query:], pos, log_h_p.exp().to(dtype), self.spatial_kernel)
 
     def kernel_options(self, q, keys, attn_mask, is_causal: bool, grid) -> dict:
         """The keywords of ``core.kernel.kernel_attention`` / ``kernel_weights`` for these queries and keys."""
