@@ -137,5 +137,11 @@ def test_a_recipe_of_your_own_runs_by_name_through_the_registry(tmp_path):
     finally:
         RECIPES.unregister("toy")
     assert "toy" not in cli.list_recipes()
+    register_recipe("broken", "no_such_package.recipe")
+    try:
+        with pytest.raises(ValueError, match="recipe 'broken' is registered as module 'no_such_package.recipe'"):
+            cli.import_recipe("broken")
+    finally:
+        RECIPES.unregister("broken")
     (run_dir,) = tmp_path.iterdir()
     assert (run_dir / "result.json").is_file()

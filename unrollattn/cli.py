@@ -57,7 +57,10 @@ def import_recipe(name: str) -> ModuleType:
     list_recipes()
     module = recipe_module(name)
     register_all()
-    return importlib.import_module(module)
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"recipe {name!r} is registered as module {module!r}, which does not import: {err}") from None
 
 
 def default_preset(mod: ModuleType) -> str:
