@@ -10,6 +10,8 @@ Corpus names (``prepare_corpus(name, tokenizer)``; a comma-separated list means 
   fetched at run time: a missing package is a :class:`CorpusUnavailable` naming the install step.
 - ``music21_en``: Austen's *Lady Susan* excerpt shipped by the ``music21`` wheel (optional, 127 kB).
 - ``text:<path or glob>``: local UTF-8 text files, one document per file (sorted by path).
+- ``<a>+<b>[+...]``: the documents of named corpora one after another (``kjv+austen``: both, the largest English
+  text this machine ships); available when every part is.
 - ``hf:<dataset>[:<config>]``: a HF ``datasets`` corpus with a ``text`` column (``hf:openwebtext``,
   ``hf:wikitext:wikitext-103-raw-v1``), when the network (or the local HF cache) allows.
 
@@ -246,6 +248,12 @@ def _check_spec(spec: str) -> str:
         raise ValueError(f"corpus: expected a name ({', '.join(CORPORA)}), text:<path or glob> or hf:<dataset>, "
                          f"got {spec!r}")
     spec = spec.strip()
+    if "+" in spec and not spec.startswith(("text:", "hf:")):
+        parts = [p.strip() for p in spec.split("+")]
+        if len(parts) < 2 or any(p not in CORPORA for p in parts):
+            raise ValueError(f"corpus {spec!r}: expected named corpora ({', '.join(CORPORA)}) joined by '+', "
+                             f"such as kjv+austen")
+        return "+".join(_check_spec(p) for p in parts)
     if spec.startswith(("text:", "hf:")):
         if not spec.split(":", 1)[1].strip():
             raise ValueError(f"corpus {spec!r}: expected text:<path or glob> or hf:<dataset>[:<config>]")
@@ -264,6 +272,8 @@ def corpus_available(spec: str) -> bool:
     """Whether :func:`load_documents` can read ``spec`` here (a prepared token cache also counts, see
     :func:`resolve_corpus`). ``hf:`` corpora count as available when the HF hub can be reached."""
     spec = _check_spec(spec)
+    if "+" in spec and not spec.startswith("text:"):
+        return all(corpus_available(part) for part in spec.split("+"))
     if spec.startswith("text:"):
         try:
             _text_files(spec[5:])
@@ -301,6 +311,8 @@ def resolve_corpus(specs: str | Sequence[str], tokenizer=None, val_fraction: flo
 
 
 def _install_hint(spec: str) -> str:
+    if "+" in spec and not spec.startswith("text:"):
+        return "; ".join(f"{part}: {_install_hint(part)}" for part in spec.split("+") if not corpus_available(part))
     if spec == "kjv":
         return "apt-get install -y bible-kjv"
     if spec == "austen":
@@ -315,6 +327,8 @@ def _install_hint(spec: str) -> str:
 def load_documents(spec: str) -> list[Document]:
     """The documents of a local corpus (``kjv``, ``austen``, ``music21_en``, ``text:...``)."""
     spec = _check_spec(spec)
+    if "+" in spec and not spec.startswith("text:"):
+        return [doc for part in spec.split("+") for doc in load_documents(part)]
     if spec.startswith("text:"):
         return text_documents(spec[5:])
     if spec.startswith("hf:"):
@@ -362,7 +376,7 @@ def corpus_key(spec: str, tokenizer, val_fraction: float) -> str:
     elif spec.startswith("hf:"):
         name = "hf-" + _slug(spec[3:])
     else:
-        name = spec
+        name = _slug(spec)
     tok = tokenizer_key(tokenizer)
     identity["tokenizer"] = tok
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]

@@ -569,6 +569,23 @@ def quick() -> LMConfig:
     )
 
 
+@PRESETS.register("bpe")
+def bpe() -> LMConfig:
+    """CPU, the budget study (README "LM against budget"): GPT-2 BPE on KJV + Austen (2.2M tokens, else KJV),
+    windows of 128 tokens, width 128, 4 heads, GPT-2-equivalent depth 4 with parameter-matched stacks, 8 windows per
+    step; 1000 steps (1.02M tokens) unless ``loop.max_steps`` sets the budget. The tied 50257-token embedding costs
+    most of each step at this width (the same for every variant). Shift corpus: Lady Susan (music21)."""
+    return LMConfig(
+        preset="bpe",
+        model=ModelConfig(variant="gpt2", size="tiny", depth=4, match_params="gpt2", n_embd=128, n_head=4),
+        data=DataConfig(corpus="kjv+austen,kjv", shift_corpus="music21_en", tokenizer="gpt2", block_size=128),
+        eval=EvalConfig(windows=64, batch_size=16, last_word_passages=100, last_word_context=64),
+        loop=LoopConfig(max_steps=1000, batch_size=8, eval_every=125, log_every=25, ckpt_every=125),
+        optim=OptimConfig(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup_steps=25, schedule="cosine",
+                          min_lr_ratio=0.1, grad_clip=1.0),
+    )
+
+
 @PRESETS.register("tiny_debug")
 def tiny_debug() -> LMConfig:
     """Seconds: byte-level, width 32, GPT-2-equivalent depth 1, 20 steps of 4 x 32 bytes (tests, smoke runs)."""
