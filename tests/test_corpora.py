@@ -219,3 +219,23 @@ def test_austen_novels_from_the_debian_package():
 def test_music21_excerpt():
     (doc,) = corpora.music21_documents()
     assert doc.name.endswith(os.path.join("trainingData", "en.txt")) and "Lady Susan" in doc.text[:2000]
+
+
+def test_named_corpora_join_with_plus(tmp_path, monkeypatch):
+    """``a+b``: the documents of both, in order, prepared under their own key; unavailable when a part is."""
+    monkeypatch.setenv(corpora.DATA_ENV, str(tmp_path / "data"))
+    sources = {"first": corpora._Source("first", "A", lambda: [corpora.Document("a", TEXT_A)], lambda: True),
+               "second": corpora._Source("second", "B", lambda: [corpora.Document("b", TEXT_B)], lambda: True),
+               "absent": corpora._Source("absent", "C", lambda: [], lambda: False)}
+    monkeypatch.setattr(corpora, "CORPORA", sources)
+    assert [d.name for d in corpora.load_documents("first + second")] == ["a", "b"]
+    assert corpora.corpus_available("first+second") and not corpora.corpus_available("first+absent")
+    assert corpora.resolve_corpus("first+absent,first+second") == "first+second"
+    joined = corpora.prepare_corpus("first+second", ByteTokenizer(), val_fraction=0.1)
+    alone = corpora.prepare_corpus("first", ByteTokenizer(), val_fraction=0.1)
+    assert len(joined.split("train")) > len(alone.split("train"))
+    assert _decode_split(joined, "train") == [corpora.split_document(t, 0.1)[0] + "<|endoftext|>"
+                                              for t in (TEXT_A, TEXT_B)]
+    for bad in ("first+", "first+hf:wikitext", "first+text:x.txt", "first+nope"):
+        with pytest.raises(ValueError, match="named corpora .* joined by '\\+'"):
+            corpora.load_documents(bad)

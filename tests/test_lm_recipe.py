@@ -210,6 +210,7 @@ def test_recipe_end_to_end_byte_level(corpus_files):
         assert math.isfinite(summary[key]), key
     assert summary["shift_loss"] > summary["val_loss"]  # the shifted corpus is harder than held-out lines
     assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-6)
+    assert summary["tokens_seen"] == 60 * 8 * cfg.data.block_size
     assert json.loads((run_dir / "result.json").read_text())["params_non_embedding"] == summary["params_non_embedding"]
     import unrollattn.language  # noqa: F401  (AutoModel registration)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -543,8 +543,10 @@ class LMTask:
         return {**model_description(self.cfg.model, model), **self.describe()}
 
     def summary_fields(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """:func:`derived_fields` over the ablation columns (NaN e.g. for ``shift_loss`` without a shift corpus)."""
-        return derived_fields(summary, ablation_columns)
+        """:func:`derived_fields` over the ablation columns (NaN e.g. for ``shift_loss`` without a shift corpus) and
+        ``tokens_seen`` (``loop.batch_size`` is the global batch: steps x batch x block tokens over all ranks)."""
+        tokens_seen = summary["steps"] * self.cfg.loop.batch_size * self.cfg.data.block_size
+        return {**derived_fields(summary, ablation_columns), "tokens_seen": tokens_seen}
 
 
 # ----------------------------------------------------------------------------------------------------- presets
@@ -574,7 +576,7 @@ def bpe() -> LMConfig:
     """CPU, the budget study (README "LM against budget"): GPT-2 BPE on KJV + Austen (2.2M tokens, else KJV),
     windows of 128 tokens, width 128, 4 heads, GPT-2-equivalent depth 4 with parameter-matched stacks, 8 windows per
     step; 1000 steps (1.02M tokens) unless ``loop.max_steps`` sets the budget. The tied 50257-token embedding costs
-    most of each step at this width (the same for every variant). Shift corpus: Lady Susan (music21)."""
+    most of each step at this width (the same for every variant). Shift corpus: Lady Susan (music21, when installed)."""
     return LMConfig(
         preset="bpe",
         model=ModelConfig(variant="gpt2", size="tiny", depth=4, match_params="gpt2", n_embd=128, n_head=4),
