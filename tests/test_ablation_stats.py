@@ -3,6 +3,8 @@ two standard errors, std columns in the CSV, error bars in the plot."""
 import csv
 import math
 
+import pytest
+
 from unrollattn.train.ablate import compare, comparison_figure, summarize_seeds
 from unrollattn.utils.tables import SeedStats, format_value
 
@@ -29,3 +31,54 @@ def test_mean_std_and_the_two_standard_error_mark(tmp_path):
 def test_one_seed_is_a_plain_value():
     rows = summarize_seeds({"a": [{"acc": 80.0}], "b": [{"acc": 70.0}]}, ["acc"])
     assert format_value(rows["b"]["acc"]) == "70" and isinstance(rows["b"]["acc"], SeedStats)
+
+
+def _write_ablation(directory, runs):
+    import json
+
+    directory.mkdir(parents=True)
+    (directory / "summaries.json").write_text(json.dumps(runs))
+    return directory
+
+
+def test_budget_study_gaps_their_errors_and_the_rate_per_doubling(tmp_path):
+    from unrollattn.train.ablate import gap_rates, gaps_against_budget, write_budget_study
+
+    def run(variant, loss, tokens, width=64):
+        return {"variant": variant, "val_loss": loss, "tokens_seen": tokens, "n_embd": width}
+
+    small = _write_ablation(tmp_path / "b1", {
+        "ref-seed0": run("ref", 3.0, 1000), "ref-seed1": run("ref", 3.2, 1000),
+        "deep-seed0": run("deep", 3.5, 1000), "deep-seed1": run("deep", 3.7, 1000),
+        "broken-seed0": {"variant": "broken", "error": "FloatingPointError: diverged"}})
+    large = _write_ablation(tmp_path / "b4", {"ref": run("ref", 2.0, 4000), "deep": run("deep", 2.2, 4000)})
+    rows = gaps_against_budget([large, small], reference="ref")
+    assert [(r["variant"], r["tokens_seen"]) for r in rows] == [("ref", 1000), ("ref", 4000), ("deep", 1000),
+                                                                ("deep", 4000)]
+    deep_small = rows[2]
+    assert math.isclose(deep_small["gap"], 0.5) and deep_small["seeds"] == 2
+    assert math.isclose(deep_small["gap_se"], math.sqrt(0.1 ** 2 + 0.1 ** 2))  # sem 0.1414 / sqrt(2) for each
+    assert rows[3]["gap_se"] == 0.0 and math.isclose(rows[3]["gap"], 0.2)
+    rate = gap_rates(rows)[("deep",)]
+    assert math.isclose(rate, (0.2 - 0.5) / 2)  # two doublings from 1000 to 4000 tokens
+    markdown = write_budget_study([small, large], tmp_path / "out", reference="ref")
+    assert "| deep | 1,000 | 2 | 3.6 ± 0.1414 | 0.5 |" in markdown and "-0.15" in markdown
+    assert (tmp_path / "out" / "gaps.png").stat().st_size > 0
+    table = list(csv.DictReader((tmp_path / "out" / "gaps.csv").open()))
+    assert [row["val_loss"] for row in table] == ["3.1", "2.0", "3.6", "2.2"]
+
+    wide = _write_ablation(tmp_path / "w", {"ref": run("ref", 1.5, 1000, 128), "deep": run("deep", 1.6, 1000, 128)})
+    rows = gaps_against_budget([small, large, wide], reference="ref", by=["n_embd"])
+    assert {(r["n_embd"], r["variant"]) for r in rows if r["tokens_seen"] == 1000} == {
+        (64, "ref"), (64, "deep"), (128, "ref"), (128, "deep")}
+    import pytest
+
+    with pytest.raises(ValueError, match="both hold ref at tokens_seen=1000"):
+        gaps_against_budget([small, wide], reference="ref")
+    with pytest.raises(ValueError, match="no finished run of the reference 'gpt2'"):
+        gaps_against_budget([small], reference="gpt2")
+    with pytest.raises(FileNotFoundError, match="finished `unrollattn ablate`"):
+        gaps_against_budget([tmp_path / "nowhere"], reference="ref")
+    uneven = _write_ablation(tmp_path / "u", {"ref": run("ref", 1.0, 1000), "deep": run("deep", 1.0, 2000)})
+    with pytest.raises(ValueError, match="deep saw tokens_seen=2000, the reference 1000"):
+        gaps_against_budget([uneven], reference="ref")

@@ -86,6 +86,26 @@ def test_ablate_two_variants_writes_comparison(tmp_path, capsys):
     assert config["model"]["variant"] == "aot_mssa" and config["loop"]["max_steps"] == 3
 
 
+def test_budgets_compares_ablations_that_differ_in_budget(tmp_path, capsys):
+    dirs = []
+    for steps in (2, 4):
+        dirs.append(str(tmp_path / f"steps{steps}"))
+        assert run_cli(capsys, "ablate", "classify", "--variants", "vit,aot_mssa", "--preset", "digits_debug", "--out",
+                       dirs[-1], f"loop.max_steps={steps}", "loop.eval_every=0", "data.max_test=32",
+                       "robust.num_images=0")[0] == 0
+    code, out, _ = run_cli(capsys, "budgets", *dirs, "--reference", "vit", "--metric", "top1", "--x", "steps",
+                           "--out", str(tmp_path / "gaps"))
+    assert code == 0 and "gap per doubling" in out
+    rows = list(csv.DictReader((tmp_path / "gaps" / "gaps.csv").open()))
+    assert [(r["variant"], r["steps"]) for r in rows] == [("vit", "2"), ("vit", "4"), ("aot_mssa", "2"), ("aot_mssa", "4")]
+    for row in rows[2:]:
+        vit = next(r for r in rows if r["variant"] == "vit" and r["steps"] == row["steps"])
+        assert float(row["gap"]) == pytest.approx(float(row["top1"]) - float(vit["top1"]))
+    assert (tmp_path / "gaps" / "gaps.png").is_file()
+    code, _, err = run_cli(capsys, "budgets", *dirs, "--reference", "gpt2", "--out", str(tmp_path / "gaps"))
+    assert code == 2 and "no finished run of the reference 'gpt2'" in err
+
+
 def test_the_same_ablation_resumes_another_gets_a_new_directory(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ("ablate", "classify", "--variants", "vit", "--preset", "digits_debug", "loop.max_steps=2",

@@ -1,8 +1,9 @@
-"""The ``unrollattn`` command: list, train, ablate, diagnose, quickstart.
+"""The ``unrollattn`` command: list, train, ablate, budgets, diagnose, quickstart.
 
     unrollattn list [pattern] [--kind models|attentions|blocks]
     unrollattn train <recipe> --preset NAME [--resume] key=value ...
     unrollattn ablate <recipe> --variants a,b,c [--preset NAME] [--out DIR] [--resume] key=value ...
+    unrollattn budgets ABLATION_DIR ... --reference NAME [--by FIELD] --out DIR
     unrollattn diagnose snr [args ...]
     unrollattn quickstart [key=value ...]
 
@@ -446,6 +447,17 @@ def _ablate_recipe_for_help(argv: Sequence[str]) -> ModuleType | None:
         return None
 
 
+def _cmd_budgets(args: argparse.Namespace) -> int:
+    from .train.ablate import write_budget_study
+
+    by = [f.strip() for f in args.by.split(",") if f.strip()]
+    markdown = write_budget_study(args.ablations, args.out, reference=args.reference, metric=args.metric, x=args.x,
+                                  by=by)
+    print(markdown)
+    print(f"wrote {args.out}/gaps.md, gaps.csv, gaps.png")
+    return 0
+
+
 def build_parser(ablate_recipe: ModuleType | None = None) -> argparse.ArgumentParser:
     """The command's parser; ``ablate_recipe`` (a recipe module) puts its variants and presets in ``ablate``'s help."""
     parser = argparse.ArgumentParser(prog="unrollattn", description=__doc__.split("\n\n")[0],
@@ -471,6 +483,17 @@ def build_parser(ablate_recipe: ModuleType | None = None) -> argparse.ArgumentPa
                        epilog=_ablate_epilog(ablate_recipe))
     _ablate_arguments(p, ablate_recipe)
     p.set_defaults(func=_cmd_ablate)
+
+    about = ("the gap of every variant to a reference across finished ablations that differ in budget (one "
+             "ablation directory per budget), with its change per doubling of the budget, as a table and a plot")
+    p = sub.add_parser("budgets", help=about, description=about)
+    p.add_argument("ablations", nargs="+", metavar="ABLATION_DIR", help="directories written by `unrollattn ablate`")
+    p.add_argument("--reference", required=True, help="the variant the gaps are measured to, e.g. gpt2")
+    p.add_argument("--metric", default="val_loss", help="summary field compared (default val_loss)")
+    p.add_argument("--x", default="tokens_seen", help="summary field that is the budget (default tokens_seen)")
+    p.add_argument("--by", default="", help="comma-separated summary fields that separate studies, e.g. n_embd")
+    p.add_argument("--out", required=True, help="directory for gaps.md, gaps.csv, gaps.png")
+    p.set_defaults(func=_cmd_budgets)
 
     p = sub.add_parser("diagnose", help="interpretability diagnostics: diagnose snr [args ...]", add_help=False)
     p.add_argument("name")

@@ -15,7 +15,8 @@ from ..utils.plots import Series, draw_series, new_figure, save_figure
 from ..utils.tables import SeedStats, write_table
 from .runlog import DEFAULT_LOSS_LABEL, METRICS_FILE, draw_curves, read_metrics
 
-__all__ = ["compare", "comparison_figure", "plot_comparison", "summarize_seeds"]
+__all__ = ["compare", "comparison_figure", "gap_rates", "gaps_against_budget", "plot_comparison", "read_ablation",
+           "summarize_seeds", "write_budget_study"]
 
 
 def summarize_seeds(runs: Mapping[str, Sequence[Mapping[str, Any]]], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -135,3 +136,120 @@ def plot_comparison(runs: Mapping[str, Mapping[str, Any]], out_dir: str | os.Pat
     solid, validation dashed with markers (see :func:`~unrollattn.train.runlog.draw_curves`)."""
     fig = comparison_figure(runs, metric=metric, params_key=params_key, loss_keys=loss_keys, title=title, ylabel=ylabel)
     return save_figure(fig, Path(out_dir) / "comparison.png")
+
+
+# ----------------------------------------------------------------------------------------------------- budgets
+
+
+def read_ablation(directory: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
+    """{variant: [summary per seed]} of a finished ablation directory (its summaries.json), failed runs left out."""
+    import json
+
+    path = Path(directory) / "summaries.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: expected the directory of a finished `unrollattn ablate` run")
+    runs = json.loads(path.read_text())
+    if not isinstance(runs, dict) or not all(isinstance(s, dict) and "variant" in s for s in runs.values()):
+        raise ValueError(f"{path}: expected {{run name: summary with a 'variant'}}, as `unrollattn ablate` writes it")
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for summary in runs.values():
+        if "error" not in summary:
+            by_variant.setdefault(summary["variant"], []).append(summary)
+    return by_variant
+
+
+def _one_value(summaries: Sequence[Mapping[str, Any]], key: str, where: str) -> Any:
+    values = {s.get(key) for s in summaries}
+    if len(values) != 1 or None in values:
+        raise ValueError(f"{where}: expected one value of {key!r} for all its runs, got {sorted(map(str, values))}")
+    return values.pop()
+
+
+def gaps_against_budget(ablations: Sequence[str | os.PathLike], *, reference: str, metric: str = "val_loss",
+                        x: str = "tokens_seen", by: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Rows of the budget study: for every ablation directory (one budget each) and every variant, ``metric`` over
+    its seeds (:class:`SeedStats`), the gap to ``reference`` (difference of the means) and its standard error
+    sqrt(sem_v^2 + sem_ref^2). ``x`` (a summary field, the budget) and the ``by`` fields (e.g. ``n_embd``: one study
+    per model size) must each have one value per variant within an ablation. Rows are sorted by ``by``, variant, x."""
+    rows = []
+    for directory in ablations:
+        by_variant = read_ablation(directory)
+        groups: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
+        for variant, summaries in by_variant.items():
+            key = tuple(_one_value(summaries, field, f"{directory} {variant}") for field in by)
+            groups.setdefault(key, {})[variant] = summaries
+        for key, variants in groups.items():
+            if reference not in variants:
+                raise ValueError(f"{directory}: no finished run of the reference {reference!r} "
+                                 f"(variants: {', '.join(variants)})")
+            stats = {}
+            for variant, summaries in variants.items():
+                values = [s.get(metric) for s in summaries]
+                if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                    raise ValueError(f"{directory} {variant}: {metric!r} missing or not finite in {values}")
+                stats[variant] = SeedStats(tuple(float(v) for v in values))
+            budget = _one_value(variants[reference], x, f"{directory} {reference}")
+            for variant, summaries in variants.items():
+                if _one_value(summaries, x, f"{directory} {variant}") != budget:
+                    raise ValueError(f"{directory}: {variant} saw {x}={summaries[0][x]}, the reference {budget}")
+                ref = stats[reference]
+                rows.append({**dict(zip(by, key)), "variant": variant, x: budget, "seeds": stats[variant].n,
+                             metric: stats[variant], "gap": stats[variant].mean - ref.mean,
+                             "gap_se": math.sqrt(stats[variant].sem ** 2 + ref.sem ** 2), "ablation": str(directory)})
+    seen: dict[tuple, str] = {}
+    for row in rows:
+        cell = (*(row[f] for f in by), row["variant"], row[x])
+        if cell in seen:
+            raise ValueError(f"{row['ablation']} and {seen[cell]} both hold {row['variant']} at {x}={row[x]}")
+        seen[cell] = row["ablation"]
+    return sorted(rows, key=lambda r: (*(str(r[f]) for f in by), r["variant"] != reference, r["variant"], r[x]))
+
+
+def gap_rates(rows: Sequence[Mapping[str, Any]], *, x: str = "tokens_seen", by: Sequence[str] = ()
+              ) -> dict[tuple, float]:
+    """{(*by values, variant): least-squares slope of the gap against log2(x)}: the change of the gap per doubling
+    of the budget (negative: the gap shrinks), for every variant with at least two budgets."""
+    points: dict[tuple, list[tuple[float, float]]] = {}
+    for row in rows:
+        points.setdefault((*(row[f] for f in by), row["variant"]), []).append((math.log2(row[x]), row["gap"]))
+    rates = {}
+    for key, xy in points.items():
+        if len({p[0] for p in xy}) < 2:
+            continue
+        mx, my = sum(p[0] for p in xy) / len(xy), sum(p[1] for p in xy) / len(xy)
+        rates[key] = sum((px - mx) * (py - my) for px, py in xy) / sum((px - mx) ** 2 for px, _ in xy)
+    return rates
+
+
+def write_budget_study(ablations: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, reference: str,
+                       metric: str = "val_loss", x: str = "tokens_seen", by: Sequence[str] = ()) -> str:
+    """``gaps.md`` / ``gaps.csv`` (:func:`gaps_against_budget`, with the gap per doubling of :func:`gap_rates`) and
+    ``gaps.png`` (the gap to ``reference`` against ``x`` on a log axis, error bars of one standard error; one panel
+    per ``by`` group) in ``out_dir``; returns the markdown table."""
+    rows = gaps_against_budget(ablations, reference=reference, metric=metric, x=x, by=by)
+    rates = gap_rates(rows, x=x, by=by)
+    table = [{**row, "gap per doubling": rates.get((*(row[f] for f in by), row["variant"]))
+              if row["variant"] != reference else None} for row in rows]
+    columns = [*by, "variant", x, "seeds", metric, "gap", "gap_se", "gap per doubling"]
+    out_dir = Path(out_dir)
+    markdown = write_table(table, columns, out_dir / "gaps.md", out_dir / "gaps.csv",
+                           note=f"gap = {metric} minus {reference}'s at the same {x}; gap_se = its standard error "
+                                f"over seeds (0 with one seed each); gap per doubling = least-squares slope of the "
+                                f"gap against log2({x})")
+    groups = sorted({tuple(r[f] for f in by) for r in rows}, key=str)
+    fig, axes = new_figure(1, len(groups), figsize=(6 * len(groups), 4.2))
+    for ax, group in zip(axes[0], groups):
+        series = []
+        variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != reference]
+        for i, variant in enumerate(variants):
+            mine = sorted((r for r in rows if r["variant"] == variant and tuple(r[f] for f in by) == group),
+                          key=lambda r: r[x])
+            if mine:
+                series.append(Series([r[x] for r in mine], [r["gap"] for r in mine], label=variant,
+                                     yerr=[r["gap_se"] for r in mine], style={"color": f"C{i % 10}", "marker": "o"}))
+        draw_series(ax, series, xlabel=f"{x} (log scale)", ylabel=f"{metric} gap to {reference}", log_x=True,
+                    title=", ".join(f"{f}={v}" for f, v in zip(by, group)) or None)
+        ax.axhline(0.0, color="k", linewidth=0.8)
+    fig.tight_layout()
+    save_figure(fig, out_dir / "gaps.png")
+    return markdown
