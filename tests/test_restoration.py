@@ -38,12 +38,43 @@ def test_default_parameter_counts_are_small(name):
 @pytest.mark.parametrize("options", [
     dict(step_sizes="exact"), dict(normalization="row"), dict(init="zeros"), dict(neighbourhood="window5"),
     dict(neighbourhood="4", metric="full"), dict(skip_init=None), dict(colour_difference=False),
+    dict(green_smoothing=1.0),
 ])
 def test_options_keep_samples(options, observation):
     model = GraphInterpolationNet("demosaic", "glr", **{**SMALL, **options})
     _, y = observation("demosaic", b=1)
     out = model(y)
     assert torch.isfinite(out).all() and torch.equal(model.operator(out), y)
+
+
+def test_green_smoothing_blurs_the_green_of_the_colour_difference(observation, monkeypatch):
+    """green_smoothing=σ: the signals handed to the graph filter are (R − ĝ, G, B − ĝ) with ĝ the Gaussian blur
+    (σ pixels, reflect padding) of the block's input green, and ĝ is added back; σ = 0 is the plain green."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    torch.manual_seed(0)
+    plain = GraphInterpolationNet("demosaic", "glr", **SMALL)
+    smooth = GraphInterpolationNet("demosaic", "glr", **SMALL, green_smoothing=1.0)
+    smooth.load_state_dict(plain.state_dict())  # the option adds no parameter
+    _, y = observation("demosaic", b=1, h=12, w=12)
+    seen = []
+    original = GraphFilter.filter_values
+    monkeypatch.setattr(GraphFilter, "filter_values", lambda self, f, values, *a, **k: seen.append(values) or
+                        original(self, f, values, *a, **k))
+    x0 = smooth.initial(y)
+    out = smooth(y)
+    assert torch.equal(smooth.operator(out), y)  # still exact on the samples
+    full = smooth.operator.adjoint(y)
+    g = gaussian_blur(x0[:, 1:2], [7, 7], [1.0, 1.0])
+    expected = full - torch.cat([g, torch.zeros_like(g), g], 1)
+    assert torch.allclose(seen[0][:, 0].transpose(1, 2).reshape(expected.shape), expected, atol=1e-6)
+    assert not torch.allclose(out, plain(y))
+    assert torch.equal(plain.blocks[0].smoothed_green(x0[:, 1:2]), x0[:, 1:2])
+    for bad in (-1.0, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="green_smoothing: expected a Gaussian sigma >= 0"):
+            GraphInterpolationNet("demosaic", "glr", **SMALL, green_smoothing=bad)
+    with pytest.raises(ValueError, match="needs colour_difference=True"):
+        GraphInterpolationNet("demosaic", "glr", **SMALL, colour_difference=False, green_smoothing=1.0)
 
 
 def test_initial_parameters_follow_the_reference_designs():

@@ -29,6 +29,24 @@ def test_metrics_known_values():
     assert clipped == pytest.approx(-10 * math.log10((0.5 ** 2 + 0.75 ** 2) / 2), abs=1e-9)
 
 
+def test_luma_metrics_follow_the_bt601_formula_and_the_long_presets_follow_the_field():
+    torch.manual_seed(0)
+    target = torch.rand(3, 24, 24, dtype=torch.float64)
+    output = (target + 0.05 * torch.randn_like(target)).clamp(0, 1)
+    luma = lambda im: (16 + 65.481 * im[0] + 128.553 * im[1] + 24.966 * im[2]) / 255  # noqa: E731  (Y of 0..1 RGB)
+    mse = ((luma(output) - luma(target))[2:-2, 2:-2] ** 2).mean().item()
+    psnr, ssim = restore.image_metrics(output, target, border=2, channels="y")
+    assert psnr == pytest.approx(-10 * math.log10(mse), abs=1e-6)
+    assert psnr > restore.image_metrics(output, target, border=2)[0]  # luma averages the channel errors
+    with pytest.raises(ValueError, match="channels='y' needs RGB images, got 1"):
+        restore.image_metrics(output[:1], target[:1], channels="y")
+    with pytest.raises(ValueError, match="metric_channels: expected one of rgb, y, got 'luma'"):
+        restore.load_config("sr2_quick", ["data.metric_channels=luma"])
+    demosaic, sr2 = restore.load_config("demosaic").data, restore.load_config("sr2").data
+    assert (demosaic.border, demosaic.metric_channels) == (0, "rgb")
+    assert (sr2.border, sr2.metric_channels) == (2, "y")
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="variant 'malvar' has no task 'sr2'; available: demosaic"):
         restore.load_config("sr2_quick", ["model.variant=malvar"])

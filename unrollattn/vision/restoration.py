@@ -25,7 +25,10 @@ Structure of :class:`GraphInterpolationNet` (A.0: "a chain of blocks, each prece
       interpolation constraint H x = y, warm-started at x^{b-1}. With ``colour_difference`` (default for
       demosaicking) the signals are (R − ĝ, G, B − ĝ), ĝ the block's input green plane (observed there
       as y_R − ĝ, y_G, y_B − ĝ), and ĝ is added back after the solve: the classic colour-difference
-      interpolation, exact on the samples like the RGB form (an option; "False" smooths R, G, B directly):
+      interpolation, exact on the samples like the RGB form (an option; "False" smooths R, G, B directly).
+      ``green_smoothing`` = σ > 0 takes ĝ as the green plane blurred by a Gaussian of σ pixels
+      (torchvision's ``gaussian_blur``, reflect padding): noise on the green samples then no longer enters
+      the R and B differences at full strength, at the cost of the fine detail R and B share with green:
       * ``prior="glr"`` (uGLR, A.2): min xᵀLx s.t. Hx = y by ``iters`` CG steps on L_uu x_u = −L_uo y;
       * ``prior="gtv"`` (uGTV, A.3): min ‖C_w x‖₁ s.t. Hx = y by ``iters`` ADMM iterations, each
         x-step ``cg_iters`` CG steps, learned ρ per iteration and head;
@@ -46,6 +49,7 @@ Parameters: the CNNs, metrics, mixing, skips and solver scalars — a few thousa
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -140,9 +144,11 @@ class GraphBlock(GraphFilter):
     def __init__(self, chans: int, *, prior: str, iters: int, cg_iters: int, heads: int, feature_dim: int, width: int,
                  normalization: str, metric: str, similarity: str, clip: float | None, step_sizes: str,
                  metric_init: float, alpha_init: float, beta_init: float, rho_init: float, skip_init: float | None,
-                 mask_features: bool, colour_difference: bool = False, fidelity: float | None = None):
+                 mask_features: bool, colour_difference: bool = False, green_smoothing: float = 0.0,
+                 fidelity: float | None = None):
         super().__init__()
         self.colour_difference, self.mask_features = colour_difference, mask_features
+        self.green_smoothing = float(green_smoothing)
         self.heads, self.feature_dim = heads, feature_dim
         cin = chans * (2 if mask_features else 1)
         self.features = nn.Sequential(_conv(cin, width), nn.ReLU(inplace=True), _conv(width, width),
@@ -164,6 +170,15 @@ class GraphBlock(GraphFilter):
         """Edge weights [B, G, N, k] of the learned graph on ``nbhd`` (A.4)."""
         return self.learned_graph(self.node_features(x, mask), nbhd)[0]
 
+    def smoothed_green(self, g: torch.Tensor) -> torch.Tensor:
+        """ĝ of the colour difference: the green plane [B, 1, H, W], blurred when ``green_smoothing`` > 0."""
+        if self.green_smoothing <= 0:
+            return g
+        from torchvision.transforms.functional import gaussian_blur
+
+        radius = min(math.ceil(3 * self.green_smoothing), (min(g.shape[-2:]) - 1) // 2)  # reflect needs < size
+        return gaussian_blur(g, [2 * radius + 1] * 2, [self.green_smoothing] * 2) if radius > 0 else g
+
     def forward(self, x: torch.Tensor, full: torch.Tensor, mask: torch.Tensor, nbhd) -> torch.Tensor:
         """x [B, C, H, W] current estimate, full = Hᵀy, mask bool [1, C|1, H, W] -> next estimate."""
         _, c, h, w = x.shape
@@ -171,7 +186,7 @@ class GraphBlock(GraphFilter):
         obs = _to_nodes(mask.expand(1, c, h, w))  # bool [1, 1, N, C]
         offset = 0
         if self.colour_difference:  # signals (R − ĝ, G, B − ĝ) with ĝ the current green: y_R − ĝ observed at R sites
-            g = x[:, 1:2]
+            g = self.smoothed_green(x[:, 1:2])
             offset = torch.cat([g, torch.zeros_like(g), g], 1)
         mixed = self.filter_values(f, _to_nodes(full - offset), nbhd, observed=obs, x0=_to_nodes(x - offset))
         new = _from_nodes(mixed, h, w) + offset
@@ -192,7 +207,8 @@ class GraphInterpolationNet(RestorationModel):
     steps at init; default 1.0 / 0.1 for glr — α = 1 is a Jacobi sweep of the normalised Laplacian —
     and 4.0 / 0.1 for gtv, whose x-step operator L_{w²} has a smaller scale), ``rho_init`` (gtv, 10.0),
     ``mask_features`` (True: the CNN also sees the sampling mask), ``colour_difference`` (None = True for
-    demosaic, False for sr2), ``fidelity`` (None = the hard constraint Hx = y of the paper; a float relaxes it
+    demosaic, False for sr2), ``green_smoothing`` (σ in pixels of the Gaussian that smooths the green of the
+    colour difference; 0 = the green as it is), ``fidelity`` (None = the hard constraint Hx = y of the paper; a float relaxes it
     to a data term, min μ‖Hx − y‖² + xᵀLx resp. μ‖Hx − y‖² + ‖C_w x‖₁, solved by the same CG / ADMM over all
     pixels, μ learned per block and head (log-stored) and initialised at this value; the outputs then do not
     copy the samples, so noise on them is filtered too), ``in_chans`` (sr2: 3 or 1), ``pattern`` (demosaic).
@@ -204,12 +220,18 @@ class GraphInterpolationNet(RestorationModel):
                  clip: float | None = None, step_sizes: str = "learned", init: str = "bilinear",
                  skip_init: float | None = 0.95, metric_init: float = 1.0, alpha_init: float | None = None,
                  beta_init: float = 0.1, rho_init: float = 10.0, mask_features: bool = True,
-                 colour_difference: bool | None = None, fidelity: float | None = None, in_chans: int = 3,
-                 pattern: str = "RGGB"):
+                 colour_difference: bool | None = None, green_smoothing: float = 0.0, fidelity: float | None = None,
+                 in_chans: int = 3, pattern: str = "RGGB"):
         super().__init__(task, in_chans=in_chans, pattern=pattern)
         colour_difference = (task == "demosaic") if colour_difference is None else bool(colour_difference)
         if colour_difference and self.chans != 3:
             raise ValueError(f"colour_difference: needs RGB images, got {self.chans} channel(s)")
+        if isinstance(green_smoothing, bool) or not isinstance(green_smoothing, (int, float)) or \
+                not math.isfinite(green_smoothing) or green_smoothing < 0:
+            raise ValueError(f"green_smoothing: expected a Gaussian sigma >= 0 in pixels, got {green_smoothing!r}")
+        if green_smoothing > 0 and not colour_difference:
+            raise ValueError("green_smoothing: smooths the green of the colour difference; it needs "
+                             "colour_difference=True")
         for name, value, allowed in (("prior", prior, PRIORS), ("init", init, INITS)):  # the rest: GraphFilter
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
@@ -227,13 +249,13 @@ class GraphInterpolationNet(RestorationModel):
         self.min_size = max(RestorationModel.min_size, neighbourhood_radius(neighbourhood) + 1)
         self.options = dict(ints, neighbourhood=neighbourhood, normalization=normalization, metric=metric,
                             similarity=similarity, step_sizes=step_sizes, init=init, skip_init=skip_init,
-                            colour_difference=colour_difference, fidelity=fidelity)
+                            colour_difference=colour_difference, green_smoothing=green_smoothing, fidelity=fidelity)
         self.blocks = nn.ModuleList(
             GraphBlock(self.chans, prior=prior, iters=iters, cg_iters=cg_iters, heads=heads, feature_dim=feature_dim,
                        width=width, normalization=normalization, metric=metric, similarity=similarity, clip=clip,
                        step_sizes=step_sizes, metric_init=metric_init, alpha_init=alpha_init, beta_init=beta_init,
                        rho_init=rho_init, skip_init=skip_init, mask_features=mask_features,
-                       colour_difference=colour_difference, fidelity=fidelity)
+                       colour_difference=colour_difference, green_smoothing=green_smoothing, fidelity=fidelity)
             for _ in range(blocks))
 
     def initial(self, y: torch.Tensor) -> torch.Tensor:
