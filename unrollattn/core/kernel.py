@@ -120,16 +120,39 @@ def kernel_terms(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", *,
         if metric.shape != (heads, d):
             raise ValueError(f"metric: expected shape [{heads}, {d}], got {list(metric.shape)}")
         check_bandwidth(metric, "metric")
-        root = metric.sqrt()[None, :, None, :].to(q.dtype)
-        q, k = q * root, k * root
+        metric = metric.to(q.dtype)
     elif kernel == "gaussian" and spatial_bias is not None:
         raise ValueError("spatial_bias is for kernel='bilateral' (or 'dot'); the gaussian kernel is range-only")
     h = _as_tensor(default_range_bandwidth(d) if range_bandwidth is None else range_bandwidth, q)
     check_bandwidth(h, "range_bandwidth")
     inv_h2 = _per_head(1.0 / h.square(), heads)  # [1, H, 1, 1]
+    if kernel == "mahalanobis":  # (q-k)^T M (q-k): q' = 2 M q / h^2 against k itself, key term -k^T M k / h^2
+        key_bias = -(_WeightedSquareNorm.apply(k, metric) * inv_h2[..., 0])[:, :, None, :]
+        return {"q": q * (2 * inv_h2 * metric[None, :, None, :]), "k": k, "scale": 1.0, "key_bias": key_bias,
+                "spatial": None, "mask": mask}
     key_bias = -(k.square().sum(-1) * inv_h2[..., 0])[:, :, None, :]  # -||k_j||^2 / h^2, [B, H, 1, Nk]
     return {"q": q * (2 * inv_h2), "k": k, "scale": 1.0, "key_bias": key_bias,
             "spatial": spatial_bias if kernel == "bilateral" else None, "mask": mask}
+
+
+class _WeightedSquareNorm(torch.autograd.Function):
+    """k^T M k per key for k [B, H, N, d] and a diagonal metric M [H, d] -> [B, H, N], saving only k and M (both
+    alive anyway): autograd's own form would keep a [B, H, N, d] copy (k² or M^{1/2} k) for the metric's gradient."""
+
+    @staticmethod
+    def forward(ctx, k: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(k, metric)
+        return torch.einsum("bhnd,hd->bhn", k.square(), metric)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        k, metric = ctx.saved_tensors
+        grad_k = grad_metric = None
+        if ctx.needs_input_grad[0]:
+            grad_k = 2 * k * metric[None, :, None, :] * grad[..., None]
+        if ctx.needs_input_grad[1]:
+            grad_metric = torch.einsum("bhnd,bhn->hd", k.square(), grad)
+        return grad_k, grad_metric
 
 
 def _sum_biases(*biases: torch.Tensor | None) -> torch.Tensor | None:
