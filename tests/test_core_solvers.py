@@ -381,6 +381,32 @@ def test_gtv_admm_denoise_matches_dense_reference():
     torch.testing.assert_close(x, ref, atol=1e-8, rtol=1e-8)
 
 
+@pytest.mark.parametrize("kind, shape, directed", [("8", (3, 4), False), ("window5", (5, 4), False),
+                                                   ("causal2", 7, True)])
+def test_gtv_admm_denoise_shift_fast_path_matches_the_gather(kind, shape, directed):
+    """offsets= (Neighbourhood.edge_flat_offsets): the same values and gradients (signal, weights, λ, ρ, steps) as
+    the gathered incidence mat-vecs."""
+    nbhd = build_neighbourhood(kind, shape, include_self=directed)
+    n = nbhd.index.shape[0]
+    f = torch.randn(2, 2, n, 3, dtype=D)
+    w = edge_weights(f, nbhd, normalization="row" if directed else "symmetric").requires_grad_()
+    v = torch.randn(2, 2, n, 2, dtype=D, requires_grad=True)
+    lam = torch.tensor([0.2, 0.5], dtype=D, requires_grad=True)
+    rho = torch.tensor([1.5, 0.8], dtype=D, requires_grad=True)
+    alphas = torch.full((2, 2), 0.3, dtype=D, requires_grad=True)
+    steps = [(alphas[i].view(2, 1, 1, 1) + 0.05 * i, torch.full((1, 1, 1, 1), 0.1, dtype=D)) for i in range(2)]
+    outputs = []
+    for offsets in (None, nbhd.edge_flat_offsets):
+        w_e, index_e = _edges(nbhd, w)
+        x = gtv_admm_denoise(v, w_e, index_e, lam=lam.view(1, 2, 1, 1), rho=rho.view(1, 2, 1, 1), iters=2,
+                             cg_iters=2, step_sizes=steps, directed=directed, offsets=offsets)
+        outputs.append((x, torch.autograd.grad(x.square().sum(), (v, w, lam, rho, alphas))))
+    (slow, g_slow), (fast, g_fast) = outputs
+    torch.testing.assert_close(fast, slow)
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b)
+
+
 def test_gtv_admm_denoise_converges_to_the_minimiser():
     nbhd, w = graph("4", (3, 4), b=1, g=1, normalization="none")
     w_e, index_e = _edges(nbhd, w)
