@@ -49,7 +49,7 @@ def measure(label: str, batch: int, args, device: torch.device) -> dict:
 
     def run():
         with torch.inference_mode():
-            out = model.generate(prompt, **generate)
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **generate)
         if out.shape[1] != args.prompt + args.new_tokens:
             raise RuntimeError(f"{label}: generate returned {out.shape[1] - args.prompt} new tokens, expected "
                                f"{args.new_tokens}")
