@@ -76,13 +76,14 @@ def _worker(out_dir: Path) -> None:
     cleanup(state)
 
 
-def run_torchrun_worker(script: str, out_dir: Path, timeout: float = 300) -> None:
-    """``torchrun --standalone --nproc_per_node=2 SCRIPT --worker OUT_DIR`` (one thread per rank, no torchrun
+def run_torchrun_worker(script: str, out_dir: Path, timeout: float = 300, *, nproc: int = 2, mode: str = "--worker"
+                        ) -> None:
+    """``torchrun --standalone --nproc_per_node=NPROC SCRIPT MODE OUT_DIR`` (one thread per rank, no torchrun
     variables inherited from this process); AssertionError with the output tail when it fails."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(script).resolve()), "--worker", str(out_dir)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(Path(script).resolve()), mode, str(out_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

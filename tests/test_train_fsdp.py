@@ -4,6 +4,7 @@ global batch, a crashed sharded run resumed from its sharded checkpoint, and wha
 This file is also the worker script: ``torchrun ... tests/test_train_fsdp.py --worker OUT_DIR``.
 """
 import json
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -95,7 +96,16 @@ def _worker(out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.slow  # one torchrun launch of 2 processes: three short runs, about half a minute on 2 cores
+def _resume_on_one_rank(out_dir: Path) -> None:
+    """The crashed 2-rank run's copy (``runs/cut-one``, its newest checkpoint the sharded one of step 4) resumed by a
+    single FSDP2 rank: DCP reshards the weights and optimizer state; the same global batch per step."""
+    resumed = _loop(out_dir / "runs", "cut-one", grad_accum=2, parallel="fsdp", resume=True)
+    fit(StackedTeacherTask(resumed), resumed, OPTIM)
+    assert init_distributed("cpu").world_size == 1
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two torchrun launches (2 processes, then 1): three short runs, about half a minute on 2 cores
 def test_fsdp_two_processes_match_single_process_and_resume_exactly(tmp_path):
     run_torchrun_worker(__file__, tmp_path, timeout=400)
 
@@ -142,6 +152,18 @@ def test_fsdp_two_processes_match_single_process_and_resume_exactly(tmp_path):
     cut_final = load_file(str(latest_checkpoint(cut) / "model.safetensors"))
     for k, v in final.items():
         torch.testing.assert_close(cut_final[k], v, rtol=1e-5, atol=1e-6)
+
+    # a different world size: the 2-rank checkpoint of step 4 resumed by one rank gives the same steps 5..8
+    one = tmp_path / "runs" / "cut-one"
+    shutil.copytree(cut, one)
+    shutil.rmtree(one / "checkpoints" / "step_00000008")
+    assert latest_checkpoint(one).name == "step_00000004"
+    run_torchrun_worker(__file__, tmp_path, timeout=300, nproc=1, mode="--resume-on-one")
+    assert '"world_size": 1' in (one / "result.json").read_text()
+    torch.testing.assert_close(torch.tensor(_losses(one)), torch.tensor(fsdp_losses), rtol=1e-5, atol=1e-6)
+    one_final = load_file(str(latest_checkpoint(one) / "model.safetensors"))
+    for k, v in final.items():
+        torch.testing.assert_close(one_final[k], v, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,3 +275,6 @@ def test_sharded_checkpoint_round_trip_and_checks_in_one_rank(tmp_path, one_rank
 if __name__ == "__main__" and "--worker" in sys.argv:
     torch.set_num_threads(1)
     _worker(Path(sys.argv[sys.argv.index("--worker") + 1]))
+elif __name__ == "__main__" and "--resume-on-one" in sys.argv:
+    torch.set_num_threads(1)
+    _resume_on_one_rank(Path(sys.argv[sys.argv.index("--resume-on-one") + 1]))
