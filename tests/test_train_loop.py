@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from unrollattn.train import (
-    LoopConfig, OptimConfig, RunDir, RunDirError, build_optimizer, compare, epoch_batch_indices, fit, latest_checkpoint, lr_factor,
+    ConfigError, LoopConfig, OptimConfig, RunDir, RunDirError, build_optimizer, compare, epoch_batch_indices, fit,
+    latest_checkpoint, lr_factor,
     param_groups, plot_comparison, plot_curves, read_metrics,
 )
 from unrollattn.utils.dist import micro_batch_size
@@ -110,6 +111,25 @@ def test_exact_resume_after_interruption(tmp_path, digits):
     with open(tmp_path / "interrupted" / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [10, 20] and {"train_loss", "val_loss", "top1", "lr"} <= rows[0].keys()
+
+
+def test_data_workers_build_the_same_batches_and_resume_exactly(tmp_path, digits):
+    """loop.data_workers=2: batches from DataLoader worker processes, in step order: the same losses and weights as
+    in-process batches, and a crash in a worker's batch resumes exactly."""
+    inline = fit(DigitsTask(digits, _loop(tmp_path, "inline")), _loop(tmp_path, "inline"), OPTIM)
+    loop = _loop(tmp_path, "workers", data_workers=2)
+    with pytest.raises(RuntimeError, match="simulated"):
+        fit(DigitsTask(digits, loop, crash_at_step=12), loop, OPTIM)
+    assert latest_checkpoint(tmp_path / "workers").name == "step_00000010"
+    resumed_loop = _loop(tmp_path, "workers", data_workers=2, resume=True)
+    resumed = fit(DigitsTask(digits, resumed_loop), resumed_loop, OPTIM)
+    assert _train_losses(tmp_path / "workers") == _train_losses(tmp_path / "inline")
+    assert resumed["val_loss"] == inline["val_loss"]
+    wa = load_file(str(latest_checkpoint(tmp_path / "inline") / "model.safetensors"))
+    wb = load_file(str(latest_checkpoint(tmp_path / "workers") / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ConfigError, match="data_workers: expected an int >= 0"):
+        _loop(tmp_path, "bad", data_workers=-1)
 
 
 def test_dropout_seeding_differs_between_seeds(tmp_path, digits):

@@ -88,6 +88,10 @@ class LoopConfig:
     over the ranks, checkpoints sharded through ``torch.distributed.checkpoint``; needs torchrun, and a run
     resumes only with the mode it started with). On CUDA with ``precision="bf16"``, fsdp keeps the parameters in
     bf16 for compute and reduces the gradients in fp32.
+
+    ``data_workers`` > 0 builds the micro-batches (``Task.batch``) ahead of the steps in that many
+    ``torch.utils.data.DataLoader`` worker processes per rank, in step order: since a batch is a function of (step,
+    micro, rank), the batches, and so an exact resume, are the same as with 0 (in the training process).
     """
 
     max_steps: int = 100
@@ -106,6 +110,7 @@ class LoopConfig:
     progress: bool = True
     keep_checkpoints: int = 1
     parallel: str = "ddp"
+    data_workers: int = 0
 
     def __post_init__(self):
         _check_finite_fields(self)
@@ -118,6 +123,8 @@ class LoopConfig:
         _check(self.log_every >= 1, "log_every", "an int >= 1", self.log_every)
         _check(self.ckpt_every >= 0, "ckpt_every", "an int >= 0 (0 = only at the end)", self.ckpt_every)
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "an int >= 1", self.keep_checkpoints)
+        _check(isinstance(self.data_workers, int) and not isinstance(self.data_workers, bool) and self.data_workers >= 0,
+               "data_workers", "an int >= 0 (0 = batches built in the training process)", self.data_workers)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("parallel", self.parallel, PARALLEL_MODES)
         _check("/" not in self.run_name and "\\" not in self.run_name and self.run_name not in (".", ".."),
@@ -521,6 +528,7 @@ def config_from_dict(cls: type, d: Mapping[str, Any], *, _path: str = "") -> Any
 RESUME_MUTABLE_KEYS = frozenset({
     "loop.max_steps", "loop.eval_every", "loop.log_every", "loop.ckpt_every", "loop.keep_checkpoints",
     "loop.progress", "loop.resume", "loop.run_name", "loop.out_dir", "loop.device", "loop.compile",
+    "loop.data_workers",
 })
 
 

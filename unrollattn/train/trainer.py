@@ -554,6 +554,7 @@ class _TrainingLoop:
         # also holds one-off allocations such as a task's data caches).
         self.tracked_step = start + 1 if loop.max_steps - start > 1 else start
         self.live_tensors = contextlib.ExitStack()
+        self.batches = _prefetched_batches(task, state, start, loop) if loop.data_workers and self.steps_to_run else None
 
     def run_steps(self, guard: _InterruptGuard) -> None:
         """Every step left, each followed by its evaluation and checkpoint when they are due; with no step left, the
@@ -612,7 +613,8 @@ class _TrainingLoop:
         step_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         step_items = 0
         for micro in range(loop.grad_accum):
-            batch = to_device(task.batch(step, micro, self.state), self.device)
+            batch = to_device(next(self.batches) if self.batches is not None else task.batch(step, micro, self.state),
+                              self.device)
             last_micro = micro == loop.grad_accum - 1
             if self.sharded and loop.grad_accum > 1:
                 self.model.set_requires_gradient_sync(last_micro)
@@ -767,6 +769,30 @@ class _TrainingLoop:
     def close(self) -> None:
         self.live_tensors.close()
         self.bar.close()
+        self.batches = None  # the DataLoader's workers exit with their iterator
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item k = micro-batch k % grad_accum of step start + k // grad_accum on this rank (``Task.batch``)."""
+
+    def __init__(self, task: Any, state: DistState, start: int, loop: LoopConfig):
+        self.task, self.state, self.start, self.loop = task, state, start, loop
+
+    def __len__(self) -> int:
+        return (self.loop.max_steps - self.start) * self.loop.grad_accum
+
+    def __getitem__(self, k: int) -> Any:
+        step, micro = divmod(k, self.loop.grad_accum)
+        return self.task.batch(self.start + step, micro, self.state)
+
+
+def _prefetched_batches(task: Any, state: DistState, start: int, loop: LoopConfig):
+    """The micro-batches of steps start.. in order, built by ``loop.data_workers`` DataLoader workers (two batches
+    ahead each; pinned for CUDA)."""
+    loader = torch.utils.data.DataLoader(_StepBatches(task, state, start, loop), batch_size=None, shuffle=False,
+                                         num_workers=loop.data_workers, prefetch_factor=2,
+                                         pin_memory=state.device.type == "cuda")
+    return iter(loader)
 
 
 def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: str = "run",
