@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unrollattn.diagnostics.robustness import (
-    adversarial_accuracy, adversarial_counts, check_eps, contaminate_words, eps_label, fgsm, pgd,
-)
+from unrollattn.diagnostics.robustness import adversarial_accuracy, adversarial_counts, check_eps, eps_label, fgsm, pgd
+from unrollattn.language.evaluation import contaminate_words
 
 
 def _linear_classifier():

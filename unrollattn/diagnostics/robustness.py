@@ -1,5 +1,5 @@
-"""Robustness probes: FGSM / PGD adversarial accuracy for image classifiers and word-level data
-contamination for language models (docs/papers.md C.7).
+"""Robustness probes: FGSM / PGD adversarial accuracy for image classifiers (docs/papers.md C.7; word-level data
+contamination for language models is :mod:`unrollattn.language.evaluation`).
 
 Attacks work in pixel space [0, 1] with an L-infinity budget eps in [0, 1] (e.g. 4/255 = 0.0157);
 ``preprocess`` maps pixels to the model's input (e.g. mean/std normalisation) and runs inside the
@@ -184,25 +184,5 @@ def adversarial_accuracy(model, images: torch.Tensor, labels: torch.Tensor, eps_
     return {k: 100.0 * v / max(1, n) for k, v in counts.items()}
 
 
-def contaminate_words(ids: torch.Tensor, rate: float, junk_id: int, *, word_start: torch.Tensor | None = None,
-                      protected: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace a fraction ``rate`` of the eligible tokens of ``ids`` by ``junk_id`` (the 1.5% word-swap test).
-
-    ``word_start``: bool mask of tokens that begin a word (only those are swapped; default every token);
-    ``protected``: bool mask of tokens never swapped (e.g. stop words). Returns a new tensor.
-    """
-    if not 0 <= rate <= 1:
-        raise ValueError(f"rate: expected a fraction in [0, 1], got {rate}")
-    eligible = torch.ones_like(ids, dtype=torch.bool) if word_start is None else word_start.clone()
-    if protected is not None:
-        eligible &= ~protected
-    positions = eligible.flatten().nonzero().flatten()
-    count = int(round(rate * positions.numel()))
-    chosen = positions[torch.randperm(positions.numel(), generator=generator)[:count]]
-    out = ids.clone().flatten()
-    out[chosen] = junk_id
-    return out.view_as(ids)
-
-
-__all__ = ["ATTACKS", "adversarial_accuracy", "adversarial_counts", "check_eps", "contaminate_words", "eps_label",
+__all__ = ["ATTACKS", "adversarial_accuracy", "adversarial_counts", "check_eps", "eps_label",
            "fgsm", "pgd"]

@@ -37,6 +37,7 @@ from ..utils.tables import write_table
 
 __all__ = [
     "ICLData", "ICLRegressionTask", "ICLRegressor", "LastWordPassage", "TokenWordTable", "contaminate_word_windows",
+    "contaminate_words",
     "contaminated_loss", "first_word", "fixed_window_starts", "icl_batch", "icl_error_curve", "junk_token_id",
     "last_word_accuracy", "last_word_passages", "least_squares_curve", "lm_logits", "token_word_table", "window_loss",
     "word_masks", "write_icl_curves",
@@ -164,16 +165,34 @@ def junk_token_id(tokenizer: Any, candidates: Sequence[str] = (" AAA", "AAA", "@
     raise ValueError(f"none of {list(candidates)} is a single token of {type(tokenizer).__name__}; pass junk_id=")
 
 
+def contaminate_words(ids: torch.Tensor, rate: float, junk_id: int, *, word_start: torch.Tensor | None = None,
+                      protected: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace a fraction ``rate`` of the eligible tokens of ``ids`` by ``junk_id`` (the 1.5% word-swap test).
+
+    ``word_start``: bool mask of tokens that begin a word (only those are swapped; default every token);
+    ``protected``: bool mask of tokens never swapped (e.g. stop words). Returns a new tensor.
+    """
+    if not 0 <= rate <= 1:
+        raise ValueError(f"rate: expected a fraction in [0, 1], got {rate}")
+    eligible = torch.ones_like(ids, dtype=torch.bool) if word_start is None else word_start.clone()
+    if protected is not None:
+        eligible &= ~protected
+    positions = eligible.flatten().nonzero().flatten()
+    count = int(round(rate * positions.numel()))
+    chosen = positions[torch.randperm(positions.numel(), generator=generator)[:count]]
+    out = ids.clone().flatten()
+    out[chosen] = junk_id
+    return out.view_as(ids)
+
+
 def contaminate_word_windows(ids: Tensor, table: TokenWordTable, rate: float, junk_id: int, *,
                              seed: int = 0) -> tuple[Tensor, Tensor]:
     """Replace a fraction ``rate`` of the words of ``ids`` [B, T] (every token of each chosen word) by ``junk_id``.
 
-    The words are drawn by :func:`unrollattn.diagnostics.robustness.contaminate_words` among the word starts
+    The words are drawn by :func:`contaminate_words` among the word starts
     (:func:`word_masks`) with a generator seeded by ``seed``, so a call is deterministic. Returns (contaminated ids,
     bool mask of replaced tokens).
     """
-    from ..diagnostics.robustness import contaminate_words
-
     start, cont = word_masks(ids, table)
     chosen = contaminate_words(torch.zeros_like(ids), rate, 1, word_start=start,
                                generator=torch.Generator().manual_seed(seed)).bool()
