@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from unrollattn.core.kernel import (
-    boosting, default_range_bandwidth, kernel_attention, kernel_weights, spatial_log_kernel, token_positions, twicing,
+    SpatialKernel, boosting, default_range_bandwidth, kernel_attention, kernel_weights, spatial_log_kernel, token_positions,
+    twicing,
 )
 from unrollattn.core.reference import kernel_attention_reference
 from unrollattn.layers import build_attention
@@ -192,3 +193,32 @@ def test_bilateral_forward_backward_holds_no_full_score_map(monkeypatch):
     scores_mb = heads * n * n * 4 / 2**20  # one [1, H, N, N] float32 map: 8 MB
     bilateral_mb, softmax_mb = (peak_memory_mb(step(m), torch.device("cpu")) for m in (layer, softmax))
     assert bilateral_mb < softmax_mb + 2 * scores_mb, (bilateral_mb, softmax_mb, scores_mb)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "laplacian"])
+@pytest.mark.parametrize("kernel", ["bilateral", "dot"])
+def test_flex_spatial_path_matches_the_blocked_one(kind, kernel):
+    """spatial_backend='flex' (FlexAttention with the spatial log-kernel, key-norm term and mask in its score
+    function) gives the blocked path's values: causal, with a padding mask, and with prefix tokens (NaN
+    positions). Forward only here: torch has no CPU backward for FlexAttention (CUDA trains through it)."""
+    import warnings
+
+    torch.manual_seed(0)
+    heads, n = 2, 10
+    q, k, v = (torch.randn(2, heads, n, D, dtype=torch.float64) for _ in range(3))
+    h_y = torch.tensor([1.5, 3.0], dtype=torch.float64)
+    pos = token_positions(n, (3, 3), 1, dtype=torch.float64)  # a class token, then a 3 x 3 grid
+    spatial = SpatialKernel(pos, pos, torch.tensor([1.0, 4.0], dtype=torch.float64), kind)
+    keep = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    keep[1, ..., -3:] = False
+    for options in (dict(is_causal=True), dict(attn_mask=keep)):
+        common = dict(range_bandwidth=h_y if kernel == "bilateral" else None, spatial_bias=spatial, **options)
+        blocked = kernel_attention(q, k, v, kernel, spatial_backend="blocked", **common)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # eager FlexAttention says it is unfused
+            flex = kernel_attention(q, k, v, kernel, spatial_backend="flex", **common)
+        torch.testing.assert_close(flex, blocked)
+    with pytest.raises(ValueError, match="forward only"):
+        kernel_attention(q, k, v.requires_grad_(), "bilateral", spatial_bias=spatial, spatial_backend="flex")
+    with pytest.raises(ValueError, match="spatial_backend: expected one of"):
+        kernel_attention(q, k, v, "bilateral", spatial_bias=spatial, spatial_backend="triton")

@@ -160,22 +160,33 @@ def _sum_biases(*biases: torch.Tensor | None) -> torch.Tensor | None:
     return None if not present else sum(present[1:], present[0])
 
 
+SPATIAL_BACKENDS = ("auto", "blocked", "flex")
+
+
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "dot", *,
                      range_bandwidth: torch.Tensor | float | None = None, metric: torch.Tensor | None = None,
                      spatial_bias: "torch.Tensor | SpatialKernel | None" = None,
                      attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                     dropout_p: float = 0.0) -> torch.Tensor:
+                     dropout_p: float = 0.0, spatial_backend: str = "auto") -> torch.Tensor:
     """Nadaraya-Watson attention [B, H, N, d] with the log-kernels of C.9 through one SDPA call.
 
     ``range_bandwidth`` h_y: scalar or [H] (default (4d)^{1/4}); ``metric``: diagonal Mahalanobis
     weights [H, d] (> 0); ``spatial_bias``: the spatial log-kernel (bilateral, or dot for ALiBi's form), a
-    :class:`SpatialKernel` (built in blocks of query rows: no N x N tensor with a gradient) or a tensor [H, N, N].
+    :class:`SpatialKernel` (no N x N tensor with a gradient: ``spatial_backend`` "blocked" builds it in blocks of
+    query rows for SDPA, "flex" computes it inside FlexAttention's score function; "auto" = flex on CUDA without
+    dropout, else blocked) or a tensor [H, N, N].
     """
     if v.ndim != 4 or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"expected q, k, v of shape [B, H, N, d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if spatial_backend not in SPATIAL_BACKENDS:
+        raise ValueError(f"spatial_backend: expected one of {SPATIAL_BACKENDS}, got {spatial_backend!r}")
     t = kernel_terms(q, k, kernel, range_bandwidth=range_bandwidth, metric=metric, spatial_bias=spatial_bias,
                      attn_mask=attn_mask, is_causal=is_causal)
     if isinstance(t["spatial"], SpatialKernel):
+        if spatial_backend == "auto":
+            spatial_backend = "flex" if q.is_cuda and dropout_p == 0 else "blocked"
+        if spatial_backend == "flex":
+            return _flex_spatial_kernel(t, v, dropout_p)
         return _blocked_spatial_kernel(t, v, dropout_p)
     if t["key_bias"] is not None and t["spatial"] is None:
         return _fused_range_kernel(t, v, dropout_p)
@@ -210,6 +221,58 @@ def _blocked_spatial_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch
         args = (q[..., start:stop, :], k, v, spatial.bandwidth, start, stop)
         outputs.append(checkpoint(block, *args, use_reentrant=False) if recompute else block(*args))
     return torch.cat(outputs, dim=-2)
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention(device: torch.device):
+    """FlexAttention: as it is inside a compiled region or off CUDA, else compiled once (eager flex_attention
+    materialises the scores: a reference, not a fast path)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling() or device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def _flex_spatial_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """The spatial path through FlexAttention: scale * q.k plus, in its score function, the key-norm term, the
+    additive mask and S_ij computed from the two position indices (C.5), so no N x N tensor exists in forward or
+    backward; gradients reach the bandwidths through the captured tensors. Backward needs CUDA (torch 2.14 has no
+    CPU backward for FlexAttention); the CPU forward runs unfused (a parity check, not a fast path)."""
+    if dropout_p:
+        raise ValueError("spatial_backend='flex': FlexAttention has no attention dropout; use 'blocked'")
+    q, k, spatial, key_bias, mask = t["q"], t["k"], t["spatial"], t["key_bias"], t["mask"]
+    if not q.is_cuda and torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (q, k, v, key_bias, spatial.bandwidth)):
+        raise ValueError("spatial_backend='flex' on CPU runs forward only (torch has no CPU backward for "
+                         "FlexAttention); train with 'blocked' or on CUDA")
+    pos_q, pos_k = spatial.positions_q.to(q.dtype), spatial.positions_k.to(q.dtype)
+    valid_q, valid_k = ~pos_q.isnan().any(-1), ~pos_k.isnan().any(-1)  # prefix tokens take no spatial term
+    pos_q, pos_k = pos_q.nan_to_num(0.0), pos_k.nan_to_num(0.0)
+    bandwidth, gaussian, dims = spatial.bandwidth.to(q.dtype), spatial.kind == "gaussian", pos_q.shape[1]
+    keys = None if key_bias is None else key_bias[:, :, 0, :]  # [B|1, H, Nk]
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    pick = lambda size, index: index if size > 1 else 0  # noqa: E731  (broadcast dimensions of the captured tensors)
+
+    def score_mod(score, b, h, i, j):
+        sq_dist = sum((pos_q[i, p] - pos_k[j, p]).square() for p in range(dims))
+        sq_dist = torch.where(valid_q[i] & valid_k[j], sq_dist, torch.zeros_like(sq_dist))
+        h_p = bandwidth[h]
+        score = score + (-sq_dist / (h_p * h_p) if gaussian else -torch.sqrt(sq_dist) / h_p)
+        if keys is not None:
+            score = score + keys[pick(keys.shape[0], b), h, j]
+        if mask is not None:
+            score = score + mask[pick(mask.shape[0], b), pick(mask.shape[1], h), pick(mask.shape[2], i),
+                                 pick(mask.shape[3], j)]
+        return score
+
+    return _flex_attention(q.device)(q, k, v, score_mod=score_mod, scale=t["scale"])
 
 
 def _fused_range_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -273,7 +336,7 @@ def _per_head(values: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 __all__ = [
-    "KERNELS", "SCORE_BLOCK_BYTES", "SPATIAL_KERNELS", "SpatialKernel", "boosting", "default_range_bandwidth", "kernel_attention", "kernel_terms",
+    "KERNELS", "SCORE_BLOCK_BYTES", "SPATIAL_BACKENDS", "SPATIAL_KERNELS", "SpatialKernel", "boosting", "default_range_bandwidth", "kernel_attention", "kernel_terms",
     "kernel_weights",
     "spatial_log_kernel", "token_positions", "twicing",
 ]
