@@ -210,7 +210,7 @@ def test_ablate_help_shows_the_recipes_own_variants_and_presets(capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     assert f"from: {', '.join(lm.VARIANTS)}" in " ".join(out.split())
-    assert "vit" not in out.split("options:")[1] and "default: quick" in out and "gpt2_scale" in out
+    assert "vit" not in out.split("options:")[1] and "default: quick" in " ".join(out.split()) and "gpt2_scale" in out
     assert f"unrollattn ablate lm --variants {','.join(lm.VARIANTS[:4])} --preset quick" in out
     assert "--attention mhsa,mssa,bilateral --block transformer,aot" in out
     with pytest.raises(SystemExit):
