@@ -239,3 +239,36 @@ def test_named_corpora_join_with_plus(tmp_path, monkeypatch):
     for bad in ("first+", "first+hf:wikitext", "first+text:x.txt", "first+nope"):
         with pytest.raises(ValueError, match="named corpora .* joined by '\\+'"):
             corpora.load_documents(bad)
+
+
+@pytest.mark.parametrize("with_validation", [False, True])
+def test_a_streamed_hf_corpus_gives_the_same_tokens_as_a_downloaded_one(tmp_path, monkeypatch, with_validation):
+    """prepare_corpus(stream=True) reads an hf: corpus as a datasets stream in one pass (no arrow copy) and writes
+    the same train/val tokens, split rule and cache directory as the downloaded form."""
+    import datasets
+
+    texts = [f"document {i}: " + "words and more words " * (i % 5 + 1) for i in range(23)]
+    calls = []
+
+    def fake_load_dataset(name, config=None, streaming=False):
+        calls.append(streaming)
+        parts = {"train": texts[:18], **({"validation": texts[18:]} if with_validation else {})}
+        if streaming:
+            return datasets.IterableDatasetDict({k: datasets.IterableDataset.from_generator(
+                lambda v=v: ({"text": t} for t in v)) for k, v in parts.items()})
+        return datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in parts.items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    streamed = corpora.prepare_corpus("hf:fake", "byte", val_fraction=0.2, root=tmp_path / "a", stream=True)
+    downloaded = corpora.prepare_corpus("hf:fake", "byte", val_fraction=0.2, root=tmp_path / "b")
+    assert calls == [True, False]
+    for split in ("train", "val"):
+        assert np.array_equal(np.asarray(streamed.split(split)), np.asarray(downloaded.split(split))), split
+    meta_s, meta_d = (json.loads((c.path / "meta.json").read_text()) for c in (streamed, downloaded))
+    assert meta_s["split_rule"] == meta_d["split_rule"]
+    assert meta_s["documents"] == meta_d["documents"] == (23 if with_validation else 18)
+    assert {k: meta_s["splits"][k]["tokens"] for k in ("train", "val")} == {
+        k: meta_d["splits"][k]["tokens"] for k in ("train", "val")}
+    assert streamed.path.name == downloaded.path.name  # the same cache key: streaming does not change the tokens
+    assert corpora.prepare_corpus("hf:fake", "byte", val_fraction=0.2, root=tmp_path / "a", stream=True).path == \
+        streamed.path and calls == [True, False]  # reused, not streamed again

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -511,13 +512,7 @@ def _local_splits(spec: str, val_fraction: float):
 def _hf_splits(spec: str, val_fraction: float):
     import datasets
 
-    name, _, config = spec[3:].partition(":")
-    try:
-        ds = datasets.load_dataset(name, config or None)
-    except Exception as err:  # offline, unknown name, ...: one clear message
-        raise CorpusUnavailable(f"corpus {spec!r}: datasets.load_dataset({name!r}{', ' + repr(config) if config else ''})"
-                                f" failed ({type(err).__name__}: {str(err)[:300]}); hf: corpora need the network "
-                                f"or the dataset in the local HF cache") from None
+    ds = _load_hf(spec)
     if "train" not in ds or "text" not in ds["train"].column_names:
         raise ValueError(f"corpus {spec!r}: expected a 'train' split with a 'text' column, got splits {list(ds)} "
                          f"with columns {ds[next(iter(ds))].column_names}")
@@ -535,13 +530,72 @@ def _hf_splits(spec: str, val_fraction: float):
                                                    "val": train.select(idx[idx % every == every - 1])})
 
 
+def _load_hf(spec: str, **kwargs):
+    import datasets
+
+    name, _, config = spec[3:].partition(":")
+    try:
+        return datasets.load_dataset(name, config or None, **kwargs)
+    except Exception as err:  # offline, unknown name, ...: one clear message
+        raise CorpusUnavailable(f"corpus {spec!r}: datasets.load_dataset({name!r}{', ' + repr(config) if config else ''})"
+                                f" failed ({type(err).__name__}: {str(err)[:300]}); hf: corpora need the network "
+                                f"or the dataset in the local HF cache") from None
+
+
+def _prepare_streamed(spec: str, val_fraction: float, encode: Callable, vocab: int, dtype: np.dtype, directory: Path,
+                      batch_docs: int = 256) -> tuple[int, str, dict]:
+    """Token files of an ``hf:`` corpus read as a ``datasets`` stream (``streaming=True``: no arrow copy on disk)
+    in one pass, each document routed by the split rule of :func:`_hf_splits` as it arrives."""
+    ds = _load_hf(spec, streaming=True)
+    if "train" not in ds:
+        raise ValueError(f"corpus {spec!r}: expected a 'train' split, got splits {list(ds)}")
+    val_name = next((n for n in ("validation", "valid", "val") if n in ds), None)
+    every = max(2, round(1 / val_fraction))
+    if val_name is not None:
+        rule = f"the dataset's {val_name!r} split"
+        routed = itertools.chain(((row["text"], "train") for row in ds["train"]),
+                                 ((row["text"], "val") for row in ds[val_name]))
+    else:
+        rule = f"every {every}-th document (index % {every} == {every - 1})"
+        routed = ((row["text"], "val" if i % every == every - 1 else "train") for i, row in enumerate(ds["train"]))
+    stats = {split: {"tokens": 0, "documents": 0} for split in _SPLITS}
+    with contextlib.ExitStack() as stack:
+        tmp = {split: stack.enter_context(atomic_path(directory / f"{split}.bin")) for split in _SPLITS}
+        files = {split: stack.enter_context(open(path, "wb")) for split, path in tmp.items()}
+
+        def flush(batch: list[tuple[str, str]]) -> None:
+            for (_, split), ids in zip(batch, encode([text for text, _ in batch])):
+                if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                    raise ValueError(f"tokenizer produced ids outside [0, {vocab})")
+                files[split].write(ids.astype(dtype).tobytes())
+                stats[split]["tokens"] += len(ids)
+                stats[split]["documents"] += 1
+
+        batch = []
+        for pair in routed:
+            batch.append(pair)
+            if len(batch) == batch_docs:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+        if stats["train"]["tokens"] == 0:
+            raise ValueError(f"corpus {spec!r} has no training text")
+        for split, handle in files.items():
+            handle.close()
+            stats[split]["sha256"] = sha256_file(tmp[split])
+    return sum(v["documents"] for v in stats.values()), rule, stats
+
+
 def prepare_corpus(spec: str, tokenizer: Any = "gpt2", *, val_fraction: float = 0.05, root: str | os.PathLike | None = None,
-                   num_proc: int | None = None, verify: bool = True) -> TokenCorpus:
+                   num_proc: int | None = None, verify: bool = True, stream: bool = False) -> TokenCorpus:
     """Tokenize corpus ``spec`` once into ``train.bin`` / ``val.bin`` and return the memory-mapped result.
 
     ``spec`` may be a comma-separated preference list (the first usable corpus is taken). ``tokenizer`` is a
     tokenizer object or a name for :func:`~unrollattn.language.tokenizer.get_tokenizer`. A complete earlier
-    preparation is reused (``verify`` re-checks the files' SHA-256 against meta.json).
+    preparation is reused (``verify`` re-checks the files' SHA-256 against meta.json). ``stream``: an ``hf:``
+    corpus is read as a ``datasets`` stream straight into the token files (no arrow cache of the whole dataset;
+    the same tokens and split, so the same cache directory); local corpora ignore it.
     """
     tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     if not 0.0 < val_fraction < 1.0:
@@ -561,6 +615,13 @@ def prepare_corpus(spec: str, tokenizer: Any = "gpt2", *, val_fraction: float = 
         for stale in directory.glob(".*.tmp"):  # temporary files of an interrupted run (atomic_path names)
             stale.unlink(missing_ok=True)
         t0 = time.perf_counter()
+        encode = _encode_fn(tok)
+        vocab = int(len(tok))
+        dtype = _token_dtype(vocab)
+        if stream and spec.startswith("hf:"):
+            n_docs, rule, meta_splits = _prepare_streamed(spec, val_fraction, encode, vocab, dtype, directory)
+            return _finish_preparation(directory, spec, tok, vocab, dtype, val_fraction, rule, n_docs, meta_splits,
+                                       t0, verify)
         if spec.startswith("hf:"):
             n_docs, rule, splits = _hf_splits(spec, val_fraction)
             keep_in_memory = False
@@ -569,9 +630,6 @@ def prepare_corpus(spec: str, tokenizer: Any = "gpt2", *, val_fraction: float = 
             keep_in_memory = True
         if len(splits["train"]) == 0:
             raise ValueError(f"corpus {spec!r} has no training text")
-        encode = _encode_fn(tok)
-        vocab = int(len(tok))
-        dtype = _token_dtype(vocab)
 
         def tokenize(batch: dict[str, list]) -> dict[str, list]:
             ids = encode(batch["text"])
@@ -594,15 +652,22 @@ def prepare_corpus(spec: str, tokenizer: Any = "gpt2", *, val_fraction: float = 
 
             digest = _write_tokens(directory / f"{split}.bin", checked(), total, dtype)
             meta_splits[split] = {"tokens": total, "sha256": digest, "documents": len(data)}
-        meta = {
-            "format": FORMAT_VERSION, "corpus": spec, "source": CORPORA[spec].description if spec in CORPORA else spec,
-            "tokenizer": tokenizer_key(tok), "vocab_size": vocab, "eos_token_id": int(tok.eos_token_id),
-            "dtype": dtype.name, "val_fraction": val_fraction, "split_rule": rule, "documents": n_docs,
-            "splits": meta_splits, "prepare_s": round(time.perf_counter() - t0, 2),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        atomic_write_json(directory / "meta.json", meta)  # last: marks the directory complete
-        ready = _load_if_complete(directory, verify)
-        if ready is None:
-            raise RuntimeError(f"prepared corpus in {directory} does not verify against its meta.json")
-        return ready
+        return _finish_preparation(directory, spec, tok, vocab, dtype, val_fraction, rule, n_docs, meta_splits, t0,
+                                   verify)
+
+
+def _finish_preparation(directory: Path, spec: str, tok: Any, vocab: int, dtype: np.dtype, val_fraction: float,
+                        rule: str, n_docs: int, meta_splits: dict, t0: float, verify: bool) -> TokenCorpus:
+    """meta.json last (it marks the directory complete), then the verified corpus."""
+    meta = {
+        "format": FORMAT_VERSION, "corpus": spec, "source": CORPORA[spec].description if spec in CORPORA else spec,
+        "tokenizer": tokenizer_key(tok), "vocab_size": vocab, "eos_token_id": int(tok.eos_token_id),
+        "dtype": dtype.name, "val_fraction": val_fraction, "split_rule": rule, "documents": n_docs,
+        "splits": meta_splits, "prepare_s": round(time.perf_counter() - t0, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(directory / "meta.json", meta)
+    ready = _load_if_complete(directory, verify)
+    if ready is None:
+        raise RuntimeError(f"prepared corpus in {directory} does not verify against its meta.json")
+    return ready

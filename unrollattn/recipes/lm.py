@@ -197,7 +197,9 @@ class DataConfig:
     """Text data: ``corpus`` and ``shift_corpus`` are corpus names or comma-separated preference lists
     (``unrollattn.language.corpora``; the shift corpus is the first available one that differs from the training
     corpus, "" for none); ``tokenizer`` byte | gpt2 (offline files, else hub) | gpt2-files | gpt2-hub;
-    ``block_size`` tokens per training window; ``root`` overrides the data root ($UNROLLATTN_DATA)."""
+    ``block_size`` tokens per training window; ``root`` overrides the data root ($UNROLLATTN_DATA); ``stream``:
+    an ``hf:`` corpus is tokenized from a ``datasets`` stream (no arrow copy of the whole dataset on disk; the same
+    tokens)."""
 
     corpus: str = "kjv,austen,music21_en"
     shift_corpus: str = "austen,music21_en,kjv"
@@ -205,6 +207,7 @@ class DataConfig:
     block_size: int = 128
     val_fraction: float = 0.05
     root: str | None = None
+    stream: bool = False
 
     def __post_init__(self):
         if self.tokenizer not in TOKENIZER_NAMES:
@@ -412,7 +415,7 @@ class LMTask:
         self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
 
         def prepare(spec: str) -> TokenCorpus:
-            return prepare_corpus(spec, self.tokenizer, val_fraction=d.val_fraction, root=d.root)
+            return prepare_corpus(spec, self.tokenizer, val_fraction=d.val_fraction, root=d.root, stream=d.stream)
 
         corpus_spec = resolve_corpus(d.corpus, self.tokenizer, d.val_fraction)
         self.corpus = run_on_main(self.state, lambda: prepare(corpus_spec))
@@ -611,7 +614,7 @@ def gpt2_scale() -> LMConfig:
         preset="gpt2_scale",
         model=ModelConfig(variant="gpt2", size="base"),
         data=DataConfig(corpus="hf:openwebtext,kjv,austen", shift_corpus="austen,kjv,music21_en", tokenizer="gpt2",
-                        block_size=1024),
+                        block_size=1024, stream=True),
         eval=EvalConfig(windows=200, batch_size=8, last_word_passages=500, last_word_context=256),
         loop=LoopConfig(max_steps=600_000, batch_size=480, grad_accum=40, eval_every=2000, log_every=10,
                         ckpt_every=2000, precision="bf16", compile=True, keep_checkpoints=2),
