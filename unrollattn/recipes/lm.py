@@ -576,7 +576,7 @@ def quick() -> LMConfig:
 
 @PRESETS.register("bpe")
 def bpe() -> LMConfig:
-    """CPU, the budget study (README "LM against budget"): GPT-2 BPE on KJV + Austen (2.2M tokens, else KJV),
+    """CPU, the budget study (README "LM against budget"): GPT-2 BPE on KJV + Austen (2.08M tokens, else KJV),
     windows of 128 tokens, width 128, 4 heads, GPT-2-equivalent depth 4 with parameter-matched stacks, 8 windows per
     step; 1000 steps (1.02M tokens) unless ``loop.max_steps`` sets the budget. The tied 50257-token embedding costs
     most of each step at this width (the same for every variant). Shift corpus: Lady Susan (music21, when installed)."""
