@@ -272,3 +272,13 @@ def test_a_streamed_hf_corpus_gives_the_same_tokens_as_a_downloaded_one(tmp_path
     assert streamed.path.name == downloaded.path.name  # the same cache key: streaming does not change the tokens
     assert corpora.prepare_corpus("hf:fake", "byte", val_fraction=0.2, root=tmp_path / "a", stream=True).path == \
         streamed.path and calls == [True, False]  # reused, not streamed again
+
+
+def test_a_streamed_hf_corpus_without_a_text_column_is_a_clear_error(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, streaming=False: datasets.IterableDatasetDict(
+        {"train": datasets.IterableDataset.from_generator(lambda: ({"body": "x"} for _ in range(3)))}))
+    with pytest.raises(ValueError, match="expected a 'text' column, got columns \\['body'\\]"):
+        corpora.prepare_corpus("hf:fake", "byte", root=tmp_path, stream=True)
+    assert not list((tmp_path / "tokens").rglob("*.bin"))  # nothing half-written is left as a token file

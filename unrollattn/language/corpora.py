@@ -530,6 +530,13 @@ def _hf_splits(spec: str, val_fraction: float):
                                                    "val": train.select(idx[idx % every == every - 1])})
 
 
+def _checked_ids(ids: np.ndarray, vocab: int, dtype: np.dtype) -> np.ndarray:
+    """One document's token ids in the file dtype; ValueError for an id outside the vocabulary."""
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"tokenizer produced ids outside [0, {vocab})")
+    return ids.astype(dtype)
+
+
 def _load_hf(spec: str, **kwargs):
     import datasets
 
@@ -551,23 +558,26 @@ def _prepare_streamed(spec: str, val_fraction: float, encode: Callable, vocab: i
         raise ValueError(f"corpus {spec!r}: expected a 'train' split, got splits {list(ds)}")
     val_name = next((n for n in ("validation", "valid", "val") if n in ds), None)
     every = max(2, round(1 / val_fraction))
+    def text(row: dict) -> str:
+        if "text" not in row:
+            raise ValueError(f"corpus {spec!r}: expected a 'text' column, got columns {sorted(row)}")
+        return row["text"]
+
     if val_name is not None:
         rule = f"the dataset's {val_name!r} split"
-        routed = itertools.chain(((row["text"], "train") for row in ds["train"]),
-                                 ((row["text"], "val") for row in ds[val_name]))
+        routed = itertools.chain(((text(row), "train") for row in ds["train"]),
+                                 ((text(row), "val") for row in ds[val_name]))
     else:
         rule = f"every {every}-th document (index % {every} == {every - 1})"
-        routed = ((row["text"], "val" if i % every == every - 1 else "train") for i, row in enumerate(ds["train"]))
+        routed = ((text(row), "val" if i % every == every - 1 else "train") for i, row in enumerate(ds["train"]))
     stats = {split: {"tokens": 0, "documents": 0} for split in _SPLITS}
     with contextlib.ExitStack() as stack:
         tmp = {split: stack.enter_context(atomic_path(directory / f"{split}.bin")) for split in _SPLITS}
         files = {split: stack.enter_context(open(path, "wb")) for split, path in tmp.items()}
 
         def flush(batch: list[tuple[str, str]]) -> None:
-            for (_, split), ids in zip(batch, encode([text for text, _ in batch])):
-                if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-                    raise ValueError(f"tokenizer produced ids outside [0, {vocab})")
-                files[split].write(ids.astype(dtype).tobytes())
+            for (_, split), ids in zip(batch, encode([doc for doc, _ in batch])):
+                files[split].write(_checked_ids(ids, vocab, dtype).tobytes())
                 stats[split]["tokens"] += len(ids)
                 stats[split]["documents"] += 1
 
@@ -644,13 +654,8 @@ def prepare_corpus(spec: str, tokenizer: Any = "gpt2", *, val_fraction: float = 
             data = data.with_format("numpy", columns=["ids"])
             chunks = (np.asarray(row["ids"]) for row in data)
 
-            def checked(chunks=chunks):
-                for chunk in chunks:
-                    if chunk.size and (chunk.min() < 0 or chunk.max() >= vocab):
-                        raise ValueError(f"tokenizer produced ids outside [0, {vocab})")
-                    yield chunk.astype(dtype)
-
-            digest = _write_tokens(directory / f"{split}.bin", checked(), total, dtype)
+            digest = _write_tokens(directory / f"{split}.bin", (_checked_ids(c, vocab, dtype) for c in chunks), total,
+                                   dtype)
             meta_splits[split] = {"tokens": total, "sha256": digest, "documents": len(data)}
         return _finish_preparation(directory, spec, tok, vocab, dtype, val_fraction, rule, n_docs, meta_splits, t0,
                                    verify)
