@@ -34,3 +34,18 @@ def tiny_photos():
     from unrollattn.vision.photos import load_photos
 
     return load_photos(eval_crop=32, test_names=("astronaut", "chelsea"), train_names=("rocket", "coffee"))
+
+
+# --- the Task.batch contract of every recipe ---
+@pytest.fixture
+def global_batch():
+    """``global_batch(task, step, world_size)``: step ``step``'s micro-batches of ``task`` over ``world_size`` ranks
+    and its ``loop.grad_accum`` accumulation steps, concatenated in chunk order (micro-major, then rank) per key."""
+    from unrollattn.utils.dist import DistState
+
+    def gather(task, step, world_size):
+        parts = [task.batch(step, micro, DistState(rank=rank, world_size=world_size))
+                 for micro in range(task.cfg.loop.grad_accum) for rank in range(world_size)]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    return gather

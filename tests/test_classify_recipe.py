@@ -68,7 +68,7 @@ def test_random_translate_flip_matches_padded_crop():
         classify.random_translate_flip(images, torch.zeros(2, 3, dtype=torch.long))
 
 
-def test_batches_are_deterministic_and_sharded():
+def test_batches_are_deterministic_and_sharded(global_batch):
     cfg = classify.load_config("digits_debug", ["data.augment=true", "data.crop_padding=1", "loop.batch_size=8"])
     task = classify.ClassifyTask(cfg, load_classification_data("digits"))
     one = DistState()
@@ -78,6 +78,10 @@ def test_batches_are_deterministic_and_sharded():
     r0, r1 = (task.batch(3, 0, DistState(rank=r, world_size=2)) for r in (0, 1))
     assert r0["labels"].shape == (4,)
     assert torch.equal(torch.cat([r0["images"], r1["images"]]), a["images"])  # the same global batch, split
+    accumulated = classify.ClassifyTask(classify.load_config("digits_debug", [
+        "data.augment=true", "data.crop_padding=1", "loop.batch_size=8", "loop.grad_accum=2"]), task.data)
+    for split in (global_batch(task, 3, 2), global_batch(accumulated, 3, 2)):  # with the same shifts and flips
+        assert all(torch.equal(split[key], a[key]) for key in a)
     assert int(a["shift"].abs().max()) <= 1
     x = task.inputs(a)
     assert x.dtype == torch.float32 and x.shape == (8, 1, 8, 8)

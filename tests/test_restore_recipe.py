@@ -58,12 +58,15 @@ def test_config_validation():
     assert "fidelity" not in restore.load_config("tiny").model.options()  # default: the hard constraint
 
 
-def test_task_batches_are_deterministic_and_loss_decreases(tiny_photos):
+def test_task_batches_are_deterministic_and_loss_decreases(tiny_photos, global_batch):
     cfg = restore.load_config("tiny")
     task = restore.RestoreTask(cfg, photos=tiny_photos)
     state = DistState()
     a, b = task.batch(3, 0, state), task.batch(3, 0, state)
     assert torch.equal(a["x"], b["x"]) and not torch.equal(a["x"], task.batch(4, 0, state)["x"])
+    accumulated = restore.RestoreTask(restore.load_config("tiny", ["loop.grad_accum=2"]), photos=tiny_photos)
+    for split in (global_batch(task, 3, 2), global_batch(accumulated, 3, 1)):
+        assert torch.equal(split["x"], a["x"]) and torch.equal(split["y"], a["y"])  # the same crops on any split
     assert torch.equal(task.operator(a["x"]), a["y"])
     torch.manual_seed(0)
     model = task.build_model()

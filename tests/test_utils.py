@@ -11,7 +11,7 @@ from torch import nn
 import unrollattn.utils.io as atomic_io
 from unrollattn.utils.dist import (
     DistState, all_reduce_mean, all_reduce_sum, all_reduce_tensor, barrier, broadcast_object, env_int, group_active,
-    is_main_process, micro_batch_seed, micro_batch_size, run_on_main, step_seed, unwrap_model,
+    global_batch_seed, is_main_process, micro_batch_size, micro_batch_slice, run_on_main, step_seed, unwrap_model,
 )
 from unrollattn.utils.io import atomic_write_json, atomic_write_text, to_jsonable
 from unrollattn.utils.plots import Series, series_figure
@@ -139,7 +139,13 @@ def test_micro_batches_and_seeds():
         micro_batch_size(30, 2, 4)
     with pytest.raises(ValueError, match="grad_accum: expected an int >= 1"):
         micro_batch_size(32, 0, 1)
-    assert micro_batch_seed(0, 3, 1, 2, 0) == step_seed(0, 7, 0) != step_seed(0, 7, 1)
+    assert micro_batch_slice(32, 2, 4, 1, 2) == slice(24, 28)  # chunk micro * world + rank of 4 items
+    assert [micro_batch_slice(8, 2, 2, m, r) for m in (0, 1) for r in (0, 1)] == [slice(i, i + 2) for i in (0, 2, 4, 6)]
+    with pytest.raises(ValueError, match="rank: expected 0 <= rank < world_size=2"):
+        micro_batch_slice(8, 1, 2, 0, 2)
+    with pytest.raises(ValueError, match="micro: expected 0 <= micro < grad_accum=2"):
+        micro_batch_slice(8, 2, 1, 2, 0)
+    assert global_batch_seed(0, 7) == step_seed(0, 7, 0) != step_seed(0, 7, 1) != global_batch_seed(0, 8)
     assert 0 <= step_seed(123, 4, 5) < 2 ** 63
 
 

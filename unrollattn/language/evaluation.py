@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils.dist import DistState, all_reduce_tensor, micro_batch_seed, micro_batch_size, unwrap_model
+from ..utils.dist import DistState, all_reduce_tensor, global_batch_seed, micro_batch_slice, unwrap_model
 from ..utils.plots import Series, draw_series, new_figure, save_figure
 from ..utils.tables import write_table
 
@@ -442,10 +442,10 @@ class ICLRegressionTask:
         return ICLRegressor(self.build_backbone(), self.data.dim, self.width)
 
     def batch(self, step: int, micro: int, state: DistState) -> dict[str, Tensor]:
-        mb = micro_batch_size(self.batch_size, self.grad_accum, state.world_size)
-        gen = torch.Generator().manual_seed(micro_batch_seed(self.seed, step, micro, self.grad_accum, state.rank))
-        xs, ys, _ = icl_batch(mb, self.data, gen)
-        return {"xs": xs, "ys": ys}
+        keep = micro_batch_slice(self.batch_size, self.grad_accum, state.world_size, micro, state.rank)
+        gen = torch.Generator().manual_seed(global_batch_seed(self.seed, step))
+        xs, ys, _ = icl_batch(self.batch_size, self.data, gen)
+        return {"xs": xs[keep], "ys": ys[keep]}
 
     def loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         pred = model(batch["xs"], batch["ys"]).float()

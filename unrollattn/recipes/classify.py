@@ -47,7 +47,7 @@ from unrollattn.train import (
     LoopConfig, OptimConfig, apply_overrides, epoch_batch_indices, fit, load_latest_weights, read_run_config,
     recipe_main,
 )
-from unrollattn.utils.dist import DistState, all_reduce_tensor, micro_batch_seed
+from unrollattn.utils.dist import DistState, all_reduce_tensor, global_batch_seed, micro_batch_slice
 from unrollattn.utils.io import atomic_write_json
 from unrollattn.vision.datasets import ImageClassificationData, load_classification_data
 
@@ -395,10 +395,11 @@ class ClassifyTask:
                                   state.world_size, loop.seed)
         out = {"images": self.data.train_images[idx], "labels": self.data.train_labels[idx]}
         if aug.augment:
-            gen = torch.Generator().manual_seed(micro_batch_seed(loop.seed, step, micro, loop.grad_accum, state.rank))
+            keep = micro_batch_slice(loop.batch_size, loop.grad_accum, state.world_size, micro, state.rank)
+            gen = torch.Generator().manual_seed(global_batch_seed(loop.seed, step))
             p = aug.crop_padding
-            out["shift"] = torch.randint(-p, p + 1, (idx.numel(), 2), generator=gen)
-            out["flip"] = (torch.rand(idx.numel(), generator=gen) < 0.5) & aug.hflip
+            out["shift"] = torch.randint(-p, p + 1, (loop.batch_size, 2), generator=gen)[keep]
+            out["flip"] = (torch.rand(loop.batch_size, generator=gen) < 0.5)[keep] & aug.hflip
         return out
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -76,7 +76,7 @@ from unrollattn.train import (
     ConfigError, LoopConfig, OptimConfig, apply_overrides, config_from_dict, fit, init_distributed, recipe_main,
 )
 from unrollattn.utils.dist import (
-    DistState, micro_batch_seed, micro_batch_size, run_on_main, unwrap_model,
+    DistState, global_batch_seed, micro_batch_slice, run_on_main, unwrap_model,
 )
 
 __all__ = [
@@ -396,8 +396,8 @@ def export_hf_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLi
 class LMTask:
     """The :class:`unrollattn.train.Task` of next-token prediction on a prepared corpus.
 
-    Training windows of ``block_size + 1`` tokens start at uniform random offsets of the train split, drawn from
-    (seed, step, micro-batch, rank); evaluation: :func:`window_loss` on the val split and on the shift corpus, and
+    Training windows of ``block_size + 1`` tokens start at uniform random offsets of the train split, drawn per
+    (seed, step) for the global batch, of which each (micro-batch, rank) keeps its slice; evaluation: :func:`window_loss` on the val split and on the shift corpus, and
     :func:`last_word_accuracy` on passages of the val split.
     """
 
@@ -480,10 +480,10 @@ class LMTask:
 
     def batch(self, step: int, micro: int, state: DistState) -> dict[str, torch.Tensor]:
         loop, block = self.cfg.loop, self.cfg.data.block_size
-        mb = micro_batch_size(loop.batch_size, loop.grad_accum, state.world_size)
-        rng = np.random.default_rng(micro_batch_seed(loop.seed, step, micro, loop.grad_accum, state.rank))
+        rng = np.random.default_rng(global_batch_seed(loop.seed, step))
         train = self.corpus.train
-        starts = rng.integers(0, len(train) - block - 1, size=mb, endpoint=True)
+        starts = rng.integers(0, len(train) - block - 1, size=loop.batch_size, endpoint=True)
+        starts = starts[micro_batch_slice(loop.batch_size, loop.grad_accum, state.world_size, micro, state.rank)]
         w = torch.from_numpy(np.stack([np.asarray(train[s: s + block + 1], dtype=np.int64) for s in starts]))
         return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
 

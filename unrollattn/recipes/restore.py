@@ -61,7 +61,7 @@ from unrollattn.train import (
     LoopConfig, OptimConfig, apply_overrides, count_params, fit, load_latest_weights,
     read_run_config, recipe_main,
 )
-from unrollattn.utils.dist import DistState, all_reduce_tensor, micro_batch_seed, micro_batch_size
+from unrollattn.utils.dist import DistState, all_reduce_tensor, global_batch_seed, micro_batch_slice
 from unrollattn.utils.io import atomic_path
 from unrollattn.utils.plots import new_figure, save_figure
 from unrollattn.utils.tables import markdown_table
@@ -291,9 +291,9 @@ class RestoreTask:
 
     def batch(self, step: int, micro: int, state: DistState) -> dict[str, torch.Tensor]:
         loop = self.cfg.loop
-        count = micro_batch_size(loop.batch_size, loop.grad_accum, state.world_size)
-        gen = torch.Generator().manual_seed(micro_batch_seed(loop.seed, step, micro, loop.grad_accum, state.rank))
-        x = self.photos.crops(count, self.cfg.data.crop, gen, augment=self.cfg.data.augment)
+        keep = micro_batch_slice(loop.batch_size, loop.grad_accum, state.world_size, micro, state.rank)
+        gen = torch.Generator().manual_seed(global_batch_seed(loop.seed, step))
+        x = self.photos.crops(loop.batch_size, self.cfg.data.crop, gen, augment=self.cfg.data.augment, keep=keep)
         return {"x": x, "y": self.operator(x)}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

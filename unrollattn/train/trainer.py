@@ -41,7 +41,7 @@ from .checkpoint import (
 )
 from .config import LoopConfig, OptimConfig, config_to_dict
 from ..utils.dist import (
-    DistState, all_reduce_sum, all_reduce_tensor, main_rank_only, micro_batch_size, step_seed, unwrap_model,
+    DistState, all_reduce_sum, all_reduce_tensor, main_rank_only, micro_batch_size, micro_batch_slice, step_seed, unwrap_model,
 )
 from ..utils.memory import LiveTensorBytes, optimizer_state_bytes, tensor_bytes
 from .distributed import init_distributed, materialize_replica, meta_replica, shard_model, wrap_model
@@ -76,7 +76,9 @@ class Task(Protocol):
 
     def batch(self, step: int, micro: int, state: DistState) -> Any:
         """Micro-batch ``micro`` of 0-based optimizer step ``step`` on this rank: a deterministic function of
-        (step, micro, state.rank) with ``micro_batch_size(batch_size, grad_accum, world_size)`` items.
+        (step, micro, state.rank) with ``micro_batch_size(batch_size, grad_accum, world_size)`` items; the built-in
+        tasks draw the step's global batch and keep ``micro_batch_slice(...)`` of it, so a step's data does not depend
+        on the number of ranks.
         Tensors inside (also in lists/tuples/dicts) are moved to ``state.device`` by ``fit``."""
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
@@ -112,17 +114,13 @@ def epoch_batch_indices(num_items: int, batch_size: int, step: int, micro: int, 
     arguments only, so resuming needs no sampler state. The same global batch is used whether it
     is split over ranks or over accumulation steps.
     """
-    mb = micro_batch_size(batch_size, grad_accum, world_size)
+    chunk = micro_batch_slice(batch_size, grad_accum, world_size, micro, rank)
     if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
         raise ValueError(f"num_items: expected an int >= 1, got {num_items!r}")
     if step < 0:
         raise ValueError(f"step: expected an int >= 0, got {step!r}")
-    if not 0 <= micro < grad_accum:
-        raise ValueError(f"micro: expected 0 <= micro < grad_accum={grad_accum}, got {micro!r}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank!r}")
-    first = step * batch_size + (micro * world_size + rank) * mb
-    positions = torch.arange(first, first + mb, dtype=torch.long)
+    mb = chunk.stop - chunk.start
+    positions = torch.arange(step * batch_size + chunk.start, step * batch_size + chunk.stop, dtype=torch.long)
     epochs = positions // num_items
     offsets = positions % num_items
     out = torch.empty(mb, dtype=torch.long)

@@ -17,7 +17,8 @@ from torch import nn
 __all__ = [
     "DistState", "all_gather_object", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor", "barrier",
     "broadcast_object", "env_int", "group_active", "has_sharded_parameters", "is_main_process", "main_rank_only",
-    "micro_batch_seed", "micro_batch_size", "raise_if_any_rank_failed", "run_on_main", "step_seed", "unwrap_model",
+    "global_batch_seed", "micro_batch_size", "micro_batch_slice", "raise_if_any_rank_failed", "run_on_main", "step_seed",
+    "unwrap_model",
 ]
 
 T = TypeVar("T")
@@ -216,7 +217,20 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def micro_batch_seed(seed: int, step: int, micro: int, grad_accum: int, rank: int) -> int:
-    """The RNG seed of one micro-batch (``micro`` of ``grad_accum`` at ``step`` on ``rank``): what a Task draws its
-    batch with, so a resumed run draws the same batches."""
-    return step_seed(seed, step * grad_accum + micro, rank)
+def micro_batch_slice(batch_size: int, grad_accum: int, world_size: int, micro: int, rank: int) -> slice:
+    """Where micro-batch ``micro`` of ``rank`` sits in its step's global batch of ``batch_size`` items: chunk
+    ``micro * world_size + rank`` of ``world_size * grad_accum`` equal chunks. Tasks draw the whole global batch from
+    :func:`global_batch_seed` and keep this slice, so the batch of a step does not depend on how it is split over ranks
+    and accumulation steps (a run resumed on another number of devices sees the same data)."""
+    mb = micro_batch_size(batch_size, grad_accum, world_size)
+    if not 0 <= micro < grad_accum:
+        raise ValueError(f"micro: expected 0 <= micro < grad_accum={grad_accum}, got {micro!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank!r}")
+    first = (micro * world_size + rank) * mb
+    return slice(first, first + mb)
+
+
+def global_batch_seed(seed: int, step: int) -> int:
+    """The RNG seed of step ``step``'s global batch (the same on every rank; see :func:`micro_batch_slice`)."""
+    return step_seed(seed, step, 0)

@@ -202,19 +202,22 @@ class PhotoDataset:
         """Test photos as float [1, 3, H, W] in [0, 1]."""
         return [t.unsqueeze(0).to(dtype) / 255.0 for t in self.test]
 
-    def crops(self, count: int, size: int, generator: torch.Generator, *, augment: bool = True) -> torch.Tensor:
-        """``count`` random ``size`` x ``size`` crops, float [count, 3, size, size] in [0, 1].
+    def crops(self, count: int, size: int, generator: torch.Generator, *, augment: bool = True,
+              keep: slice | None = None) -> torch.Tensor:
+        """``count`` random ``size`` x ``size`` crops, float [count, 3, size, size] in [0, 1] (only crops ``keep`` of
+        them when given: the draws are those of all ``count``, the pixels are cut for the kept ones only).
 
         Each crop picks a train photo uniformly, a uniform position and (``augment``) one of the 8
         flips / transposes; everything is drawn from ``generator``, so a seeded generator gives the same crops.
         """
         if not self.train:
             raise ValueError("PhotoDataset has no training photos")
-        out = torch.empty(count, 3, size, size, dtype=torch.uint8)
         picks = torch.randint(len(self.train), (count,), generator=generator)
         u = torch.rand(count, 2, generator=generator)
         flips = torch.randint(8, (count,), generator=generator)
-        for i in range(count):
+        kept = range(count)[keep if keep is not None else slice(None)]
+        out = torch.empty(len(kept), 3, size, size, dtype=torch.uint8)
+        for slot, i in enumerate(kept):
             image = self.train[int(picks[i])]
             h, w = image.shape[-2:]
             if h < size or w < size:
@@ -230,7 +233,7 @@ class PhotoDataset:
                     crop = crop.flip(-2)
                 if f & 4:
                     crop = crop.transpose(-1, -2)
-            out[i] = crop
+            out[slot] = crop
         return out.float() / 255.0
 
 
