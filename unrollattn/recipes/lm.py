@@ -397,8 +397,9 @@ class LMTask:
     """The :class:`unrollattn.train.Task` of next-token prediction on a prepared corpus.
 
     Training windows of ``block_size + 1`` tokens start at uniform random offsets of the train split, drawn per
-    (seed, step) for the global batch, of which each (micro-batch, rank) keeps its slice; evaluation: :func:`window_loss` on the val split and on the shift corpus, and
-    :func:`last_word_accuracy` on passages of the val split.
+    (seed, step) for the global batch, of which each (micro-batch, rank) keeps its slice; evaluation:
+    :func:`window_loss` on the val split and on the shift corpus, and :func:`last_word_accuracy` on passages of the
+    val split.
     """
 
     loss_label = "cross-entropy (nats/token)"

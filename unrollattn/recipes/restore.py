@@ -23,7 +23,8 @@ Variants (``model.variant``): ``uglr``, ``ugtv`` (:mod:`unrollattn.vision.restor
 ``loop.max_steps=0``: evaluated once by the same :meth:`RestoreTask.evaluate` as the trained ones, no checkpoint.
 
 Data: :mod:`unrollattn.vision.photos` (fixed split by photo; random ``data.crop`` training crops drawn
-from a generator seeded by (seed, step, micro-batch, rank), so resuming is exact). Training uses clean
+from a generator seeded by (seed, step) for the global batch, each micro-batch and rank cutting its slice, so
+resuming is exact, also on another number of ranks). Training uses clean
 samples. Evaluation on the test photos (centre ``data.eval_crop`` crops): PSNR and SSIM from
 scikit-image (``peak_signal_noise_ratio`` / ``structural_similarity`` with ``data_range=1``,
 ``channel_axis``) on outputs clipped to [0, 1], float64, ignoring ``data.border`` pixels at each image

@@ -3,7 +3,8 @@
 ``fit`` handles torchrun (DDP, or FSDP2 with ``loop.parallel=fsdp``), seeding, optimizer + schedule, gradient accumulation, bf16 autocast,
 clipping, logging (metrics.jsonl, summary.csv, tqdm), evaluation, atomic checkpoints and exact
 resume. Exact resume needs no data-loader state: ``Task.batch`` is a pure function of (step,
-micro-batch, rank) and the RNG is re-seeded from (seed, step, rank) at the start of every step.
+micro-batch, rank) (the built-in tasks: a slice of the step's global batch, the same on any number of ranks)
+and the RNG is re-seeded from (seed, step, rank) at the start of every step.
 
 Step numbers: ``Task.batch(step, ...)`` receives the 0-based index of the optimizer step; logs and
 checkpoints count completed steps, so the first update is logged as step 1 and a run of
