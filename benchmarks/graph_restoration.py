@@ -35,7 +35,7 @@ def build(variant: str, task: str, quick: bool):
     from unrollattn.recipes import restore
 
     name = restore.model_name(task, variant)
-    options = restore.load_config(f"{task}_quick", [f"model.variant={variant}"]).model.options() if quick else {}
+    options = restore.load_config(f"{task}_quick", [f"model.variant={variant}"]).model.options(task) if quick else {}
     return unrollattn.build_model(name, **options), name
 
 

@@ -52,10 +52,19 @@ def test_config_validation():
         restore.load_config("sr2_quick", ["model.variant=malvar"])
     with pytest.raises(ValueError, match="variant"):
         restore.load_config("tiny", ["model.variant=swinir"])
-    assert restore.load_config("tiny", ["model.variant=ugtv"]).model.options()["iters"] == 1  # admm_iters
+    assert restore.load_config("tiny", ["model.variant=ugtv"]).model.options("demosaic")["iters"] == 1  # admm_iters
     assert restore.model_name("sr2", "transformer") == "swin_sr2"
-    assert restore.load_config("tiny", ["model.fidelity=2.0"]).model.options()["fidelity"] == 2.0
-    assert "fidelity" not in restore.load_config("tiny").model.options()  # default: the hard constraint
+    assert restore.load_config("tiny", ["model.fidelity=2.0"]).model.options("demosaic")["fidelity"] == 2.0
+    assert "fidelity" not in restore.load_config("tiny").model.options("demosaic")  # default: the hard constraint
+    # each variant takes the fields its registration declares; the others belong to other variants of an ablation
+    ugtv = restore.load_config("tiny", ["model.variant=ugtv", "model.iters=7", "model.admm_iters=2", "model.cg_iters=5",
+                                        "model.embed_dim=48"]).model.options("sr2")
+    assert (ugtv["iters"], ugtv["cg_iters"]) == (2, 5) and "embed_dim" not in ugtv
+    uglr = restore.load_config("tiny", ["model.iters=7", "model.admm_iters=2"]).model.options("demosaic")
+    assert uglr["iters"] == 7 and "cg_iters" not in uglr
+    swin = restore.load_config("tiny", ["model.variant=transformer", "model.embed_dim=48", "model.blocks=3"])
+    assert swin.model.options("sr2")["embed_dim"] == 48 and "blocks" not in swin.model.options("sr2")
+    assert restore.load_config("tiny", ["model.variant=bicubic", "model.blocks=3"]).model.options("sr2") == {}
 
 
 def test_task_batches_are_deterministic_and_loss_decreases(tiny_photos, global_batch):
@@ -146,3 +155,16 @@ def test_x2_evaluation_of_an_odd_sized_photo_pads_and_crops():
     assert size == (33, 33) and y.shape[-2:] == (17, 17)
     metrics = task.evaluate(task.build_model(), DistState())
     assert math.isfinite(metrics["psnr"]) and metrics["psnr"] > 20
+
+
+def test_a_registered_option_without_a_config_field_is_a_clear_error():
+    from unrollattn.registry import MODELS, register_model
+    from unrollattn.vision.restoration_baselines import Interpolator
+
+    register_model("typo_net_demosaic", family="interpolation", task="restoration", variant="typo_net",
+                   size="demosaic", learned=False, config_options={"blokcs": "blocks"})(lambda **o: Interpolator(**o))
+    try:
+        with pytest.raises(ValueError, match=r"'typo_net_demosaic' declares config_options \['blokcs'\]"):
+            restore.load_config("tiny", ["model.variant=typo_net"]).model.options("demosaic")
+    finally:
+        MODELS.unregister("typo_net_demosaic")

@@ -87,9 +87,6 @@ VARIANTS = available_variants()
 VARIANT_KEY = "model.variant"
 TASKS = ("demosaic", "sr2")
 METRIC_CHANNELS = ("rgb", "y")
-_GRAPH_KEYS = ("blocks", "heads", "feature_dim", "width", "neighbourhood", "normalization", "metric", "step_sizes",
-               "init", "skip_init", "colour_difference", "green_smoothing", "fidelity")
-_SWIN_KEYS = ("embed_dim", "depth", "num_heads", "window_size", "mlp_ratio")
 # summary key -> column header of the ablation table (comparison.md / .csv); the noise columns are per preset σ
 ablation_columns = {"params": "params", "psnr": "PSNR dB", "ssim": "SSIM", "s_per_mp": "s/MP",
                     "psnr_sigma5": "PSNR σ5", "psnr_sigma10": "PSNR σ10", "psnr_sigma15": "PSNR σ15",
@@ -150,12 +147,16 @@ class ModelConfig:
         if self.variant not in available_variants():
             raise ValueError(f"variant: expected one of {', '.join(available_variants())}, got {self.variant!r}")
 
-    def options(self) -> dict[str, Any]:
-        keys = _GRAPH_KEYS if self.variant in ("uglr", "ugtv") else _SWIN_KEYS if self.variant == "transformer" else ()
-        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        solver = {"uglr": {"iters": self.iters}, "ugtv": {"iters": self.admm_iters, "cg_iters": self.cg_iters}}
-        out.update({k: v for k, v in solver.get(self.variant, {}).items() if v is not None})
-        return out
+    def options(self, task: str) -> dict[str, Any]:
+        """Builder options of ``variant`` for ``task``: the set fields its registration declares (metadata
+        ``config_options``: field -> option, e.g. uGTV's ``admm_iters`` -> ``iters``); other fields do not apply to it
+        (one override list serves every variant of an ablation)."""
+        declared = MODELS.meta(model_name(task, self.variant)).get("config_options", {})
+        unknown = sorted(set(declared) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"model {model_name(task, self.variant)!r} declares config_options {unknown} that "
+                             f"restore.ModelConfig has no field for")
+        return {option: getattr(self, field) for field, option in declared.items() if getattr(self, field) is not None}
 
 
 @dataclasses.dataclass
@@ -269,7 +270,7 @@ class RestoreTask:
         self._operator = None
 
     def build_model(self) -> nn.Module:
-        model = unrollattn.build_model(self.name, **self.cfg.model.options())
+        model = unrollattn.build_model(self.name, **self.cfg.model.options(self.cfg.task))
         self._operator = model.forward_operator
         return model
 
@@ -287,7 +288,7 @@ class RestoreTask:
         :meth:`build_model` built, or, before one was built, of a model built once to ask it (the global RNG kept)."""
         if self._operator is None:
             with torch.random.fork_rng(devices=[]):
-                self._operator = unrollattn.build_model(self.name, **self.cfg.model.options()).forward_operator
+                self._operator = unrollattn.build_model(self.name, **self.cfg.model.options(self.cfg.task)).forward_operator
         return self._operator
 
     def batch(self, step: int, micro: int, state: DistState) -> dict[str, torch.Tensor]:
@@ -545,7 +546,7 @@ def make_task(cfg: RestoreConfig) -> RestoreTask:
 def load_model(run_dir: str | Path) -> tuple[nn.Module, RestoreConfig]:
     """The model of a finished run directory (trained weights from its latest checkpoint), in eval mode."""
     cfg = read_run_config(run_dir, RestoreConfig, "restore")
-    model = unrollattn.build_model(model_name(cfg.task, cfg.model.variant), **cfg.model.options())
+    model = unrollattn.build_model(model_name(cfg.task, cfg.model.variant), **cfg.model.options(cfg.task))
     if is_learned(cfg.model.variant, cfg.task):
         load_latest_weights(run_dir, model)
     return model.eval(), cfg

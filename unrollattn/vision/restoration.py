@@ -300,7 +300,14 @@ def _builder(task: str, prior: str):
     return build
 
 
+# recipe config field -> builder option (metadata ``config_options``): the recipe passes the fields a model declares
+_GRAPH_CONFIG = {key: key for key in ("blocks", "heads", "feature_dim", "width", "neighbourhood", "normalization",
+                                      "metric", "step_sizes", "init", "skip_init", "colour_difference",
+                                      "green_smoothing", "fidelity")}
+_SOLVER_CONFIG = {"glr": {"iters": "iters"}, "gtv": {"admm_iters": "iters", "cg_iters": "cg_iters"}}
+
 for _task in RESTORATION_TASKS:
     for _prior in PRIORS:
         register_model(f"u{_prior}_{_task}", family=f"u{_prior}", task="restoration", variant=f"u{_prior}", size=_task,
-                       learned=True, summary=_builder(_task, _prior).__doc__)(_builder(_task, _prior))
+                       learned=True, config_options={**_GRAPH_CONFIG, **_SOLVER_CONFIG[_prior]},
+                       summary=_builder(_task, _prior).__doc__)(_builder(_task, _prior))

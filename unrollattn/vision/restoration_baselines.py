@@ -86,6 +86,9 @@ class ClassicalDemosaic(RestorationModel):
         return f"{super().extra_repr()}, method={self.method!r}"
 
 
+SWIN_OPTIONS = ("embed_dim", "depth", "num_heads", "window_size", "mlp_ratio")  # the recipe's model.<option> keys
+
+
 class SwinRestorer(RestorationModel):
     """Swin-block restoration transformer over the bilinear initialisation (module doc)."""
 
@@ -143,7 +146,8 @@ def _register():
             return SwinRestorer(_task, **options)
 
         register_model(f"swin_{task}", family="swin", task="restoration", variant="transformer", size=task,
-                       learned=True, summary=f"timm Swin-block transformer for {what}, residual over bilinear")(build_swin)
+                       learned=True, config_options={key: key for key in SWIN_OPTIONS},
+                       summary=f"timm Swin-block transformer for {what}, residual over bilinear")(build_swin)
     for method in CLASSICAL_METHODS:
         def build_classical(_method=method, **options):
             return ClassicalDemosaic(_method, **options)
