@@ -473,11 +473,15 @@ def test_sigint_inside_the_optimizer_step_is_held_to_the_end_of_the_step(tmp_pat
         return real_step(self, *a, **kw)
 
     loop = _loop(tmp_path, "sigint", max_steps=6, ckpt_every=0, eval_every=0)
-    with monkeypatch.context() as m:
-        m.setattr(torch.optim.lr_scheduler.LambdaLR, "step", interrupted_step)
-        with pytest.raises(TrainingInterrupted) as err:
-            fit(DigitsTask(digits, loop, dropout=0.0), loop, OPTIM)
-    assert err.value.checkpoint_step == 3 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job starts with SIGINT ignored
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(torch.optim.lr_scheduler.LambdaLR, "step", interrupted_step)
+            with pytest.raises(TrainingInterrupted) as err:
+                fit(DigitsTask(digits, loop, dropout=0.0), loop, OPTIM)
+        assert err.value.checkpoint_step == 3 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     again = dataclasses.replace(loop, resume=True)
     fit(DigitsTask(digits, again, dropout=0.0), again, OPTIM)
     straight = _loop(tmp_path, "sigint-straight", max_steps=6, ckpt_every=0, eval_every=0)
