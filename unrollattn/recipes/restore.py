@@ -288,7 +288,8 @@ class RestoreTask:
         :meth:`build_model` built, or, before one was built, of a model built once to ask it (the global RNG kept)."""
         if self._operator is None:
             with torch.random.fork_rng(devices=[]):
-                self._operator = unrollattn.build_model(self.name, **self.cfg.model.options(self.cfg.task)).forward_operator
+                options = self.cfg.model.options(self.cfg.task)
+                self._operator = unrollattn.build_model(self.name, **options).forward_operator
         return self._operator
 
     def batch(self, step: int, micro: int, state: DistState) -> dict[str, torch.Tensor]:

@@ -42,7 +42,8 @@ from .checkpoint import (
 )
 from .config import LoopConfig, OptimConfig, config_to_dict
 from ..utils.dist import (
-    DistState, all_reduce_sum, all_reduce_tensor, main_rank_only, micro_batch_size, micro_batch_slice, step_seed, unwrap_model,
+    DistState, all_reduce_sum, all_reduce_tensor, main_rank_only, micro_batch_size, micro_batch_slice, step_seed,
+    unwrap_model,
 )
 from ..utils.memory import LiveTensorBytes, optimizer_state_bytes, tensor_bytes
 from .distributed import init_distributed, materialize_replica, meta_replica, shard_model, wrap_model
