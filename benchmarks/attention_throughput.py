@@ -9,7 +9,9 @@ own ``Attention`` (and, with ``--flex`` on CUDA, softmax attention through FlexA
 Equal width and heads for every layer; tokens per batch fixed, so every row does the same projection work and the
 differences come from the attention itself. A length that is a square is laid out as the 2-D patch grid of a square
 image (64 = 8x8, 256 = 16x16, 1024 = 32x32; no class token), which the layers that use geometry (bilateral's spatial
-kernel, the glr/gtv graphs) read; other lengths are 1-D sequences. ``time_vs_baseline`` / ``mem_vs_baseline`` are
+kernel, the glr/gtv graphs) read; other lengths are 1-D sequences. ``--causal`` lays every length out as a 1-D causal
+sequence, as a language model calls its attention (timm's ``Attention`` has no causal flag and is left out).
+``time_vs_baseline`` / ``mem_vs_baseline`` are
 ratios to the baseline at the same shape. CPU memory counts the tensors the dispatcher sees (the attention matrix
 inside a fused SDPA kernel is not one of them); CUDA memory is the allocator's peak.
 """
@@ -49,16 +51,17 @@ COLUMNS = ["width", "heads", "seq_len", "batch", "attention", "params", "fwd_bwd
            "time_vs_baseline", "peak_mem_mb", "mem_vs_baseline"]
 
 
-def build_layer(attention: str, dim: int, heads: int, seq_len: int, *, qkv_bias: bool = False) -> torch.nn.Module:
+def build_layer(attention: str, dim: int, heads: int, seq_len: int, *, qkv_bias: bool = False,
+                causal: bool = False) -> torch.nn.Module:
     """Registered ``attention`` (or timm's reference) at width ``dim`` with ``heads`` heads, given the square grid
-    of ``seq_len`` tokens when there is one."""
+    of ``seq_len`` tokens when there is one and the layout is not ``causal`` (1-D)."""
     if attention == TIMM_REFERENCE:
         return TimmAttention(dim, num_heads=heads, qkv_bias=qkv_bias)
     if attention == FLEX_REFERENCE:
         return FlexSoftmaxAttention(dim, heads, qkv_bias)
     layer = unrollattn.build_attention(attention, dim, heads, qkv_bias=qkv_bias)
     side = math.isqrt(seq_len)
-    if side * side == seq_len:
+    if side * side == seq_len and not causal:
         layer.set_geometry((side, side), num_prefix_tokens=0)
     return layer
 
@@ -99,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--flex", action="store_true", help="add softmax attention through FlexAttention (CUDA only: "
                         "torch 2.14 has no FlexAttention backward on CPU)")
     parser.add_argument("--qkv-bias", action="store_true", help="biases in the input projections (as in ViT)")
+    parser.add_argument("--causal", action="store_true", help="1-D causal sequences, as a language model attends "
+                        "(leaves out timm's Attention, which has no causal flag)")
     parser.add_argument("--import", dest="imports", default="", metavar="MODULES",
                         help="comma-separated modules to import first (e.g. one registering your own attention)")
     parser.add_argument("--widths", default="192:3,384:6", help="width:heads pairs")
@@ -113,7 +118,10 @@ def main(argv=None) -> int:
         import_modules(args.imports)
         if args.flex and device.type != "cuda":
             raise ValueError("--flex: FlexAttention's backward needs a CUDA device (torch 2.14 has none on CPU)")
-        attentions = selected_attentions(args.attentions, args.baseline, args.timm_reference, args.flex)
+        if args.flex and args.causal:
+            raise ValueError("--flex: the FlexAttention softmax reference is non-causal; leave out --causal or --flex")
+        attentions = selected_attentions(args.attentions, args.baseline, args.timm_reference and not args.causal,
+                                         args.flex)
         widths = parse_widths(args.widths)
         seq_lens = [int(n) for n in args.seq_lens.split(",")]
     except ValueError as err:
@@ -121,16 +129,17 @@ def main(argv=None) -> int:
     rows = []
     # the first layer measured in a process pays one-off costs (thread pool, allocator, first dispatch): a discarded
     # run of the baseline at the first shape keeps them out of every ratio
-    measure_layer(build_layer(attentions[0], *widths[0], seq_lens[0], qkv_bias=args.qkv_bias), attentions[0],
-                  *widths[0], seq_lens[0], max(1, args.tokens_per_batch // seq_lens[0]), device, dtype, 1)
+    layout = dict(qkv_bias=args.qkv_bias, causal=args.causal)
+    measure_layer(build_layer(attentions[0], *widths[0], seq_lens[0], **layout), attentions[0],
+                  *widths[0], seq_lens[0], max(1, args.tokens_per_batch // seq_lens[0]), device, dtype, 1, args.causal)
     for dim, heads in widths:
         for seq_len in seq_lens:
             batch = max(1, args.tokens_per_batch // seq_len)
             group = []
             for name in attentions:
                 torch.manual_seed(0)
-                layer = build_layer(name, dim, heads, seq_len, qkv_bias=args.qkv_bias)
-                row = measure_layer(layer, name, dim, heads, seq_len, batch, device, dtype, args.repeats)
+                layer = build_layer(name, dim, heads, seq_len, **layout)
+                row = measure_layer(layer, name, dim, heads, seq_len, batch, device, dtype, args.repeats, args.causal)
                 row["attention"] = row.pop("variant")
                 group.append(row)
             base = group[0]
@@ -141,8 +150,9 @@ def main(argv=None) -> int:
             rows.extend(group)
     title = (f"One attention layer forward+backward vs {args.baseline}, {device_name(device)}, {args.dtype}, "
              f"torch {torch.__version__}, {args.tokens_per_batch} tokens per batch"
-             + (", qkv bias" if args.qkv_bias else ""))
-    publish_table(rows, COLUMNS, name="attention_throughput", title=title, argv=argv, out_dir=args.out, device=device)
+             + (", qkv bias" if args.qkv_bias else "") + (", causal 1-D sequences" if args.causal else ""))
+    publish_table(rows, COLUMNS, name="attention_throughput", title=title, argv=argv, out_dir=args.out, device=device,
+                  variant="causal" if args.causal else "")
     return 0
 
 

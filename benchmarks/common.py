@@ -46,29 +46,31 @@ def print_row(row: dict, columns: list[str]) -> None:
 
 
 def publish_table(rows: list[dict], columns: list[str], *, name: str, title: str, argv, out_dir, device: torch.device,
-                  note: str | None = None) -> str:
-    """Write the markdown table (``note`` under it), headed by ``title`` and the command that made it, to
-    ``out_dir/<name>_<cpu|cuda>.md``; print it and return it."""
+                  note: str | None = None, variant: str = "") -> str:
+    """Write the markdown table (``note`` under it), headed by ``title`` and the command that made it (the module
+    ``benchmarks.<name>``), to ``out_dir/<name>[_<variant>]_<cpu|cuda>.md``; print it and return it."""
     import sys
 
     command = f"python -m benchmarks.{name} " + " ".join(argv if argv is not None else sys.argv[1:])
     tag = "cuda" if device.type == "cuda" else "cpu"
-    document = write_table(rows, columns, Path(out_dir) / f"{name}_{tag}.md",
+    document = write_table(rows, columns, Path(out_dir) / f"{name}{'_' + variant if variant else ''}_{tag}.md",
                            heading=f"# {title}\n\nCommand: `{command.strip()}`", note=note)
     print("\n" + document)
     return document
 
 
 def measure_layer(layer: torch.nn.Module, variant: str, dim: int, heads: int, seq_len: int, batch: int, device, dtype,
-                  repeats: int) -> dict:
-    """Forward + backward time and peak memory of one token-mixing ``layer`` on a [batch, seq_len, dim] input."""
+                  repeats: int, is_causal: bool = False) -> dict:
+    """Forward + backward time and peak memory of one token-mixing ``layer`` on a [batch, seq_len, dim] input
+    (``is_causal``: the layer contract's causal flag, as a language model calls it)."""
     layer = layer.to(device=device, dtype=dtype)
     x = torch.randn(batch, seq_len, dim, device=device, dtype=dtype, requires_grad=True)
+    causal = {"is_causal": True} if is_causal else {}
 
     def step():
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        layer(x).float().square().mean().backward()
+        layer(x, **causal).float().square().mean().backward()
 
     seconds = time_call(step, device, warmup=2, repeats=repeats)
     return {

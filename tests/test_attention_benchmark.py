@@ -20,6 +20,18 @@ def test_a_row_per_registered_attention_and_shape(tmp_path):
     assert finite_checks_enabled()  # the benchmark turned the NaN guard off only while it ran
 
 
+def test_causal_layout_writes_its_own_table(tmp_path):
+    """--causal: every attention on 1-D causal sequences (the language-model call), in a table of its own; timm's
+    Attention, which has no causal flag, is left out."""
+    assert bench.main(["--device", "cpu", "--widths", "16:2", "--seq-lens", "16", "--tokens-per-batch", "16",
+                       "--repeats", "1", "--causal", "--attentions", "mhsa,bilateral,alibi", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "attention_throughput_causal_cpu.md").read_text()
+    assert "causal 1-D sequences" in text and not (tmp_path / "attention_throughput_cpu.md").exists()
+    names = [line.split("|")[5].strip() for line in text.splitlines() if line.startswith("| 16 ")]
+    assert names == ["mhsa", "bilateral", "alibi"]
+    assert bench.build_layer("bilateral", 16, 2, 16, causal=True).grid is None
+
+
 def test_square_lengths_get_the_grid_and_bad_arguments_fail():
     assert bench.build_layer("bilateral", 16, 2, 64).grid == (8, 8)
     assert bench.build_layer("glr", 16, 2, 64).grid == (8, 8)

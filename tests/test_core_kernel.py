@@ -177,22 +177,98 @@ def test_blocked_spatial_path_matches_the_full_bias_in_values_and_gradients(monk
             torch.testing.assert_close(a, b)
 
 
-def test_bilateral_forward_backward_holds_no_full_score_map(monkeypatch):
+@pytest.mark.parametrize("backend", ["folded", "blocked"])
+def test_bilateral_forward_backward_holds_no_full_score_map(monkeypatch, backend):
+    """Causal bilateral attention (Laplacian spatial kernel on token indices, as in the LM) with learned bandwidths:
+    forward+backward stays within two score maps of softmax SDPA on either memory-bounded path."""
     import unrollattn.core.kernel as core_kernel
     from unrollattn.utils.memory import peak_memory_mb
 
     monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", 2**20)  # blocks of 128 query rows here
     n, heads, d = 1024, 2, 32
-    layer = build_attention("bilateral", heads * d, heads)
-    x = torch.randn(1, n, heads * d, requires_grad=True)
-    softmax = build_attention("mhsa", heads * d, heads)
+    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
+    h_y, h_p = (torch.tensor([2.0, 8.0], requires_grad=True) for _ in range(2))
+    pos = token_positions(n)
+    spatial = SpatialKernel(pos, pos, h_p, "laplacian", ordered=True)
 
-    def step(module):
-        return lambda: module(x, is_causal=True).sum().backward()
+    def bilateral():
+        kernel_attention(q, k, v, "bilateral", range_bandwidth=h_y, spatial_bias=spatial, is_causal=True,
+                         spatial_backend=backend).sum().backward()
+
+    def softmax():
+        kernel_attention(q, k, v, "dot", is_causal=True).sum().backward()
 
     scores_mb = heads * n * n * 4 / 2**20  # one [1, H, N, N] float32 map: 8 MB
-    bilateral_mb, softmax_mb = (peak_memory_mb(step(m), torch.device("cpu")) for m in (layer, softmax))
+    bilateral_mb, softmax_mb = (peak_memory_mb(f, torch.device("cpu")) for f in (bilateral, softmax))
     assert bilateral_mb < softmax_mb + 2 * scores_mb, (bilateral_mb, softmax_mb, scores_mb)
+
+
+@pytest.mark.parametrize("kernel", ["bilateral", "dot"])
+@pytest.mark.parametrize("kind, grid, is_causal", [("gaussian", (2, 4), False), ("gaussian", (2, 4), True),
+                                                   ("gaussian", None, False), ("laplacian", None, True)])
+def test_folded_spatial_path_matches_the_reference(kernel, kind, grid, is_causal):
+    """The spatial term folded into extra q/k coordinates (Gaussian on a patch grid with a class token, whose NaN
+    position takes no spatial term; Laplacian on token indices, causal): values and gradients of queries, keys,
+    values and both bandwidths against the explicit weights, in float64."""
+    heads, n = 2, 9
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    h_y = torch.tensor([1.5, 3.0], dtype=torch.float64, requires_grad=True)
+    h_p = torch.tensor([0.7, 4.0], dtype=torch.float64, requires_grad=True)
+    pos = token_positions(n, grid, 1 if grid else 0, dtype=torch.float64)
+    spatial = SpatialKernel(pos, pos, h_p, kind, ordered=grid is None)
+    h_y_fast = h_y if kernel == "bilateral" else None
+    fast = kernel_attention(q, k, v, kernel, range_bandwidth=h_y_fast, spatial_bias=spatial, is_causal=is_causal,
+                            spatial_backend="folded")
+    inputs = (q, k, v, h_p) + ((h_y,) if kernel == "bilateral" else ())
+    if kernel == "bilateral":
+        slow = kernel_attention_reference(q[0], k[0], v[0], "bilateral", range_bandwidth=h_y, positions=pos,
+                                          spatial_bandwidth=h_p, spatial_kernel=kind, is_causal=is_causal)[None]
+    else:  # softmax x spatial kernel, renormalised: the dot kernel's weights with S_ij added (C.3)
+        allowed = torch.ones(n, n, dtype=torch.bool).tril() if is_causal else torch.ones(n, n, dtype=torch.bool)
+        logits = q @ k.transpose(-2, -1) / math.sqrt(D) + spatial_log_kernel(pos, pos, h_p, kind)
+        slow = logits.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    torch.testing.assert_close(fast, slow)
+    for a, b in zip(torch.autograd.grad(fast.square().sum(), inputs), torch.autograd.grad(slow.square().sum(), inputs)):
+        torch.testing.assert_close(a, b)
+
+
+def test_folded_spatial_path_with_a_padding_mask_and_in_float32():
+    """With a key-padding mask the folded path equals the blocked one; at N = 1024 in float32 (coordinates of size
+    N) it stays within float32 attention's rounding of the float64 result."""
+    heads, n = 2, 10
+    q, k, v = (torch.randn(2, heads, n, D, dtype=torch.float64) for _ in range(3))
+    keep = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    keep[1, ..., -3:] = False
+    pos = token_positions(n, (3, 3), 1, dtype=torch.float64)
+    spatial = SpatialKernel(pos, pos, torch.tensor([1.0, 4.0], dtype=torch.float64))
+    common = dict(range_bandwidth=torch.tensor([1.5, 3.0], dtype=torch.float64), spatial_bias=spatial, attn_mask=keep)
+    torch.testing.assert_close(kernel_attention(q, k, v, "bilateral", spatial_backend="folded", **common),
+                               kernel_attention(q, k, v, "bilateral", spatial_backend="blocked", **common))
+    n = 1024
+    q, k, v = (torch.randn(1, heads, n, D, dtype=torch.float64) for _ in range(3))
+    pos = token_positions(n, dtype=torch.float64)
+    h_p = torch.tensor([0.5, 64.0], dtype=torch.float64)
+
+    def run(dtype):
+        spatial = SpatialKernel(pos.to(dtype), pos.to(dtype), h_p.to(dtype), "laplacian", ordered=True)
+        return kernel_attention(q.to(dtype), k.to(dtype), v.to(dtype), "bilateral", spatial_bias=spatial,
+                                is_causal=True, spatial_backend="folded")
+
+    torch.testing.assert_close(run(torch.float32), run(torch.float64).float(), atol=2e-4, rtol=1e-3)
+
+
+def test_folded_spatial_path_refuses_a_term_that_does_not_separate():
+    q = torch.randn(1, 2, 6, D)
+    pos = token_positions(6)
+    for spatial, is_causal in ((SpatialKernel(pos, pos, torch.ones(2), "laplacian", ordered=True), False),
+                               (SpatialKernel(pos, pos, torch.ones(2), "laplacian"), True)):
+        with pytest.raises(ValueError, match="separates into query and key terms only"):
+            kernel_attention(q, q, q, "bilateral", spatial_bias=spatial, is_causal=is_causal,
+                             spatial_backend="folded")
+        auto = kernel_attention(q, q, q, "bilateral", spatial_bias=spatial, is_causal=is_causal)  # falls back
+        torch.testing.assert_close(auto, kernel_attention(q, q, q, "bilateral", spatial_bias=spatial,
+                                                          is_causal=is_causal, spatial_backend="blocked"))
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "laplacian"])

@@ -7,9 +7,11 @@ out_i = sum_j w_ij v_j,  w_ij = softmax_j(l_ij + m_ij)  (C.9), with the log-kern
     mahalanobis  gaussian on q, k rescaled by M^{1/2} (diagonal M)
     bilateral    gaussian range kernel + spatial log-kernel on positions, no token-position cross term
 
-Every kernel runs through ``F.scaled_dot_product_attention`` with per-head query scaling: the range-only kernels
-with the key-norm term folded into an extra query/key coordinate (so SDPA keeps its fused path), bilateral with
-one additive bias (key-norm term + spatial term + mask). Tensors are [B, H, N, d]; bandwidths are [H].
+Every kernel runs through ``F.scaled_dot_product_attention`` with per-head query scaling and the terms that carry a
+gradient folded into extra query/key coordinates, so SDPA keeps its fused path: the key-norm term of the range
+kernels and, where it separates into a sum of query and key terms, the spatial term (a Gaussian kernel on any
+positions; a Laplacian one on token indices under a causal mask). Other spatial terms are built a block of query
+rows at a time, or inside FlexAttention's score function on CUDA. Tensors are [B, H, N, d]; bandwidths are [H].
 """
 from __future__ import annotations
 
@@ -74,12 +76,22 @@ def spatial_log_kernel(positions_q: torch.Tensor, positions_k: torch.Tensor, ban
 @dataclass(frozen=True)
 class SpatialKernel:
     """The spatial log-kernel S_ij of C.5 by its parts (query and key positions [Nq, P] / [Nk, P], bandwidths [H],
-    kind), so that attention can build it a block of query rows at a time instead of as one [H, Nq, Nk] tensor."""
+    kind), so that attention can fold it into the queries and keys or build it a block of query rows at a time
+    instead of as one [H, Nq, Nk] tensor. ``ordered``: the positions are token indices (1-D, not decreasing with the
+    key index, the queries at the last Nq keys' positions, as :func:`token_positions` gives them without a grid),
+    so under a causal mask every visible key has p_j <= p_i."""
 
     positions_q: torch.Tensor
     positions_k: torch.Tensor
     bandwidth: torch.Tensor
     kind: str = "gaussian"
+    ordered: bool = False
+
+    def separable(self, is_causal: bool) -> bool:
+        """Whether S_ij = a_i . b_j + const_i for every visible pair, so it folds into extra q/k coordinates: always
+        for the Gaussian kernel; for the Laplacian one on ordered 1-D positions under a causal mask (|p_i - p_j| =
+        p_i - p_j there)."""
+        return self.kind == "gaussian" or (self.ordered and is_causal and self.positions_q.shape[1] == 1)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -100,20 +112,22 @@ def kernel_terms(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", *,
     """The log-kernel l_ij + m_ij of C.9 as SDPA takes it: ``l_ij = scale * q'_i . k'_j + key_bias_j + spatial_ij``.
 
     Returns ``q``, ``k`` (rescaled per kernel), ``scale`` (for SDPA), ``key_bias`` [B, H, 1, Nk] or None (the
-    gaussian key-norm term -||k_j||^2/h^2), ``spatial`` [H, Nq, Nk] or None and ``mask`` (additive) or None; the range
-    part of the log-kernel is ``scale * q.k + key_bias`` and the spatial part ``spatial`` (C.5)."""
+    gaussian key-norm term -||k_j||^2/h^2), ``spatial`` [H, Nq, Nk] or None, ``mask`` (additive) or None and
+    ``causal_only`` (the mask is exactly SDPA's ``is_causal``: square, no other mask); the range part of the
+    log-kernel is ``scale * q.k + key_bias`` and the spatial part ``spatial`` (C.5)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     if q.ndim != 4 or k.shape != q.shape[:2] + k.shape[2:]:
         raise ValueError(f"expected q, k of shape [B, H, N, d], got {list(q.shape)}, {list(k.shape)}")
     heads, n_q, n_k, d = q.shape[1], q.shape[2], k.shape[2], q.shape[-1]
     mask = additive_mask(attn_mask, is_causal, n_q, n_k, q.device, q.dtype)
+    terms = {"mask": mask, "causal_only": is_causal and attn_mask is None and n_q == n_k}
     if kernel == "dot":
         scale = d ** -0.5
         if range_bandwidth is not None:  # dot logits q.k * 2/h^2 (h^2 = 2 sqrt(d) recovers 1/sqrt(d))
             q = q * _per_head(2.0 / _as_tensor(range_bandwidth, q).square(), heads)
             scale = 1.0
-        return {"q": q, "k": k, "scale": scale, "key_bias": None, "spatial": spatial_bias, "mask": mask}
+        return {"q": q, "k": k, "scale": scale, "key_bias": None, "spatial": spatial_bias, **terms}
     if kernel == "mahalanobis":
         if metric is None:
             raise ValueError("kernel='mahalanobis' needs metric= (diagonal weights [H, d], positive)")
@@ -129,10 +143,10 @@ def kernel_terms(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", *,
     if kernel == "mahalanobis":  # (q-k)^T M (q-k): q' = 2 M q / h^2 against k itself, key term -k^T M k / h^2
         key_bias = -(_WeightedSquareNorm.apply(k, metric) * inv_h2[..., 0])[:, :, None, :]
         return {"q": q * (2 * inv_h2 * metric[None, :, None, :]), "k": k, "scale": 1.0, "key_bias": key_bias,
-                "spatial": None, "mask": mask}
+                "spatial": None, **terms}
     key_bias = -(k.square().sum(-1) * inv_h2[..., 0])[:, :, None, :]  # -||k_j||^2 / h^2, [B, H, 1, Nk]
     return {"q": q * (2 * inv_h2), "k": k, "scale": 1.0, "key_bias": key_bias,
-            "spatial": spatial_bias if kernel == "bilateral" else None, "mask": mask}
+            "spatial": spatial_bias if kernel == "bilateral" else None, **terms}
 
 
 class _WeightedSquareNorm(torch.autograd.Function):
@@ -160,7 +174,7 @@ def _sum_biases(*biases: torch.Tensor | None) -> torch.Tensor | None:
     return None if not present else sum(present[1:], present[0])
 
 
-SPATIAL_BACKENDS = ("auto", "blocked", "flex")
+SPATIAL_BACKENDS = ("auto", "folded", "blocked", "flex")
 
 
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "dot", *,
@@ -172,9 +186,10 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
 
     ``range_bandwidth`` h_y: scalar or [H] (default (4d)^{1/4}); ``metric``: diagonal Mahalanobis
     weights [H, d] (> 0); ``spatial_bias``: the spatial log-kernel (bilateral, or dot for ALiBi's form), a
-    :class:`SpatialKernel` (no N x N tensor with a gradient: ``spatial_backend`` "blocked" builds it in blocks of
-    query rows for SDPA, "flex" computes it inside FlexAttention's score function; "auto" = flex on CUDA without
-    dropout, else blocked) or a tensor [H, N, N].
+    :class:`SpatialKernel` (no N x N tensor with a gradient: ``spatial_backend`` "folded" adds its query and key
+    terms as extra coordinates where it separates (:meth:`SpatialKernel.separable`), "blocked" builds it in blocks
+    of query rows for SDPA, "flex" computes it inside FlexAttention's score function; "auto" = flex on CUDA without
+    dropout, else folded where it separates in float32 / float64, else blocked) or a tensor [H, N, N].
     """
     if v.ndim != 4 or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"expected q, k, v of shape [B, H, N, d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
@@ -183,15 +198,35 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
     t = kernel_terms(q, k, kernel, range_bandwidth=range_bandwidth, metric=metric, spatial_bias=spatial_bias,
                      attn_mask=attn_mask, is_causal=is_causal)
     if isinstance(t["spatial"], SpatialKernel):
+        foldable = t["spatial"].separable(is_causal)
         if spatial_backend == "auto":
-            spatial_backend = "flex" if q.is_cuda and dropout_p == 0 else "blocked"
+            if q.is_cuda and dropout_p == 0:
+                spatial_backend = "flex"
+            else:  # folded coordinates reach O(N) in size: float32 / float64 keep the scores' rounding small
+                full_precision = q.dtype in (torch.float32, torch.float64)
+                spatial_backend = "folded" if foldable and full_precision else "blocked"
         if spatial_backend == "flex":
             return _flex_spatial_kernel(t, v, dropout_p)
+        if spatial_backend == "folded":
+            if not foldable:
+                raise ValueError("spatial_backend='folded': the spatial term separates into query and key terms only "
+                                 "for the Gaussian kernel, or the Laplacian one on ordered 1-D positions with "
+                                 "is_causal=True; use 'blocked'")
+            return _folded_kernel(t, v, dropout_p)
         return _blocked_spatial_kernel(t, v, dropout_p)
     if t["key_bias"] is not None and t["spatial"] is None:
-        return _fused_range_kernel(t, v, dropout_p)
+        return _folded_kernel(t, v, dropout_p)
+    if t["key_bias"] is None and t["spatial"] is None:
+        return _sdpa(t["q"], t["k"], v, t, dropout_p, t["scale"])
     bias = _sum_biases(t["key_bias"], t["mask"], t["spatial"])
     return F.scaled_dot_product_attention(t["q"], t["k"], v, attn_mask=bias, dropout_p=dropout_p, scale=t["scale"])
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: dict, dropout_p: float, scale: float) -> torch.Tensor:
+    """SDPA under the terms' mask: a plain causal mask as ``is_causal`` (the fused kernels skip the masked blocks)."""
+    if t["causal_only"]:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=t["mask"], dropout_p=dropout_p, scale=scale)
 
 
 SCORE_BLOCK_BYTES = 8 * 2**20  # the score block of one query-row block of the spatial path
@@ -275,19 +310,45 @@ def _flex_spatial_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Te
     return _flex_attention(q.device)(q, k, v, score_mod=score_mod, scale=t["scale"])
 
 
-def _fused_range_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """SDPA of a range-only kernel (gaussian, mahalanobis) with the key-norm term folded into the queries and keys:
-    [q', 1] . [k, -||k||^2/h^2] = 2 q.k/h^2 - ||k||^2/h^2 (C.9; the ||q||^2 term cancels in the softmax). An additive
-    bias with a gradient (the bandwidth's) would send SDPA to its math path and an N x N score map; this keeps the
-    fused kernel, whose CPU path wants one head size for q, k and v: v gets a zero column, dropped afterwards."""
-    q, k = t["q"], t["k"]
-    key_bias = t["key_bias"].transpose(-2, -1)  # [B, H, Nk, 1]
-    ones = q.new_ones(q.shape[:-1] + (1,))
-    q_aug, k_aug = torch.cat([q, ones], -1), torch.cat([k, key_bias.expand(k.shape[:-1] + (1,))], -1)
-    v_aug = torch.cat([v, v.new_zeros(v.shape[:-1] + (1,))], -1)
-    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=t["mask"], dropout_p=dropout_p,
-                                         scale=t["scale"])
-    return out[..., :-1]
+def _spatial_coordinates(spatial: SpatialKernel, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key coordinates [H, Nq, c] / [Nk, c] with a_i . b_j = S_ij + const_i for every visible pair (C.5).
+
+    Gaussian: -||p_i - p_j||^2/h^2 = (2 p_i . p_j - ||p_j||^2 - ||p_i||^2)/h^2, positions centred (S is shift
+    invariant) to keep the coordinates small; a pair with a prefix token (NaN position) takes 0, which the columns
+    [2 p_i/h^2, 1/h^2, ||p_i||^2/h^2] (zero for a prefix query) . [p_j, -||p_j||^2, 1 - valid_j] give. Laplacian on
+    ordered positions under a causal mask: -(p_i - p_j)/h = p_j/h + const_i, one column."""
+    pos_q, pos_k = spatial.positions_q.to(dtype), spatial.positions_k.to(dtype)
+    valid_q, valid_k = ~pos_q.isnan().any(-1), ~pos_k.isnan().any(-1)
+    center = pos_k.nan_to_num(0.0).sum(0) / valid_k.sum().clamp_min(1)
+    pos_q, pos_k = (pos_q - center).nan_to_num(0.0), (pos_k - center).nan_to_num(0.0)
+    inv = (1.0 / spatial.bandwidth.to(dtype))[:, None, None]  # [H, 1, 1]
+    if spatial.kind == "laplacian":
+        return inv * torch.ones_like(pos_q), pos_k
+    gate = valid_q.to(dtype)[:, None]
+    query = torch.cat([2 * pos_q * gate, gate, pos_q.square().sum(-1, keepdim=True) * gate], -1)
+    key = torch.cat([pos_k, -pos_k.square().sum(-1, keepdim=True), (~valid_k).to(dtype)[:, None]], -1)
+    return query[None] * inv.square(), key
+
+
+def _folded_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """SDPA with the terms that carry a gradient folded into extra query/key coordinates (C.9): the key-norm term
+    [q', 1] . [k, -||k||^2/h^2] = 2 q.k/h^2 - ||k||^2/h^2 (the ||q||^2 term cancels in the softmax) and a separable
+    spatial term (:func:`_spatial_coordinates`). An additive bias with a gradient (the bandwidths') would send SDPA
+    to its math path and an N x N score map; this keeps the fused kernel, whose CPU path wants one head size for q,
+    k and v: v gets zero columns, dropped afterwards."""
+    q, k, key_bias, spatial = t["q"] * t["scale"], t["k"], t["key_bias"], t["spatial"]
+    q_cols, k_cols = [q], [k]
+    if key_bias is not None:
+        q_cols.append(q.new_ones(q.shape[:-1] + (1,)))
+        k_cols.append(key_bias.transpose(-2, -1).expand(k.shape[:-1] + (1,)))
+    if spatial is not None:
+        query, key = _spatial_coordinates(spatial, q.dtype)
+        q_cols.append(query.expand(q.shape[:1] + query.shape))
+        k_cols.append(key.expand(k.shape[:2] + key.shape))
+    q_aug, k_aug = torch.cat(q_cols, -1), torch.cat(k_cols, -1)
+    extra = q_aug.shape[-1] - v.shape[-1]
+    v_aug = torch.cat([v, v.new_zeros(v.shape[:-1] + (extra,))], -1) if extra > 0 else v
+    return _sdpa(q_aug, k_aug, v_aug, t, dropout_p, 1.0)[..., :v.shape[-1]]
 
 
 def kernel_weights(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", **options) -> dict[str, torch.Tensor]:

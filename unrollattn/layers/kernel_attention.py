@@ -93,12 +93,14 @@ class KernelAttention(AttentionLayer):
 
     def spatial_bias(self, n_query: int, n_key: int, grid, device, dtype) -> SpatialKernel | None:
         """Spatial log-kernel of the last ``n_query`` positions against all ``n_key`` (bilateral only), by its parts:
-        attention builds it in blocks of query rows (``SpatialKernel.full()`` is the [H, Tq, Tk] tensor)."""
+        attention folds it into the queries and keys or builds it in blocks of query rows (``SpatialKernel.full()``
+        is the [H, Tq, Tk] tensor). Without a grid the positions are the token indices (``ordered``)."""
         if not self.spatial:
             return None
         pos = token_positions(n_key, grid, self.num_prefix_tokens if grid is not None else 0, device=device, dtype=dtype)
         log_h_p = self.log_range_bandwidth if self.tie_bandwidths else self.log_spatial_bandwidth
-        return SpatialKernel(pos[n_key - n_query:], pos, log_h_p.exp().to(dtype), self.spatial_kernel)
+        return SpatialKernel(pos[n_key - n_query:], pos, log_h_p.exp().to(dtype), self.spatial_kernel,
+                             ordered=grid is None)
 
     def kernel_options(self, q, keys, attn_mask, is_causal: bool, grid) -> dict:
         """The keywords of ``core.kernel.kernel_attention`` / ``kernel_weights`` for these queries and keys."""
