@@ -82,3 +82,22 @@ def test_budget_study_gaps_their_errors_and_the_rate_per_doubling(tmp_path):
     uneven = _write_ablation(tmp_path / "u", {"ref": run("ref", 1.0, 1000), "deep": run("deep", 1.0, 2000)})
     with pytest.raises(ValueError, match="deep saw tokens_seen=2000, the reference 1000"):
         gaps_against_budget([uneven], reference="ref")
+
+
+def test_budget_study_pools_seeds_and_takes_the_reference_from_a_sibling(tmp_path):
+    """Runs of one budget split over directories (by seed; the reference in its own) pool into one cell; a budget
+    whose reference ran nowhere is named."""
+    from unrollattn.train.ablate import gaps_against_budget
+
+    def run(variant, loss, tokens, seed):
+        return {"variant": variant, "val_loss": loss, "tokens_seen": tokens, "seed": seed}
+
+    ref = _write_ablation(tmp_path / "ref", {"ref-seed0": run("ref", 3.0, 1000, 0), "ref-seed1": run("ref", 3.2, 1000, 1)})
+    deep0 = _write_ablation(tmp_path / "d0", {"deep": run("deep", 3.5, 1000, 0)})
+    deep1 = _write_ablation(tmp_path / "d1", {"deep": run("deep", 3.9, 1000, 1)})
+    rows = {r["variant"]: r for r in gaps_against_budget([deep0, ref, deep1], reference="ref")}
+    assert rows["deep"]["seeds"] == 2 and math.isclose(rows["deep"]["gap"], 0.6)
+    assert rows["deep"]["ablation"] == f"{deep0}, {deep1}"
+    lone = _write_ablation(tmp_path / "lone", {"deep": run("deep", 2.0, 4000, 0)})
+    with pytest.raises(ValueError, match="no finished run of the reference 'ref' at tokens_seen=4000"):
+        gaps_against_budget([ref, lone], reference="ref")

@@ -106,6 +106,29 @@ def test_budgets_compares_ablations_that_differ_in_budget(tmp_path, capsys):
     assert code == 2 and "no finished run of the reference 'gpt2'" in err
 
 
+def test_seeds_split_over_two_ablations_pool_in_budgets(tmp_path, capsys):
+    """--seeds 2 next to loop.seed=2 --seeds 1, and the reference's runs in a directory of their own: budgets pools
+    them as three seeds at one budget, each summary records its seed, and a seed held twice is refused."""
+    common = ("--preset", "digits_debug", "loop.max_steps=2", "loop.eval_every=0", "data.max_test=32",
+              "robust.num_images=0")
+    first, second, ref = (str(tmp_path / name) for name in ("s01", "s2", "ref"))
+    assert run_cli(capsys, "ablate", "classify", "--variants", "aot_mssa", "--seeds", "2", "--out", first, *common)[0] == 0
+    assert run_cli(capsys, "ablate", "classify", "--variants", "aot_mssa", "--out", second, "loop.seed=2", *common)[0] == 0
+    assert run_cli(capsys, "ablate", "classify", "--variants", "vit", "--seeds", "3", "--out", ref, *common)[0] == 0
+    summaries = json.loads((tmp_path / "s01" / "summaries.json").read_text())
+    assert {name: s["seed"] for name, s in summaries.items()} == {"aot_mssa-seed0": 0, "aot_mssa-seed1": 1}
+    assert json.loads((tmp_path / "s01" / "aot_mssa-seed1" / "config.json").read_text())["loop"]["seed"] == 1
+    assert json.loads((tmp_path / "s2" / "summaries.json").read_text())["aot_mssa"]["seed"] == 2
+    code, out, err = run_cli(capsys, "budgets", first, second, ref, "--reference", "vit", "--metric", "top1", "--x",
+                             "steps", "--out", str(tmp_path / "gaps"))
+    assert code == 0, err
+    rows = {r["variant"]: r for r in csv.DictReader((tmp_path / "gaps" / "gaps.csv").open())}
+    assert rows["aot_mssa"]["seeds"] == "3" and rows["vit"]["seeds"] == "3"
+    code, _, err = run_cli(capsys, "budgets", first, first, ref, "--reference", "vit", "--metric", "top1", "--x",
+                           "steps", "--out", str(tmp_path / "gaps2"))
+    assert code == 2 and "both hold aot_mssa at steps=2 (seeds ['0', '1'] and ['0', '1'])" in err
+
+
 def test_the_same_ablation_resumes_another_gets_a_new_directory(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ("ablate", "classify", "--variants", "vit", "--preset", "digits_debug", "loop.max_steps=2",

@@ -211,6 +211,9 @@ def ablate(recipe: str, variants: Sequence[str] = (), *, attention: Sequence[str
     and ablation.json into ``out`` (default ``runs/ablate-<recipe>-<preset>``): running the same ablation again
     resumes it (finished runs are read back, unfinished ones resumed); another ablation gets ``-2``, ``-3``, ...
 
+    Seeds run from ``loop.seed`` (an override, else the preset's) up, so the seeds of one study can be split over
+    several processes or machines (``loop.seed=2 --seeds 1`` next to ``--seeds 2``); every summary records its seed.
+
     Returns (markdown table, {run name: summary}). A run that fails (e.g. diverges) does not stop the others: its row
     shows ``-`` and its error is in its summary (and summaries.json).
     """
@@ -240,7 +243,6 @@ def ablate(recipe: str, variants: Sequence[str] = (), *, attention: Sequence[str
     variant_key = getattr(mod, "VARIANT_KEY", "model.variant")
     reserved = {variant_key, "model.attention", "model.block", "loop.out_dir", "loop.run_name", "out_dir", "run_name"}
     reserved |= {"model.match_params"} if match_params else set()
-    reserved |= {"loop.seed", "seed"} if seeds > 1 else set()
     clash = [o for o in overrides if o.split("=", 1)[0].strip().lstrip("-") in reserved]
     if clash:
         raise ValueError(f"ablate sets {', '.join(sorted(reserved))} itself; remove {', '.join(clash)} "
@@ -264,28 +266,29 @@ def ablate(recipe: str, variants: Sequence[str] = (), *, attention: Sequence[str
 
     runs: dict[str, dict[str, Any]] = {}
     by_label: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
-    plan = [(label, s) for label in labels for s in range(seeds)]
+    plan = [(label, base.loop.seed + s) for label in labels for s in range(seeds)]  # loop.seed, loop.seed + 1, ...
     for i, (label, seed) in enumerate(plan, 1):
         name = label if seeds == 1 else f"{label}-seed{seed}"
         finished = out_dir / name / "result.json"
         if resuming and finished.is_file():
-            summary = {"variant": label, **json.loads(finished.read_text()), "run_dir": str(out_dir / name)}
+            summary = {"variant": label, "seed": seed, **json.loads(finished.read_text()),
+                       "run_dir": str(out_dir / name)}
             if state.is_main:
                 print(f"== ablate {recipe}/{preset}: {name} finished earlier ({i}/{len(plan)})", flush=True)
         else:
             if state.is_main:
                 print(f"== ablate {recipe}/{preset}: {name} ({i}/{len(plan)}) -> {out_dir / name}", flush=True)
-            seed_override = [f"loop.seed={base.loop.seed + seed}"] if seeds > 1 else []
-            cfg = mod.load_config(preset, [*common, *_variant_overrides(mod, label), *seed_override,
+            cfg = mod.load_config(preset, [*common, *_variant_overrides(mod, label), f"loop.seed={seed}",
                                            f"loop.out_dir={out_dir}", f"loop.run_name={name}"], resume=resuming)
             try:
-                summary = mod.run(cfg)
+                summary = {"seed": seed, **mod.run(cfg)}
             except KeyboardInterrupt as stop:  # the run saved its last step (TrainingInterrupted); finished ones stay
                 raise AblationInterrupted(out_dir, name, preset) from stop
             except Exception as err:  # e.g. divergence: keep the other variants' results, report this one
                 if os.environ.get("UNROLLATTN_TRACEBACK"):
                     raise
-                summary = {"variant": label, "error": f"{type(err).__name__}: {err}", "run_dir": str(out_dir / name)}
+                summary = {"variant": label, "seed": seed, "error": f"{type(err).__name__}: {err}",
+                           "run_dir": str(out_dir / name)}
                 if state.is_main:
                     print(f"   variant {name} failed: {summary['error']}", file=sys.stderr, flush=True)
         runs[name] = summary
@@ -407,7 +410,8 @@ def _ablate_arguments(p: argparse.ArgumentParser, mod: ModuleType | None, *, pro
                    help="size each variant so its layer stack has REFERENCE's parameters within 2%%: its depth, or "
                         "where no depth comes that close the nearest width (REFERENCE: a variant or attention-block; "
                         "the preset's depth is REFERENCE's)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per variant (loop.seed + 0..N-1): mean ± std")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per variant: loop.seed (default the preset's), "
+                   "loop.seed + 1, ..., loop.seed + N - 1; mean ± std")
     p.add_argument("--import", dest="imports", default="", metavar="MODULES",
                    help="comma-separated modules to import first (e.g. one registering your own attention)")
     p.add_argument("--preset", default=None, help=preset)
@@ -484,8 +488,9 @@ def build_parser(ablate_recipe: ModuleType | None = None) -> argparse.ArgumentPa
     _ablate_arguments(p, ablate_recipe)
     p.set_defaults(func=_cmd_ablate)
 
-    about = ("the gap of every variant to a reference across finished ablations that differ in budget (one "
-             "ablation directory per budget), with its change per doubling of the budget, as a table and a plot")
+    about = ("the gap of every variant to a reference across finished ablations that differ in budget, with its "
+             "change per doubling of the budget, as a table and a plot; the runs of one budget may come from several "
+             "directories (seeds split over processes: their recorded seeds must differ)")
     p = sub.add_parser("budgets", help=about, description=about)
     p.add_argument("ablations", nargs="+", metavar="ABLATION_DIR", help="directories written by `unrollattn ablate`")
     p.add_argument("--reference", required=True, help="the variant the gaps are measured to, e.g. gpt2")

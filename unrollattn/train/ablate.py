@@ -167,41 +167,58 @@ def _one_value(summaries: Sequence[Mapping[str, Any]], key: str, where: str) -> 
 
 def gaps_against_budget(ablations: Sequence[str | os.PathLike], *, reference: str, metric: str = "val_loss",
                         x: str = "tokens_seen", by: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Rows of the budget study: for every ablation directory (one budget each) and every variant, ``metric`` over
-    its seeds (:class:`SeedStats`), the gap to ``reference`` (difference of the means) and its standard error
-    sqrt(sem_v^2 + sem_ref^2). ``x`` (a summary field, the budget) and the ``by`` fields (e.g. ``n_embd``: one study
-    per model size) must each have one value per variant within an ablation. Rows are sorted by ``by``, variant, x."""
-    rows = []
-    for directory in ablations:
-        by_variant = read_ablation(directory)
-        groups: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
+    """Rows of the budget study: for every budget (``x``, a summary field) and every variant, ``metric`` over its
+    seeds (:class:`SeedStats`), the gap to ``reference`` (difference of the means) and its standard error
+    sqrt(sem_v^2 + sem_ref^2). ``x`` and the ``by`` fields (e.g. ``n_embd``: one study per model size) must each have
+    one value per variant within an ablation; within an ablation that holds the reference every variant must have
+    the reference's ``x``. Ablations at the same budget are pooled: one variant's runs from several directories are
+    its seeds (their recorded seeds must differ), and the reference may sit in another directory than the variants
+    (seeds split over processes). Rows are sorted by ``by``, variant, x."""
+    cells: dict[tuple, dict[str, list[dict[str, Any]]]] = {}  # (*by, budget) -> variant -> runs
+    sources: dict[tuple, list[str]] = {}  # (*by, budget, variant) -> directories
+    read = [(directory, read_ablation(directory)) for directory in ablations]
+    if not any(reference in by_variant for _, by_variant in read):
+        held = sorted({v for _, by_variant in read for v in by_variant})
+        raise ValueError(f"{', '.join(map(str, ablations))}: no finished run of the reference {reference!r} "
+                         f"(variants: {', '.join(held)})")
+    for directory, by_variant in read:
+        keys = {variant: tuple(_one_value(summaries, field, f"{directory} {variant}") for field in by)
+                for variant, summaries in by_variant.items()}
         for variant, summaries in by_variant.items():
-            key = tuple(_one_value(summaries, field, f"{directory} {variant}") for field in by)
-            groups.setdefault(key, {})[variant] = summaries
-        for key, variants in groups.items():
-            if reference not in variants:
-                raise ValueError(f"{directory}: no finished run of the reference {reference!r} "
-                                 f"(variants: {', '.join(variants)})")
-            stats = {}
-            for variant, summaries in variants.items():
-                values = [s.get(metric) for s in summaries]
-                if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-                    raise ValueError(f"{directory} {variant}: {metric!r} missing or not finite in {values}")
-                stats[variant] = SeedStats(tuple(float(v) for v in values))
-            budget = _one_value(variants[reference], x, f"{directory} {reference}")
-            for variant, summaries in variants.items():
-                if _one_value(summaries, x, f"{directory} {variant}") != budget:
-                    raise ValueError(f"{directory}: {variant} saw {x}={summaries[0][x]}, the reference {budget}")
-                ref = stats[reference]
-                rows.append({**dict(zip(by, key)), "variant": variant, x: budget, "seeds": stats[variant].n,
-                             metric: stats[variant], "gap": stats[variant].mean - ref.mean,
-                             "gap_se": math.sqrt(stats[variant].sem ** 2 + ref.sem ** 2), "ablation": str(directory)})
-    seen: dict[tuple, str] = {}
-    for row in rows:
-        cell = (*(row[f] for f in by), row["variant"], row[x])
-        if cell in seen:
-            raise ValueError(f"{row['ablation']} and {seen[cell]} both hold {row['variant']} at {x}={row[x]}")
-        seen[cell] = row["ablation"]
+            budget = _one_value(summaries, x, f"{directory} {variant}")
+            if reference in by_variant and keys[reference] == keys[variant]:
+                ref_budget = _one_value(by_variant[reference], x, f"{directory} {reference}")
+                if budget != ref_budget:
+                    raise ValueError(f"{directory}: {variant} saw {x}={budget}, the reference {ref_budget}")
+            cell = cells.setdefault((*keys[variant], budget), {})
+            where = sources.setdefault((*keys[variant], budget, variant), [])
+            if variant in cell:
+                before, now = [s.get("seed") for s in cell[variant]], [s.get("seed") for s in summaries]
+                if None in before + now or set(before) & set(now):
+                    raise ValueError(f"{directory} and {', '.join(where)} both hold {variant} at {x}={budget} "
+                                     f"(seeds {sorted(map(str, now))} and {sorted(map(str, before))}): pool only "
+                                     f"ablations whose runs recorded different seeds")
+            cell.setdefault(variant, []).extend(summaries)
+            where.append(str(directory))
+    rows = []
+    for (*key, budget), variants in cells.items():
+        if reference not in variants:
+            held = sorted({d for v in variants for d in sources[(*key, budget, v)]})
+            raise ValueError(f"{', '.join(held)}: no finished run of the reference {reference!r} at {x}={budget} "
+                             f"(variants: {', '.join(variants)})")
+        stats = {}
+        for variant, summaries in variants.items():
+            values = [s.get(metric) for s in summaries]
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise ValueError(f"{', '.join(sources[(*key, budget, variant)])} {variant}: {metric!r} missing or "
+                                 f"not finite in {values}")
+            stats[variant] = SeedStats(tuple(float(v) for v in values))
+        ref = stats[reference]
+        for variant in variants:
+            rows.append({**dict(zip(by, key)), "variant": variant, x: budget, "seeds": stats[variant].n,
+                         metric: stats[variant], "gap": stats[variant].mean - ref.mean,
+                         "gap_se": math.sqrt(stats[variant].sem ** 2 + ref.sem ** 2),
+                         "ablation": ", ".join(sources[(*key, budget, variant)])})
     return sorted(rows, key=lambda r: (*(str(r[f]) for f in by), r["variant"] != reference, r["variant"], r[x]))
 
 
