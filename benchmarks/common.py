@@ -28,16 +28,24 @@ def synchronize(device: torch.device) -> None:
 
 def time_call(fn, device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
+    return time_interleaved({None: fn}, device, warmup, repeats)[None]
+
+
+def time_interleaved(calls: dict, device: torch.device, warmup: int = 2, repeats: int = 5) -> dict:
+    """{key: median seconds of ``calls[key]()``}: ``warmup`` untimed calls of each first, then ``repeats`` rounds
+    that time each call once in turn, so a change of machine load during the run reaches every call alike."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
     synchronize(device)
-    samples = []
+    samples = {key: [] for key in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for key, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples[key].append(time.perf_counter() - start)
+    return {key: statistics.median(times) for key, times in samples.items()}
 
 
 def print_row(row: dict, columns: list[str]) -> None:

@@ -6,7 +6,8 @@
 
 One RGB image (batch 1), Bayer RGGB demosaicking (``--task sr2``: ×2 interpolation of an image of half
 the size), no gradient, the registered models at their default sizes (``--quick``: the sizes of the
-``demosaic_quick`` preset). Each row reports the median seconds of ``--repeats`` calls, peak tensor
+``demosaic_quick`` preset). Each row reports the median seconds of ``--repeats`` calls (after ``--warmup``
+calls at every size; the timed calls interleaved over the sizes), peak tensor
 memory (CUDA allocator peak, or live-tensor tracking on CPU, :mod:`benchmarks.common`) and the growth
 against the previous size: the graph models cost O(N·k) per mat-vec, so 4× pixels should give ≤ 4.5×
 time and memory ("linear" column). Writes ``benchmarks/results/graph_restoration_<cpu|cuda>.md``.
@@ -22,7 +23,7 @@ import torch
 import unrollattn
 import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
 from unrollattn.utils.params import count_parameters
-from benchmarks.common import device_name, peak_memory_mb, publish_table, time_call, without_finite_checks
+from benchmarks.common import device_name, peak_memory_mb, publish_table, time_interleaved, without_finite_checks
 
 COLUMNS = ["model", "params", "size", "megapixels", "seconds", "s_per_mp", "peak_mem_mb", "time_ratio", "mem_ratio",
            "linear"]
@@ -39,18 +40,23 @@ def build(variant: str, task: str, quick: bool):
     return unrollattn.build_model(name, **options), name
 
 
-def measure(model, size: int, device, repeats: int, warmup: int = 1) -> dict:
-    torch.manual_seed(0)
-    x = torch.rand(1, 3, size, size, device=device)
-    y = model.observe(x)  # the model's own forward operator H
+def measure_sizes(model, sizes: list[int], device, repeats: int, warmup: int = 1) -> list[dict]:
+    """Median forward seconds and peak memory at every size, after ``warmup`` calls at every size, the timed calls
+    interleaved over the sizes (:func:`benchmarks.common.time_interleaved`)."""
+    calls = {}
+    for size in sizes:
+        torch.manual_seed(0)
+        y = model.observe(torch.rand(1, 3, size, size, device=device))  # the model's own forward operator H
 
-    def forward():
-        with torch.no_grad():
-            model(y)
+        def forward(y=y):
+            with torch.no_grad():
+                model(y)
 
-    seconds = time_call(forward, device, warmup=warmup, repeats=repeats)
-    return {"size": f"{size}x{size}", "megapixels": size * size / 1e6, "seconds": seconds,
-            "s_per_mp": seconds / (size * size / 1e6), "peak_mem_mb": peak_memory_mb(forward, device)}
+        calls[size] = forward
+    seconds = time_interleaved(calls, device, warmup, repeats)
+    return [{"size": f"{size}x{size}", "megapixels": size * size / 1e6, "seconds": seconds[size],
+             "s_per_mp": seconds[size] / (size * size / 1e6), "peak_mem_mb": peak_memory_mb(calls[size], device)}
+            for size in sizes]
 
 
 @without_finite_checks
@@ -78,9 +84,8 @@ def main(argv=None) -> int:
         model = model.to(device).eval()
         params = count_parameters(model)
         previous = None
-        for size in sizes:
-            row = {"model": name, "params": params,
-                   **measure(model, size, device, args.repeats, args.warmup)}
+        for size, measured in zip(sizes, measure_sizes(model, sizes, device, args.repeats, args.warmup)):
+            row = {"model": name, "params": params, **measured}
             if previous is not None:
                 scale = row["megapixels"] / previous["megapixels"]
                 row["time_ratio"] = row["seconds"] / previous["seconds"]

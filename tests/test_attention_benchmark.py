@@ -43,3 +43,15 @@ def test_square_lengths_get_the_grid_and_bad_arguments_fail():
         bench.selected_attentions("cosine", "mhsa", True)
     with pytest.raises(SystemExit):
         bench.main(["--attentions", "cosine", "--out", "/nonexistent"])
+
+
+def test_interleaved_timing_warms_up_each_call_then_takes_turns():
+    import torch
+
+    from benchmarks.common import time_interleaved
+
+    order = []
+    medians = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                               torch.device("cpu"), warmup=1, repeats=2)
+    assert order == ["a", "b", "a", "b", "a", "b"] and set(medians) == {"a", "b"}
+    assert all(seconds >= 0 for seconds in medians.values())
