@@ -114,6 +114,24 @@ def test_range_kernels_keep_sdpa_on_its_fused_path():
     assert gaussian < softmax + scores_mb / 2, (gaussian, softmax, scores_mb)
 
 
+def test_a_plain_causal_mask_is_never_built_as_a_tensor():
+    """is_causal without another mask goes to SDPA as its flag: no [N, N] mask (16 MB at N = 2048) for the folded
+    kernels: peak memory stays a few copies of q, k, v."""
+    from unrollattn.utils.memory import peak_memory_mb
+
+    n = 2048
+    q, k, v = (torch.randn(1, 1, n, 16, requires_grad=True) for _ in range(3))
+    pos = token_positions(n)
+
+    def step(kernel, **options):
+        return lambda: kernel_attention(q, k, v, kernel, is_causal=True, **options).sum().backward()
+
+    inputs_mb = 3 * n * 16 * 4 / 2**20  # q, k, v: 0.375 MB
+    for kernel, options in (("dot", {}), ("gaussian", {}), ("bilateral", {"spatial_bias": SpatialKernel(
+            pos, pos, torch.ones(1, requires_grad=True), "laplacian", ordered=True)})):
+        assert peak_memory_mb(step(kernel, **options), torch.device("cpu")) < 8 * inputs_mb, kernel
+
+
 def test_gaussian_default_bandwidth_is_softmax_without_key_mass():
     """With h^2 = 2 sqrt(d) the Gaussian kernel equals dot-product softmax once ||k_j|| is constant."""
     q, k, v = (torch.randn(1, 1, N, D, dtype=torch.float64) for _ in range(3))
