@@ -114,7 +114,7 @@ def kernel_terms(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", *,
     Returns ``q``, ``k`` (rescaled per kernel), ``scale`` (for SDPA), ``key_bias`` [B, H, 1, Nk] or None (the
     gaussian key-norm term -||k_j||^2/h^2), ``spatial`` [H, Nq, Nk] or None, ``mask`` (additive) or None and
     ``causal_only`` (the mask is exactly SDPA's ``is_causal``: square, no other mask; ``mask`` is then None and
-    :func:`dense_mask` builds it); the range part of the log-kernel is ``scale * q.k + key_bias`` and the spatial
+    :func:`_dense_mask` builds it); the range part of the log-kernel is ``scale * q.k + key_bias`` and the spatial
     part ``spatial`` (C.5)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
@@ -220,11 +220,11 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
         return _folded_kernel(t, v, dropout_p)
     if t["key_bias"] is None and t["spatial"] is None:
         return _sdpa(t["q"], t["k"], v, t, dropout_p, t["scale"])
-    bias = _sum_biases(t["key_bias"], dense_mask(t), t["spatial"])
+    bias = _sum_biases(t["key_bias"], _dense_mask(t), t["spatial"])
     return F.scaled_dot_product_attention(t["q"], t["k"], v, attn_mask=bias, dropout_p=dropout_p, scale=t["scale"])
 
 
-def dense_mask(t: dict) -> torch.Tensor | None:
+def _dense_mask(t: dict) -> torch.Tensor | None:
     """The terms' additive mask as a tensor (the causal one built here when ``causal_only`` left it to SDPA)."""
     if t["causal_only"]:
         q, k = t["q"], t["k"]
@@ -247,7 +247,7 @@ def _blocked_spatial_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch
     (key-norm + mask + S rows) built inside it and recomputed in backward (activation checkpointing): the bandwidth
     gradient never needs an [B, H, N, N] score map alive, only one block of about SCORE_BLOCK_BYTES. Exact: the rows
     of a softmax over keys are independent."""
-    q, k, spatial, key_bias, mask = t["q"], t["k"], t["spatial"], t["key_bias"], dense_mask(t)
+    q, k, spatial, key_bias, mask = t["q"], t["k"], t["spatial"], t["key_bias"], _dense_mask(t)
     batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     rows_per_block = max(1, SCORE_BLOCK_BYTES // max(1, batch * heads * n_k * q.element_size()))
     if mask is not None:
@@ -291,7 +291,7 @@ def _flex_spatial_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Te
     CPU backward for FlexAttention); the CPU forward runs unfused (a parity check, not a fast path)."""
     if dropout_p:
         raise ValueError("spatial_backend='flex': FlexAttention has no attention dropout; use 'blocked'")
-    q, k, spatial, key_bias, mask = t["q"], t["k"], t["spatial"], t["key_bias"], dense_mask(t)
+    q, k, spatial, key_bias, mask = t["q"], t["k"], t["spatial"], t["key_bias"], _dense_mask(t)
     if not q.is_cuda and torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, key_bias, spatial.bandwidth)):
         raise ValueError("spatial_backend='flex' on CPU runs forward only (torch has no CPU backward for "
@@ -369,7 +369,7 @@ def kernel_weights(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", **opti
     t = kernel_terms(q, k, kernel, **options)
     if isinstance(t["spatial"], SpatialKernel):
         t["spatial"] = t["spatial"].full()
-    mask = dense_mask(t)
+    mask = _dense_mask(t)
     range_logits = _sum_biases(t["q"] @ t["k"].transpose(-2, -1) * t["scale"], t["key_bias"], mask)
     out = {"weights": _sum_biases(range_logits, t["spatial"]).softmax(-1)}
     if t["spatial"] is not None:
@@ -408,7 +408,7 @@ def _per_head(values: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 __all__ = [
-    "KERNELS", "SCORE_BLOCK_BYTES", "SPATIAL_BACKENDS", "SPATIAL_KERNELS", "SpatialKernel", "boosting", "default_range_bandwidth", "kernel_attention", "kernel_terms",
-    "kernel_weights",
-    "spatial_log_kernel", "token_positions", "twicing",
+    "KERNELS", "SCORE_BLOCK_BYTES", "SPATIAL_BACKENDS", "SPATIAL_KERNELS", "SpatialKernel", "boosting",
+    "default_range_bandwidth", "kernel_attention", "kernel_terms", "kernel_weights", "spatial_log_kernel",
+    "token_positions", "twicing",
 ]
