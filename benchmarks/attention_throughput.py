@@ -24,7 +24,7 @@ import torch
 from timm.layers import Attention as TimmAttention
 
 import unrollattn
-from benchmarks.common import device_name, measure_layer, print_row, publish_table, without_finite_checks
+from benchmarks.common import device_name, measure_layer, print_row, publish_table, benchmark_settings
 from unrollattn.registry import import_modules, list_attentions
 
 TIMM_REFERENCE = "timm_attention"  # timm.layers.Attention, the field's reference implementation (not registered)
@@ -90,7 +90,7 @@ def selected_attentions(text: str, baseline: str, timm_reference: bool, flex_ref
     return ordered + ([TIMM_REFERENCE] if timm_reference else []) + ([FLEX_REFERENCE] if flex_reference else [])
 
 
-@without_finite_checks
+@benchmark_settings
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from unrollattn.core.validation import finite_checks_enabled, set_finite_checks
+from unrollattn.utils.denormals import flush_denormals
 from unrollattn.utils.memory import peak_memory_mb  # noqa: F401  (re-exported for the benchmarks)
 from unrollattn.utils.params import count_parameters
 from unrollattn.utils.tables import write_table
@@ -132,15 +133,17 @@ def build_matched_lm(label: str, *, width: int, heads: int, depth: int, vocab: s
     return build_lm(mc, vocab_size=vocab_size, eos_token_id=eos, n_positions=n_positions)
 
 
-def without_finite_checks(main):
-    """Run a benchmark's ``main`` with the NaN/inf input guard off (it is a host sync: measure the operators
-    themselves) and restore the previous setting afterwards, so calling it in-process leaves no trace."""
+def benchmark_settings(main):
+    """Run a benchmark's ``main`` as training runs, with subnormals flushed to zero on CPU (utils/denormals.py), and
+    with the NaN/inf input guard off (it is a host sync: measure the operators themselves); restore both settings
+    afterwards, so calling it in-process leaves no trace."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         previous = finite_checks_enabled()
         set_finite_checks(False)
         try:
-            return main(*args, **kwargs)
+            with flush_denormals():
+                return main(*args, **kwargs)
         finally:
             set_finite_checks(previous)
     return wrapper

@@ -23,7 +23,7 @@ import torch
 import unrollattn
 import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
 from unrollattn.utils.params import count_parameters
-from benchmarks.common import device_name, peak_memory_mb, publish_table, time_interleaved, without_finite_checks
+from benchmarks.common import device_name, peak_memory_mb, publish_table, time_interleaved, benchmark_settings
 
 COLUMNS = ["model", "params", "size", "megapixels", "seconds", "s_per_mp", "peak_mem_mb", "time_ratio", "mem_ratio",
            "linear"]
@@ -59,7 +59,7 @@ def measure_sizes(model, sizes: list[int], device, repeats: int, warmup: int = 1
             for size in sizes]
 
 
-@without_finite_checks
+@benchmark_settings
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")

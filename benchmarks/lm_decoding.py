@@ -22,7 +22,7 @@ import torch
 import unrollattn  # noqa: F401 (registers the models)
 from benchmarks.common import (
     VOCABS, add_lm_arguments, build_matched_lm, device_name, publish_table, selected_lm_variants, time_call,
-    without_finite_checks,
+    benchmark_settings,
 )
 from unrollattn.registry import import_modules
 from unrollattn.utils.params import count_parameters
@@ -69,7 +69,7 @@ def measure(label: str, batch: int, args, device: torch.device) -> dict:
             "mflop_per_token": flop_per_token / 1e6, "gflop_per_s": tokens_per_s * flop_per_token / 1e9}
 
 
-@without_finite_checks
+@benchmark_settings
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import unrollattn  # noqa: F401 (registers the models)
 from benchmarks.common import (
     VOCABS, add_lm_arguments, build_matched_lm, device_name, peak_memory_mb, publish_table, selected_lm_variants,
-    time_call, without_finite_checks,
+    time_call, benchmark_settings,
 )
 from unrollattn.registry import import_modules
 from unrollattn.utils.params import count_parameters
@@ -150,7 +150,7 @@ def measure(variant: str, args, device: torch.device, dtype: torch.dtype, peak: 
     }
 
 
-@without_finite_checks
+@benchmark_settings
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")

@@ -195,6 +195,28 @@ def test_blocked_spatial_path_matches_the_full_bias_in_values_and_gradients(monk
             torch.testing.assert_close(a, b)
 
 
+def test_blocked_spatial_bias_reaches_sdpa_as_a_4d_mask(monkeypatch):
+    """SDPA's CPU flash kernel takes only 4-D masks (a 3-D [H, Nq, Nk] one sends it to the math path, which
+    materialises the scores): every bias of the blocked path, with or without a key-norm term, is 4-D."""
+    import unrollattn.core.kernel as core_kernel
+
+    seen, sdpa = [], core_kernel.F.scaled_dot_product_attention
+
+    def recording(*args, attn_mask=None, **kwargs):
+        seen.append(None if attn_mask is None else attn_mask.ndim)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(core_kernel.F, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", 2 * 2 * 16 * 4)  # two query rows a block
+    q, k, v = (torch.randn(1, 2, 16, D, requires_grad=True) for _ in range(3))
+    pos = token_positions(16, (4, 4))
+    for kernel in ("dot", "bilateral"):  # ALiBi's form on a grid (fixed slopes), bilateral with learned ones
+        h_p = torch.tensor([1.0, 2.0], requires_grad=kernel == "bilateral")
+        kernel_attention(q, k, v, kernel, spatial_bias=SpatialKernel(pos, pos, h_p, "laplacian"),
+                         spatial_backend="blocked").sum().backward()
+    assert seen and set(seen) == {4}, seen
+
+
 @pytest.mark.parametrize("backend", ["folded", "blocked"])
 def test_bilateral_forward_backward_holds_no_full_score_map(monkeypatch, backend):
     """Causal bilateral attention (Laplacian spatial kernel on token indices, as in the LM) with learned bandwidths:

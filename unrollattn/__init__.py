@@ -21,13 +21,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ATTENTIONS", "BLOCKS", "MODELS", "UnknownNameError", "__version__", "build_attention", "build_block",
-    "build_model", "get_attention", "get_block", "list_attentions", "list_blocks", "list_models", "list_recipes",
+    "build_model", "flush_denormals", "get_attention", "get_block", "list_attentions", "list_blocks", "list_models", "list_recipes",
     "register_all", "register_attention", "register_block", "register_diagnostic", "register_model", "register_recipe",
     "set_finite_checks",
 ]
 
 # public names defined in heavy modules: imported on first access (after register_all)
-_LAZY_NAMES = {"build_attention": ".layers", "build_block": ".layers", "set_finite_checks": ".core.validation"}
+_LAZY_NAMES = {"build_attention": ".layers", "build_block": ".layers", "set_finite_checks": ".core.validation",
+               "flush_denormals": ".utils.denormals"}
 _COMMAND_NAMES = ("unrollattn", "unrollattn.exe", "unrollattn-script.py")
 
 
@@ -64,4 +65,5 @@ def __getattr__(name: str):
 if not _started_by_the_command():
     register_all()
     from .core.validation import set_finite_checks
+    from .utils.denormals import flush_denormals
     from .layers import build_attention, build_block

@@ -522,7 +522,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     register_all()  # the package's registrations, deferred while the command started (unrollattn/__init__.py)
-    return exit_on_error(args.func, args)
+    from .utils.denormals import flush_denormals  # imports torch: not before --help has answered
+
+    with flush_denormals():  # before torch's first parallel operation, so its intra-op threads inherit it
+        return exit_on_error(args.func, args)
 
 
 if __name__ == "__main__":

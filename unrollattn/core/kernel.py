@@ -172,8 +172,13 @@ class _WeightedSquareNorm(torch.autograd.Function):
 
 
 def _sum_biases(*biases: torch.Tensor | None) -> torch.Tensor | None:
+    """The additive biases' sum as a 4-D [B|1, H|1, Nq, Nk] mask: SDPA's CPU flash kernel takes only 4-D masks (a
+    3-D [H, Nq, Nk] one sends it to the unfused math path, which materialises the scores)."""
     present = [b for b in biases if b is not None]
-    return None if not present else sum(present[1:], present[0])
+    if not present:
+        return None
+    total = sum(present[1:], present[0])
+    return total.reshape((1,) * (4 - total.ndim) + tuple(total.shape))
 
 
 SPATIAL_BACKENDS = ("auto", "folded", "blocked", "flex")

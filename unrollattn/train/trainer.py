@@ -35,6 +35,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ..utils.denormals import flush_denormals
 from ..utils.params import count_parameters
 from .checkpoint import (
     CheckpointError, checkpoint_dir_for_step, latest_checkpoint, list_checkpoints, load_checkpoint,
@@ -795,6 +796,7 @@ def _prefetched_batches(task: Any, state: DistState, start: int, loop: LoopConfi
     return iter(loader)
 
 
+@flush_denormals()  # CPU: subnormal floats flushed to zero while training (utils/denormals.py)
 def fit(task: Task, loop: LoopConfig, optim: OptimConfig, *, run_name_prefix: str = "run",
         config_for_log: Any = None, ddp_kwargs: dict | None = None) -> dict[str, Any]:
     """Train ``task`` for ``loop.max_steps`` optimizer steps; return a summary dict.
