@@ -17,9 +17,23 @@ from unrollattn.utils.tables import write_table
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model (processors differ in speed on subnormal floats, SIMD width, caches: a
+    table is comparable only with one from the same model) and the thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    """The first ``model name`` of /proc/cpuinfo (Linux), else the platform's processor or machine string."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name") and ":" in line:
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def synchronize(device: torch.device) -> None:
