@@ -24,7 +24,7 @@ import torch
 from timm.layers import Attention as TimmAttention
 
 import unrollattn
-from benchmarks.common import device_name, measure_layer, print_row, publish_table, benchmark_settings
+from benchmarks.common import benchmark_settings, device_name, measure_layer, print_row, publish_table
 from unrollattn.registry import import_modules, list_attentions
 
 TIMM_REFERENCE = "timm_attention"  # timm.layers.Attention, the field's reference implementation (not registered)

@@ -23,7 +23,7 @@ import torch
 import unrollattn
 import unrollattn.vision.restoration_baselines  # noqa: F401  (registers the restoration models)
 from unrollattn.utils.params import count_parameters
-from benchmarks.common import device_name, peak_memory_mb, publish_table, time_interleaved, benchmark_settings
+from benchmarks.common import benchmark_settings, device_name, peak_memory_mb, publish_table, time_interleaved
 
 COLUMNS = ["model", "params", "size", "megapixels", "seconds", "s_per_mp", "peak_mem_mb", "time_ratio", "mem_ratio",
            "linear"]

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 import unrollattn  # noqa: F401 (registers the models)
 from benchmarks.common import (
-    VOCABS, add_lm_arguments, build_matched_lm, device_name, peak_memory_mb, publish_table, selected_lm_variants,
-    time_call, benchmark_settings,
+    VOCABS, add_lm_arguments, benchmark_settings, build_matched_lm, device_name, peak_memory_mb, publish_table,
+    selected_lm_variants, time_call,
 )
 from unrollattn.registry import import_modules
 from unrollattn.utils.params import count_parameters

@@ -21,9 +21,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ATTENTIONS", "BLOCKS", "MODELS", "UnknownNameError", "__version__", "build_attention", "build_block",
-    "build_model", "flush_denormals", "get_attention", "get_block", "list_attentions", "list_blocks", "list_models", "list_recipes",
-    "register_all", "register_attention", "register_block", "register_diagnostic", "register_model", "register_recipe",
-    "set_finite_checks",
+    "build_model", "flush_denormals", "get_attention", "get_block", "list_attentions", "list_blocks", "list_models",
+    "list_recipes", "register_all", "register_attention", "register_block", "register_diagnostic", "register_model",
+    "register_recipe", "set_finite_checks",
 ]
 
 # public names defined in heavy modules: imported on first access (after register_all)
