@@ -104,3 +104,22 @@ def test_mssa_parity_property(n, heads, p, causal):
     w = torch.randn(d, d, dtype=torch.float64)
     torch.testing.assert_close(mssa(x, w, heads, is_causal=causal), mssa_reference(x, w, heads, is_causal=causal),
                                rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("n_key", [1, 7])
+def test_one_causal_query_sees_every_key(n_key):
+    """A decoding step (one query, the last position) under is_causal builds no mask and equals the explicit
+    offset-causal reference in values and gradients; SDPA's own is_causal would align it with key 0 instead."""
+    from unrollattn.core.masks import additive_mask, offset_causal_mask
+    from unrollattn.core.subspace import causal_sdpa
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, t, 4, dtype=torch.float64, requires_grad=True) for t in (1, n_key, n_key))
+    assert additive_mask(None, True, 1, n_key, None, torch.float64) is None
+    out = causal_sdpa(q, k, v, is_causal=True)
+    keep = offset_causal_mask(1, n_key)
+    scores = (q @ k.transpose(-2, -1) / 2.0).masked_fill(~keep, float("-inf"))
+    reference = scores.softmax(-1) @ v
+    torch.testing.assert_close(out, reference)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    torch.testing.assert_close(grads, torch.autograd.grad(reference.square().sum(), (q, k, v)))

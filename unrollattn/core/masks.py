@@ -17,9 +17,9 @@ def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, n_query: int,
                   dtype) -> torch.Tensor | None:
     """The one additive attention bias: a bool (True = attend) or additive float ``attn_mask`` plus, with
     ``is_causal``, the causal mask with the queries at the last ``n_query`` of the ``n_key`` positions; None when
-    neither is given."""
+    neither is given (one causal query is the last position and sees every key: no bias)."""
     bias = None
-    if is_causal:
+    if is_causal and n_query > 1:
         bias = torch.zeros(n_query, n_key, device=device, dtype=dtype).masked_fill(
             ~offset_causal_mask(n_query, n_key, device), float("-inf"))
     if attn_mask is not None:

@@ -46,7 +46,9 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: to
     """SDPA whose causal flag aligns the Tq queries with the *last* Tq of the Tk keys (cached decoding), and which
     combines a causal flag with an explicit mask (SDPA itself accepts only one of them)."""
     n_query, n_key = q.shape[-2], k.shape[-2]
-    if is_causal and (attn_mask is not None or n_query != n_key):
+    if is_causal and n_query == 1:  # the one query is the last position (a decoding step): it sees every key
+        is_causal = False
+    elif is_causal and (attn_mask is not None or n_query != n_key):
         attn_mask, is_causal = additive_mask(attn_mask, True, n_query, n_key, q.device, q.dtype), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                           scale=scale)
