@@ -55,3 +55,29 @@ def test_interleaved_timing_warms_up_each_call_then_takes_turns():
                                torch.device("cpu"), warmup=1, repeats=2)
     assert order == ["a", "b", "a", "b", "a", "b"] and set(medians) == {"a", "b"}
     assert all(seconds >= 0 for seconds in medians.values())
+
+
+def test_cpu_tables_name_the_processor_threads_and_allocator():
+    """The CPU title says what a CPU figure depends on: processor model, threads and the C allocator."""
+    import torch
+
+    from benchmarks.common import cpu_model, device_name, memory_allocator
+
+    assert memory_allocator() in {"glibc malloc", "system malloc", "tcmalloc", "jemalloc"}
+    title = device_name(torch.device("cpu"))
+    assert cpu_model() in title and f"{torch.get_num_threads()} threads" in title and memory_allocator() in title
+
+
+@pytest.mark.parametrize("library", ["libtcmalloc_minimal.so.4", "libjemalloc.so.2"])
+def test_a_preloaded_allocator_is_named(library):
+    import os
+    import subprocess
+    import sys
+
+    path = os.path.join("/usr/lib/x86_64-linux-gnu", library)
+    if not os.path.exists(path):
+        pytest.skip(f"{library} is not installed")
+    out = subprocess.run([sys.executable, "-c", "from benchmarks.common import memory_allocator; "
+                          "print(memory_allocator())"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "LD_PRELOAD": path})
+    assert out.stdout.strip() == library.split(".")[0].removeprefix("lib").split("_")[0]
