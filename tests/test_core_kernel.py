@@ -81,10 +81,12 @@ def test_kernel_attention_matches_reference(kernel, is_causal):
 
 
 @pytest.mark.parametrize("kernel", ["gaussian", "mahalanobis"])
-def test_range_kernels_with_a_padding_mask_match_the_reference(kernel):
-    """The folded key-norm path with a boolean key mask (padding) against the explicit weights."""
+@pytest.mark.parametrize("needs_grad", [True, False])
+def test_range_kernels_with_a_padding_mask_match_the_reference(kernel, needs_grad):
+    """The key-norm term with a boolean key mask (padding) against the explicit weights: folded into the queries and
+    keys when it needs a gradient, one additive mask when not."""
     heads = 2
-    q, k, v = (torch.randn(2, heads, N, D, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(2, heads, N, D, dtype=torch.float64, requires_grad=needs_grad) for _ in range(3))
     h_y = torch.tensor([1.5, 3.0], dtype=torch.float64)
     metric = torch.rand(heads, D, dtype=torch.float64) + 0.5 if kernel == "mahalanobis" else None
     keep = torch.ones(2, 1, 1, N, dtype=torch.bool)
@@ -338,3 +340,48 @@ def test_flex_spatial_path_matches_the_blocked_one(kind, kernel):
         kernel_attention(q, k, v.requires_grad_(), "bilateral", spatial_bias=spatial, spatial_backend="flex")
     with pytest.raises(ValueError, match="spatial_backend: expected one of"):
         kernel_attention(q, k, v, "bilateral", spatial_bias=spatial, spatial_backend="triton")
+
+
+@pytest.mark.parametrize("kernel, kind, grid", [("gaussian", None, None), ("mahalanobis", None, None),
+                                                ("bilateral", "gaussian", (2, 4)), ("bilateral", "laplacian", None),
+                                                ("dot", "laplacian", None)])
+def test_a_small_bias_without_gradient_reaches_sdpa_as_one_mask(monkeypatch, kernel, kind, grid):
+    """Without gradients (a decoding step) the key-norm and spatial terms go to SDPA as one additive 4-D mask, with
+    the queries and keys left at their head size; the values equal the explicit reference, for all queries and for
+    the last query alone against every key (causal decoding). With a gradient the terms are folded as before."""
+    import torch.nn.functional as F
+
+    heads, n = 2, 9
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, D, dtype=torch.float64) for _ in range(3))
+    h_y = torch.tensor([1.5, 3.0], dtype=torch.float64)
+    h_p = torch.tensor([0.7, 4.0], dtype=torch.float64)
+    metric = torch.rand(heads, D, dtype=torch.float64) + 0.5 if kernel == "mahalanobis" else None
+    pos = token_positions(n, grid, 1 if grid else 0, dtype=torch.float64)
+    is_causal = grid is None
+
+    def fast(queries, positions_q):
+        spatial = None if kind is None else SpatialKernel(positions_q, pos, h_p, kind, ordered=grid is None)
+        return kernel_attention(queries, k, v, kernel, range_bandwidth=None if kernel == "dot" else h_y, metric=metric,
+                                spatial_bias=spatial, is_causal=is_causal)
+
+    if kernel == "dot":  # softmax x Laplacian spatial kernel (ALiBi's form, C.3)
+        logits = q @ k.transpose(-2, -1) / math.sqrt(D) + spatial_log_kernel(pos, pos, h_p, kind)
+        slow = logits.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1) @ v
+    else:
+        slow = kernel_attention_reference(q[0], k[0], v[0], kernel, range_bandwidth=h_y, metric=metric,
+                                          positions=None if kind is None else pos, spatial_bandwidth=h_p,
+                                          spatial_kernel=kind or "gaussian", is_causal=is_causal)[None]
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q_, k_, v_, **kw: calls.append((q_.shape[-1], kw.get("attn_mask"))) or sdpa(q_, k_, v_, **kw))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(q, pos), slow)
+        if is_causal:
+            torch.testing.assert_close(fast(q[..., -1:, :], pos[-1:]), slow[..., -1:, :])
+    assert calls and all(width == D and mask is not None and mask.ndim == 4 for width, mask in calls), calls
+    calls.clear()
+    q.requires_grad_()
+    torch.testing.assert_close(fast(q, pos), slow)
+    assert [width > D for width, _ in calls] == [True], calls  # folded into extra coordinates

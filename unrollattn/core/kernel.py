@@ -196,7 +196,8 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
     :class:`SpatialKernel` (no N x N tensor with a gradient: ``spatial_backend`` "folded" adds its query and key
     terms as extra coordinates where it separates (:meth:`SpatialKernel.separable`), "blocked" builds it in blocks
     of query rows for SDPA, "flex" computes it inside FlexAttention's score function; "auto" = flex on CUDA without
-    dropout, else folded where it separates in float32 / float64, else blocked) or a tensor [H, N, N].
+    dropout, else folded where it separates in float32 / float64, else blocked) or a tensor [H, N, N]. Under "auto",
+    a bias that needs no gradient and fits in one score block (a decoding step) goes to SDPA as one additive mask.
     """
     if v.ndim != 4 or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"expected q, k, v of shape [B, H, N, d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
@@ -204,6 +205,8 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
         raise ValueError(f"spatial_backend: expected one of {SPATIAL_BACKENDS}, got {spatial_backend!r}")
     t = kernel_terms(q, k, kernel, range_bandwidth=range_bandwidth, metric=metric, spatial_bias=spatial_bias,
                      attn_mask=attn_mask, is_causal=is_causal)
+    if spatial_backend == "auto" and _small_bias_without_gradient(t, v):
+        return _explicit_bias(t, v, dropout_p)
     if isinstance(t["spatial"], SpatialKernel):
         foldable = t["spatial"].separable(is_causal)
         if spatial_backend == "auto":
@@ -226,6 +229,27 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
     if t["key_bias"] is None and t["spatial"] is None:
         return _sdpa(t["q"], t["k"], v, t, dropout_p, t["scale"])
     bias = _sum_biases(t["key_bias"], _dense_mask(t), t["spatial"])
+    return F.scaled_dot_product_attention(t["q"], t["k"], v, attn_mask=bias, dropout_p=dropout_p, scale=t["scale"])
+
+
+def _small_bias_without_gradient(t: dict, v: torch.Tensor) -> bool:
+    """Whether the terms' additive bias fits in one score block and nothing needs its gradient (a decoding step, or
+    inference on short sequences): SDPA's fused kernel then takes it as a plain mask, in fewer operations than
+    folding it into extra coordinates."""
+    spatial = t["spatial"]
+    if t["key_bias"] is None and spatial is None:
+        return False
+    carried = (t["q"], t["k"], v, t["key_bias"], spatial.bandwidth if isinstance(spatial, SpatialKernel) else spatial)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in carried):
+        return False
+    batch, heads, n_q, n_k = t["q"].shape[0], t["q"].shape[1], t["q"].shape[2], t["k"].shape[2]
+    return batch * heads * n_q * n_k * t["q"].element_size() <= SCORE_BLOCK_BYTES
+
+
+def _explicit_bias(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """SDPA with the key-norm, mask and spatial terms summed into one additive mask [B|1, H, Nq, Nk]."""
+    spatial = t["spatial"].full() if isinstance(t["spatial"], SpatialKernel) else t["spatial"]
+    bias = _sum_biases(t["key_bias"], _dense_mask(t), None if spatial is None else spatial.to(t["q"].dtype))
     return F.scaled_dot_product_attention(t["q"], t["k"], v, attn_mask=bias, dropout_p=dropout_p, scale=t["scale"])
 
 
