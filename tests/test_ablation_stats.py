@@ -101,3 +101,27 @@ def test_budget_study_pools_seeds_and_takes_the_reference_from_a_sibling(tmp_pat
     lone = _write_ablation(tmp_path / "lone", {"deep": run("deep", 2.0, 4000, 0)})
     with pytest.raises(ValueError, match="no finished run of the reference 'ref' at tokens_seen=4000"):
         gaps_against_budget([ref, lone], reference="ref")
+
+
+def test_budget_study_by_seed_gives_paired_gaps_within_one_directory(tmp_path):
+    """``by=["seed"]`` splits one ablation's seeds into studies: each gap is a variant's run minus the reference's
+    run of the same seed, pooled with another directory's runs of that seed; a run without the field is refused."""
+    from unrollattn.train.ablate import gap_rates, gaps_against_budget
+
+    def run(variant, loss, tokens, seed):
+        return {"variant": variant, "val_loss": loss, "tokens_seen": tokens, "seed": seed}
+
+    small = _write_ablation(tmp_path / "s", {"ref-seed0": run("ref", 3.0, 1000, 0), "ref-seed1": run("ref", 3.4, 1000, 1),
+                                             "deep-seed0": run("deep", 3.5, 1000, 0),
+                                             "deep-seed1": run("deep", 3.6, 1000, 1)})
+    large = _write_ablation(tmp_path / "l", {"ref": run("ref", 2.0, 4000, 0), "deep": run("deep", 2.1, 4000, 0)})
+    rows = gaps_against_budget([small, large], reference="ref", by=["seed"])
+    gaps = {(r["seed"], r["tokens_seen"]): r["gap"] for r in rows if r["variant"] == "deep"}
+    assert gaps.keys() == {(0, 1000), (1, 1000), (0, 4000)}
+    assert math.isclose(gaps[(0, 1000)], 0.5) and math.isclose(gaps[(1, 1000)], 0.2)
+    assert all(r["seeds"] == 1 and r["gap_se"] == 0 for r in rows)
+    assert math.isclose(gap_rates(rows, by=["seed"])[(0, "deep")], (0.1 - 0.5) / 2)
+    assert (1, "deep") not in gap_rates(rows, by=["seed"])  # one budget only
+    unseeded = _write_ablation(tmp_path / "u", {"ref": {"variant": "ref", "val_loss": 1.0, "tokens_seen": 1000}})
+    with pytest.raises(ValueError, match="ref: a run records no 'seed'"):
+        gaps_against_budget([unseeded], reference="ref", by=["seed"])

@@ -496,7 +496,8 @@ def build_parser(ablate_recipe: ModuleType | None = None) -> argparse.ArgumentPa
     p.add_argument("--reference", required=True, help="the variant the gaps are measured to, e.g. gpt2")
     p.add_argument("--metric", default="val_loss", help="summary field compared (default val_loss)")
     p.add_argument("--x", default="tokens_seen", help="summary field that is the budget (default tokens_seen)")
-    p.add_argument("--by", default="", help="comma-separated summary fields that separate studies, e.g. n_embd")
+    p.add_argument("--by", default="", help="comma-separated summary fields that separate studies, e.g. n_embd, or "
+                                            "n_embd,seed for one study per seed (paired gaps)")
     p.add_argument("--out", required=True, help="directory for gaps.md, gaps.csv, gaps.png")
     p.set_defaults(func=_cmd_budgets)
 

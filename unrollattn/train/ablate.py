@@ -165,13 +165,27 @@ def _one_value(summaries: Sequence[Mapping[str, Any]], key: str, where: str) -> 
     return values.pop()
 
 
+def _split_by(by_variant: Mapping[str, Sequence[Mapping[str, Any]]], by: Sequence[str], where
+              ) -> dict[tuple[str, tuple], list[Mapping[str, Any]]]:
+    """{(variant, values of the ``by`` fields): its runs} of one ablation; a run without one of the fields is refused."""
+    studies: dict[tuple[str, tuple], list[Mapping[str, Any]]] = {}
+    for variant, summaries in by_variant.items():
+        for summary in summaries:
+            missing = [field for field in by if summary.get(field) is None]
+            if missing:
+                raise ValueError(f"{where} {variant}: a run records no {missing[0]!r} (the fields that split the study "
+                                 f"must be in every run's summary)")
+            studies.setdefault((variant, tuple(summary[field] for field in by)), []).append(summary)
+    return studies
+
+
 def gaps_against_budget(ablations: Sequence[str | os.PathLike], *, reference: str, metric: str = "val_loss",
                         x: str = "tokens_seen", by: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Rows of the budget study: for every budget (``x``, a summary field) and every variant, ``metric`` over its
     seeds (:class:`SeedStats`), the gap to ``reference`` (difference of the means) and its standard error
-    sqrt(sem_v^2 + sem_ref^2). ``x`` and the ``by`` fields (e.g. ``n_embd``: one study per model size) must each have
-    one value per variant within an ablation; within an ablation that holds the reference every variant must have
-    the reference's ``x``. Ablations at the same budget are pooled: one variant's runs from several directories are
+    sqrt(sem_v^2 + sem_ref^2). The ``by`` fields split the runs into studies (``n_embd``: one per model size; with
+    ``seed`` too, one per seed: paired gaps); within a study of an ablation ``x`` has one value per variant, and
+    where the study holds the reference every variant must have the reference's ``x``. Ablations at the same budget are pooled: one variant's runs from several directories are
     its seeds (their recorded seeds must differ), and the reference may sit in another directory than the variants
     (seeds split over processes). Rows are sorted by ``by``, variant, x."""
     cells: dict[tuple, dict[str, list[dict[str, Any]]]] = {}  # (*by, budget) -> variant -> runs
@@ -182,16 +196,15 @@ def gaps_against_budget(ablations: Sequence[str | os.PathLike], *, reference: st
         raise ValueError(f"{', '.join(map(str, ablations))}: no finished run of the reference {reference!r} "
                          f"(variants: {', '.join(held)})")
     for directory, by_variant in read:
-        keys = {variant: tuple(_one_value(summaries, field, f"{directory} {variant}") for field in by)
-                for variant, summaries in by_variant.items()}
-        for variant, summaries in by_variant.items():
+        studies = _split_by(by_variant, by, directory)
+        for (variant, key), summaries in studies.items():
             budget = _one_value(summaries, x, f"{directory} {variant}")
-            if reference in by_variant and keys[reference] == keys[variant]:
-                ref_budget = _one_value(by_variant[reference], x, f"{directory} {reference}")
+            if (reference, key) in studies:
+                ref_budget = _one_value(studies[(reference, key)], x, f"{directory} {reference}")
                 if budget != ref_budget:
                     raise ValueError(f"{directory}: {variant} saw {x}={budget}, the reference {ref_budget}")
-            cell = cells.setdefault((*keys[variant], budget), {})
-            where = sources.setdefault((*keys[variant], budget, variant), [])
+            cell = cells.setdefault((*key, budget), {})
+            where = sources.setdefault((*key, budget, variant), [])
             if variant in cell:
                 before, now = [s.get("seed") for s in cell[variant]], [s.get("seed") for s in summaries]
                 if None in before + now or set(before) & set(now):
