@@ -7,7 +7,8 @@ registered LM variant (a user's own with ``--import``) against HF's GPT-2.
 Each variant has GPT-2's width and heads and the layer count whose stack matches GPT-2's parameters at
 ``--depth`` layers (``model.match_params=gpt2``). A run is greedy ``generate`` of ``--new-tokens`` tokens (no early
 stop) after a random prompt of ``--prompt`` tokens, with the layer-owned cache (``use_cache=True``); the time is the
-median over ``--repeats`` after one warm-up. ``mflop_per_token`` is torch's FlopCounterMode over one whole
+median over ``--repeats`` after one warm-up, the variants of one batch size timed in turn (interleaved), so a change
+of machine load reaches them alike. ``mflop_per_token`` is torch's FlopCounterMode over one whole
 ``generate`` divided by the tokens it produced (prompt prefill included, a small share at 128 new tokens), so
 ``gflop_per_s`` compares how well each variant turns its arithmetic into decoding speed; ``decode`` says whether its
 attention extends the output from stored state (``cached``) or recomputes the prefix (``recomputes``).
@@ -22,7 +23,7 @@ import torch
 import unrollattn  # noqa: F401 (registers the models)
 from benchmarks.common import (
     VOCABS, add_lm_arguments, benchmark_settings, build_matched_lm, device_name, publish_table, selected_lm_variants,
-    time_call,
+    time_interleaved,
 )
 from unrollattn.registry import import_modules
 from unrollattn.utils.params import count_parameters
@@ -38,7 +39,8 @@ def decodes_from_cache(model) -> bool:
     return not any(getattr(block, "decode_recomputes_prefix", False) for block in blocks)
 
 
-def measure(label: str, batch: int, args, device: torch.device) -> dict:
+def prepare(label: str, batch: int, args, device: torch.device):
+    """The model ``label`` and a call that runs one timed ``generate`` of it on a fixed random prompt."""
     torch.manual_seed(0)
     vocab, eos = VOCABS[args.vocab]
     model = build_matched_lm(label, width=args.width, heads=args.heads, depth=args.depth, vocab=args.vocab,
@@ -54,7 +56,11 @@ def measure(label: str, batch: int, args, device: torch.device) -> dict:
             raise RuntimeError(f"{label}: generate returned {out.shape[1] - args.prompt} new tokens, expected "
                                f"{args.new_tokens}")
 
-    seconds = time_call(run, device, warmup=1, repeats=args.repeats)
+    return model, run
+
+
+def describe(label: str, model, run, seconds: float, batch: int, args) -> dict:
+    """The table row of one variant: its timing and the FLOPs of one more ``generate`` (FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -91,12 +97,16 @@ def main(argv=None) -> int:
         parser.error(str(err))
     rows = []
     for batch in batches:
+        prepared = {label: prepare(label, batch, args, device) for label in labels}
+        seconds = time_interleaved({label: run for label, (_, run) in prepared.items()}, device, warmup=1,
+                                   repeats=args.repeats)
         group = []
-        for label in labels:
-            row = measure(label, batch, args, device)
+        for label, (model, run) in prepared.items():
+            row = describe(label, model, run, seconds[label], batch, args)
             group.append(row)
             print(f"{label:>16s} batch {batch}: {row['tokens_per_s']:9,.0f} tok/s  {row['gflop_per_s']:8.2f} GFLOP/s  "
                   f"({row['decode']})", flush=True)
+        del prepared
         for row in group:
             row["tokens_per_s_vs_gpt2"] = row["tokens_per_s"] / group[0]["tokens_per_s"]
             row["flop_per_s_vs_gpt2"] = row["gflop_per_s"] / group[0]["gflop_per_s"]
