@@ -228,8 +228,7 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
         return _folded_kernel(t, v, dropout_p)
     if t["key_bias"] is None and t["spatial"] is None:
         return _sdpa(t["q"], t["k"], v, t, dropout_p, t["scale"])
-    bias = _sum_biases(t["key_bias"], _dense_mask(t), t["spatial"])
-    return F.scaled_dot_product_attention(t["q"], t["k"], v, attn_mask=bias, dropout_p=dropout_p, scale=t["scale"])
+    return _explicit_bias(t, v, dropout_p)
 
 
 def _small_bias_without_gradient(t: dict, v: torch.Tensor) -> bool:

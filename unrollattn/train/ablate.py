@@ -175,7 +175,11 @@ def _split_by(by_variant: Mapping[str, Sequence[Mapping[str, Any]]], by: Sequenc
             if missing:
                 raise ValueError(f"{where} {variant}: a run records no {missing[0]!r} (the fields that split the study "
                                  f"must be in every run's summary)")
-            studies.setdefault((variant, tuple(summary[field] for field in by)), []).append(summary)
+            key = tuple(summary[field] for field in by)
+            if not all(isinstance(value, (str, int, float, bool)) for value in key):
+                raise ValueError(f"{where} {variant}: the fields that split the study must hold single values, got "
+                                 f"{dict(zip(by, key))}")
+            studies.setdefault((variant, key), []).append(summary)
     return studies
 
 
@@ -185,9 +189,10 @@ def gaps_against_budget(ablations: Sequence[str | os.PathLike], *, reference: st
     seeds (:class:`SeedStats`), the gap to ``reference`` (difference of the means) and its standard error
     sqrt(sem_v^2 + sem_ref^2). The ``by`` fields split the runs into studies (``n_embd``: one per model size; with
     ``seed`` too, one per seed: paired gaps); within a study of an ablation ``x`` has one value per variant, and
-    where the study holds the reference every variant must have the reference's ``x``. Ablations at the same budget are pooled: one variant's runs from several directories are
-    its seeds (their recorded seeds must differ), and the reference may sit in another directory than the variants
-    (seeds split over processes). Rows are sorted by ``by``, variant, x."""
+    where the study holds the reference every variant must have the reference's ``x``. Ablations at the same budget
+    are pooled: one variant's runs from several directories are its seeds (their recorded seeds must differ), and
+    the reference may sit in another directory than the variants (seeds split over processes). Rows are sorted by
+    ``by``, variant, x."""
     cells: dict[tuple, dict[str, list[dict[str, Any]]]] = {}  # (*by, budget) -> variant -> runs
     sources: dict[tuple, list[str]] = {}  # (*by, budget, variant) -> directories
     read = [(directory, read_ablation(directory)) for directory in ablations]
