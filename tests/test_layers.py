@@ -149,6 +149,21 @@ def test_aot_block_without_norm_is_plain_skip_plus_attention():
     assert not hasattr(build_block("aot", 16, 2), "mlp")
 
 
+@pytest.mark.parametrize("block_name", ["aot", "transformer"])
+def test_layer_scale_and_drop_path_act_on_the_residual_branches(block_name):
+    """timm's init_values / drop_path reach the blocks' residual branches (forward and cached decoding)."""
+    from transformers import DynamicCache
+
+    block = build_block(block_name, 16, 2, init_values=0.5, drop_path=1.0).double().eval()
+    x = torch.randn(1, 4, 16, dtype=torch.float64)
+    half = x + 0.5 * block.attn(block.norm1(x), is_causal=True)
+    expected = half if block_name == "aot" else half + 0.5 * block.mlp(block.norm2(half))
+    torch.testing.assert_close(block(x, is_causal=True), expected)
+    torch.testing.assert_close(block.decode(x, DynamicCache(), 0), expected)
+    block.train()  # drop_path=1.0 drops every sample's branch: the block passes its input through
+    torch.testing.assert_close(block(x, is_causal=True), x)
+
+
 def test_unknown_layer_keywords_raise_with_the_closest_option():
     """A typo must not silently keep the default (it used to warn only)."""
     with pytest.raises(ValueError, match="unknown option.*'nonlinearty' \\(did you mean 'nonlinearity'\\?\\)"):

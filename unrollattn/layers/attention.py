@@ -77,7 +77,8 @@ class AttentionLayer(Configurable, RecordsAttention, metaclass=ABCMeta):
         step = getattr(self, "decode_step", None)  # (x, cache, layer_idx, mask without empty rows) -> token mixing
         if self.decode_recomputes_prefix or step is None:
             return decode_by_recompute(self, x, cache, layer_idx, attn_mask)
-        return self.proj_drop(step(x, cache, layer_idx, nonempty_rows(attn_mask)))
+        mixed = step(x, cache, layer_idx, nonempty_rows(attn_mask))
+        return self.proj_drop(mixed) if self.training else mixed  # eval: no module call per layer and token
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys, values [B, H, N, p] from the fused ``self.qkv`` map (layers that have one)."""

@@ -58,6 +58,14 @@ class Configurable(nn.Module):
     @property
     def param_dtype(self) -> torch.dtype | None:
         """dtype of the module's floating-point parameters (what its inputs must have); None without any."""
+        # read on every call (a decoding step calls it once per layer): the module's own and its children's
+        # parameters first, straight from their dicts; the full recursive walk only when they hold none
+        for module in (self, *self._modules.values()):
+            if module is None:
+                continue
+            for p in module._parameters.values():
+                if p is not None and p.is_floating_point():
+                    return p.dtype
         return next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
 
     @staticmethod

@@ -71,6 +71,14 @@ class BlockBase(Configurable):
         self.mlp_ratio, self.proj_drop, self.drop_path, self.init_values = mlp_ratio, proj_drop, drop_path, init_values
         self.act_layer, self.mlp_layer = act_layer or nn.GELU, mlp_layer or Mlp
 
+    @staticmethod
+    def residual_branch(h: torch.Tensor, layer_scale: nn.Module, drop_path: nn.Module) -> torch.Tensor:
+        """``drop_path(layer_scale(h))``, not calling the ones that are ``nn.Identity`` (a decoding step would pay a
+        module call for each, per layer and token)."""
+        if not isinstance(layer_scale, nn.Identity):
+            h = layer_scale(h)
+        return h if isinstance(drop_path, nn.Identity) else drop_path(h)
+
     decode_recomputes_block = True  # decode reruns the block over its cached inputs (it may call attn more than once)
 
     @property
@@ -123,8 +131,8 @@ class TransformerBlock(SingleAttentionBlock):
         self.drop_path2 = DropPath(self.drop_path) if self.drop_path > 0.0 else nn.Identity()
 
     def update(self, x, attend):
-        x = x + self.drop_path1(self.ls1(attend(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.residual_branch(attend(self.norm1(x)), self.ls1, self.drop_path1)
+        return x + self.residual_branch(self.mlp(self.norm2(x)), self.ls2, self.drop_path2)
 
 
 @register_block("aot", summary="x + attn(LN(x)), no MLP (LN optional: use_norm)")
@@ -139,7 +147,7 @@ class AoTBlock(SingleAttentionBlock):
         self.norm1 = self.norm_layer(dim, **self.dd) if self.options.get("use_norm", True) else nn.Identity()
 
     def update(self, x, attend):
-        return x + self.drop_path1(self.ls1(attend(self.norm1(x))))
+        return x + self.residual_branch(attend(self.norm1(x)), self.ls1, self.drop_path1)
 
 
 class SparseCodingStep(nn.Module):
@@ -217,7 +225,7 @@ class CrateBlock(SingleAttentionBlock):
             self.ista_residual = True
 
     def update(self, x, attend):
-        x = x + self.drop_path1(self.ls1(attend(self.norm1(x))))
+        x = x + self.residual_branch(attend(self.norm1(x)), self.ls1, self.drop_path1)
         if self.ista_residual:
             return x + self.ista(self.norm2(x))
         return self.ista(self.norm2(x))
@@ -295,10 +303,10 @@ class BoostBlock(BlockBase):
         return u
 
     def forward(self, x, attn_mask=None, is_causal=False):
-        x = x + self.drop_path1(self.ls1(self.boosted_attention(x, attn_mask, is_causal)))
+        x = x + self.residual_branch(self.boosted_attention(x, attn_mask, is_causal), self.ls1, self.drop_path1)
         if self.mlp is None:
             return x
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x + self.residual_branch(self.mlp(self.norm2(x)), self.ls2, self.drop_path2)
 
     def decode(self, x, cache, layer_idx, attn_mask=None):
         """Recomputes the block over its cached inputs (it calls its attention more than once). With rule='anchor'

@@ -33,6 +33,8 @@ def append_to_cache(cache, layer_idx: int, keys: torch.Tensor, values: torch.Ten
     if all_keys.shape[-2] < total:
         raise ValueError(f"{type(cache).__name__} kept {all_keys.shape[-2]} of {total} tokens at layer {layer_idx}: "
                          "unrollattn layers need every past token (no sliding-window or cropping cache)")
+    if all_keys.shape[-2] == total:  # a growing cache returns exactly the filled slots
+        return all_keys, all_values
     return all_keys[..., :total, :], all_values[..., :total, :]
 
 
