@@ -385,3 +385,25 @@ def test_a_small_bias_without_gradient_reaches_sdpa_as_one_mask(monkeypatch, ker
     q.requires_grad_()
     torch.testing.assert_close(fast(q, pos), slow)
     assert [width > D for width, _ in calls] == [True], calls  # folded into extra coordinates
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "bilateral", "mahalanobis"])
+def test_non_positive_bandwidths_are_refused_by_name_unless_value_checks_are_off(kernel):
+    import unrollattn
+
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+    good = torch.ones(2, dtype=torch.float64)
+    bad = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    spatial = lambda h: SpatialKernel(token_positions(5, dtype=torch.float64), token_positions(5, dtype=torch.float64),  # noqa: E731
+                                      h, "laplacian", ordered=True)
+    cases = {"gaussian": ("range_bandwidth", dict(range_bandwidth=bad)),
+             "bilateral": ("spatial_bandwidth", dict(range_bandwidth=good, spatial_bias=spatial(bad))),
+             "mahalanobis": ("metric", dict(metric=torch.tensor([[1.0] * 4, [1.0, 1.0, -1.0, 1.0]], dtype=torch.float64)))}
+    name, options = cases[kernel]
+    with pytest.raises(ValueError, match=f"{name}: expected positive bandwidths"):
+        kernel_attention(q, k, v, kernel, is_causal=True, **options)
+    unrollattn.set_finite_checks(False)  # the value checks that sync with the host go off together
+    try:
+        assert kernel_attention(q, k, v, kernel, is_causal=True, **options).shape == q.shape
+    finally:
+        unrollattn.set_finite_checks(True)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .masks import additive_mask
+from .validation import finite_checks_enabled
 
 KERNELS = ("dot", "gaussian", "mahalanobis", "bilateral")
 SPATIAL_KERNELS = ("gaussian", "laplacian")
@@ -34,7 +35,7 @@ def default_range_bandwidth(head_dim: int) -> float:
 
 
 def check_bandwidth(bandwidth: torch.Tensor, name: str) -> None:
-    if not torch.compiler.is_compiling() and bool((bandwidth <= 0).any()):
+    if finite_checks_enabled() and bool((bandwidth <= 0).any()):
         raise ValueError(f"{name}: expected positive bandwidths, got {bandwidth.detach().flatten().tolist()}")
 
 

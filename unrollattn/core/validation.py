@@ -11,7 +11,8 @@ _CHECK_FINITE = True
 
 
 def set_finite_checks(enabled: bool) -> None:
-    """Turn the NaN/inf input check on or off globally (it costs a host sync per call on GPU)."""
+    """Turn the value checks that read tensors on the host on or off globally: NaN/inf inputs, positive kernel
+    bandwidths (each a host sync per call on GPU, and a few small operations per layer and token in decoding)."""
     global _CHECK_FINITE
     _CHECK_FINITE = bool(enabled)
 
