@@ -46,6 +46,22 @@ def test_alibi_is_a_laplacian_bilateral_filter():
     torch.testing.assert_close(kernel_attention(q, k, v, "dot", spatial_bias=bias), expected)
 
 
+def test_one_dimensional_laplacian_kernel_is_minus_the_index_distance_over_the_bandwidth():
+    """C.5 on 1-D token indices: S_ij = -|i - j| / h_p; pairs with a NaN (prefix) position get 0; the bandwidth
+    gradient is |i - j| / h_p^2 (values and gradients against the square-root form of 2-D positions)."""
+    pos = torch.tensor([[float("nan")], [0.0], [1.0], [3.0]], dtype=torch.float64)
+    h_p = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    one_d = spatial_log_kernel(pos, pos, h_p, "laplacian")
+    distance = (pos - pos.T).abs().nan_to_num(0.0)
+    torch.testing.assert_close(one_d, -distance[None] / h_p.detach()[:, None, None], rtol=0, atol=0)
+    padded = torch.cat([pos, torch.zeros_like(pos)], 1)  # the same distances through sqrt(sum of squares)
+    h_ref = h_p.detach().clone().requires_grad_()
+    reference = spatial_log_kernel(padded, padded, h_ref, "laplacian")
+    torch.testing.assert_close(one_d, reference, rtol=0, atol=0)
+    (grad,), (grad_ref,) = (torch.autograd.grad(out.square().sum(), h) for out, h in ((one_d, h_p), (reference, h_ref)))
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-15)
+
+
 def test_twicing_identity():
     """C.10 (4): AV + A(V - AV) = (2A - A^2) V; k-step boosting = [I - (I - A)^{k+1}] V."""
     a = torch.softmax(torch.randn(N, N, dtype=torch.float64), -1)

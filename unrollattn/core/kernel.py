@@ -66,12 +66,14 @@ def spatial_log_kernel(positions_q: torch.Tensor, positions_k: torch.Tensor, ban
         raise ValueError(f"positions: expected [N, P] tensors with equal P, got {list(positions_q.shape)} "
                          f"and {list(positions_k.shape)}")
     check_bandwidth(bandwidth, "spatial_bandwidth")
-    sq_dist = (positions_q[:, None, :] - positions_k[None, :, :]).square().sum(-1)
-    sq_dist = torch.nan_to_num(sq_dist, nan=0.0)
-    h = bandwidth.to(sq_dist.dtype)[:, None, None]
+    offsets = positions_q[:, None, :] - positions_k[None, :, :]
+    h = bandwidth.to(offsets.dtype)[:, None, None]
+    if kind == "laplacian" and offsets.shape[-1] == 1:  # 1-D token indices: ||p_i - p_j|| = |i - j| (ALiBi)
+        return -torch.nan_to_num(offsets[..., 0].abs(), nan=0.0)[None] / h
+    sq_dist = torch.nan_to_num(offsets.square().sum(-1), nan=0.0)
     if kind == "gaussian":
         return -sq_dist[None] / h.square()
-    return -sq_dist.clamp_min(0).sqrt()[None] / h
+    return -sq_dist.sqrt()[None] / h
 
 
 @dataclass(frozen=True)
