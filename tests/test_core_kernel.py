@@ -228,11 +228,74 @@ def test_blocked_spatial_bias_reaches_sdpa_as_a_4d_mask(monkeypatch):
     monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", 2 * 2 * 16 * 4)  # two query rows a block
     q, k, v = (torch.randn(1, 2, 16, D, requires_grad=True) for _ in range(3))
     pos = token_positions(16, (4, 4))
-    for kernel in ("dot", "bilateral"):  # ALiBi's form on a grid (fixed slopes), bilateral with learned ones
-        h_p = torch.tensor([1.0, 2.0], requires_grad=kernel == "bilateral")
+    for kernel in ("dot", "bilateral"):  # ALiBi's form on a grid and bilateral, both with learned bandwidths
+        h_p = torch.tensor([1.0, 2.0], requires_grad=True)
         kernel_attention(q, k, v, kernel, spatial_bias=SpatialKernel(pos, pos, h_p, "laplacian"),
                          spatial_backend="blocked").sum().backward()
     assert seen and set(seen) == {4}, seen
+
+
+@pytest.mark.parametrize("kernel, kind", [("dot", "laplacian"), ("bilateral", "laplacian"), ("bilateral", "gaussian")])
+@pytest.mark.parametrize("masking", ["none", "padding", "causal"])
+def test_fixed_spatial_bias_runs_the_forward_once_and_matches_the_full_bias(monkeypatch, kernel, kind, masking):
+    """A spatial term without a gradient (ALiBi's fixed slopes on a patch grid with a class token) goes through
+    the CPU flash kernel a block of heads and query rows at a time, its backward rebuilding each block's bias
+    instead of recomputing the forward: values and query/key/value gradients equal one [B, H, N, N] bias, for
+    one block and for blocks of one head and a few rows."""
+    import unrollattn.core.kernel as core_kernel
+
+    forwards = []
+    flash = core_kernel._CPU_FLASH
+    monkeypatch.setattr(core_kernel, "_CPU_FLASH", lambda *a, **kw: forwards.append(1) or flash(*a, **kw))
+    heads, n = 3, 9
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, heads, n, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    h_y = torch.tensor([1.5, 3.0, 2.0], dtype=torch.float64, requires_grad=True)
+    h_p = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    pos = token_positions(n, (2, 4), 1, dtype=torch.float64)
+    keep = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    keep[1, ..., -2:] = False
+    options = dict(range_bandwidth=h_y if kernel == "bilateral" else None,
+                   attn_mask=keep if masking == "padding" else None, is_causal=masking == "causal")
+    inputs = (q, k, v, h_y) if kernel == "bilateral" else (q, k, v)
+    full = kernel_attention(q, k, v, kernel, spatial_bias=spatial_log_kernel(pos, pos, h_p, kind), **options)
+    full_grads = torch.autograd.grad(full.square().sum(), inputs)
+    monkeypatch.setattr(core_kernel.torch, "get_num_threads", lambda: 1)  # one head per call at batch 2
+    bias_batch = 2 if masking == "padding" else 1  # a padding mask gives every batch row its own bias
+    for block_bytes, calls in ((2**20, heads), (2 * (bias_batch + 1) * n * 8, heads * math.ceil(n / 2))):
+        monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", block_bytes)
+        forwards.clear()
+        blocked = kernel_attention(q, k, v, kernel, spatial_bias=SpatialKernel(pos, pos, h_p, kind),
+                                   spatial_backend="blocked", **options)
+        grads = torch.autograd.grad(blocked.square().sum(), inputs)
+        assert len(forwards) == calls  # each block's forward once: nothing recomputed in backward
+        torch.testing.assert_close(blocked, full)
+        for a, b in zip(grads, full_grads):
+            torch.testing.assert_close(a, b)
+
+
+def test_fixed_spatial_bias_holds_no_full_score_map(monkeypatch):
+    """2-D ALiBi (fixed slopes, Laplacian on a 32 x 32 grid) forward+backward stays within half a score map of
+    softmax SDPA with blocks of an eighth of one: no [B, H, N, N] bias is kept for backward."""
+    import unrollattn.core.kernel as core_kernel
+    from unrollattn.utils.memory import peak_memory_mb
+
+    monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", 2**20)
+
+    n, heads, d = 1024, 2, 32
+    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
+    spatial = SpatialKernel(token_positions(n, (32, 32)), token_positions(n, (32, 32)), torch.tensor([2.0, 8.0]),
+                            "laplacian")
+
+    def alibi():
+        kernel_attention(q, k, v, "dot", spatial_bias=spatial).sum().backward()
+
+    def softmax():
+        kernel_attention(q, k, v, "dot").sum().backward()
+
+    scores_mb = heads * n * n * 4 / 2**20
+    alibi_mb, softmax_mb = (peak_memory_mb(f, torch.device("cpu")) for f in (alibi, softmax))
+    assert alibi_mb < softmax_mb + scores_mb / 2, (alibi_mb, softmax_mb, scores_mb)
 
 
 @pytest.mark.parametrize("backend", ["folded", "blocked"])

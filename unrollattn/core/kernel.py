@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .masks import additive_mask
@@ -66,14 +67,22 @@ def spatial_log_kernel(positions_q: torch.Tensor, positions_k: torch.Tensor, ban
         raise ValueError(f"positions: expected [N, P] tensors with equal P, got {list(positions_q.shape)} "
                          f"and {list(positions_k.shape)}")
     check_bandwidth(bandwidth, "spatial_bandwidth")
-    offsets = positions_q[:, None, :] - positions_k[None, :, :]
-    h = bandwidth.to(offsets.dtype)[:, None, None]
-    if kind == "laplacian" and offsets.shape[-1] == 1:  # 1-D token indices: ||p_i - p_j|| = |i - j| (ALiBi)
-        return -torch.nan_to_num(offsets[..., 0].abs(), nan=0.0)[None] / h
-    sq_dist = torch.nan_to_num(offsets.square().sum(-1), nan=0.0)
-    if kind == "gaussian":
-        return -sq_dist[None] / h.square()
-    return -sq_dist.sqrt()[None] / h
+    distance = spatial_distance(positions_q, positions_k, kind)
+    h = bandwidth.to(distance.dtype)[:, None, None]
+    return -distance[None] / (h.square() if kind == "gaussian" else h)
+
+
+def spatial_distance(positions_q: torch.Tensor, positions_k: torch.Tensor, kind: str) -> torch.Tensor:
+    """[Nq, Nk] the spatial log-kernel before its bandwidth (C.5): ||p_i - p_j||^2 (gaussian) or ||p_i - p_j||
+    (laplacian); 0 for pairs involving a NaN (prefix) position."""
+    if kind == "laplacian" and positions_q.shape[1] == 1:  # 1-D token indices: ||p_i - p_j|| = |i - j| (ALiBi)
+        return torch.nan_to_num((positions_q - positions_k[:, 0]).abs(), nan=0.0)
+    sq_dist = None
+    for axis in range(positions_q.shape[1]):  # one [Nq, Nk] pass per coordinate, no [Nq, Nk, P] offsets
+        offset = positions_q[:, axis, None] - positions_k[:, axis]
+        sq_dist = offset * offset if sq_dist is None else sq_dist.addcmul_(offset, offset)
+    sq_dist = torch.nan_to_num(sq_dist, nan=0.0)
+    return sq_dist if kind == "gaussian" else sq_dist.sqrt()
 
 
 @dataclass(frozen=True)
@@ -277,7 +286,10 @@ def _blocked_spatial_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch
     """SDPA with a spatial term (bilateral; dot + spatial = ALiBi-like) in blocks of query rows, each block's bias
     (key-norm + mask + S rows) built inside it and recomputed in backward (activation checkpointing): the bandwidth
     gradient never needs an [B, H, N, N] score map alive, only one block of about SCORE_BLOCK_BYTES. Exact: the rows
-    of a softmax over keys are independent."""
+    of a softmax over keys are independent. A spatial term without a gradient (ALiBi's fixed slopes) takes
+    :class:`_FixedBiasFlash` on CPU instead, which runs the forward once."""
+    if _fixed_bias_flash_applies(t, v, dropout_p):
+        return _fixed_spatial_kernel(t, v)
     q, k, spatial, key_bias, mask = t["q"], t["k"], t["spatial"], t["key_bias"], _dense_mask(t)
     batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     rows_per_block = max(1, SCORE_BLOCK_BYTES // max(1, batch * heads * n_k * q.element_size()))
@@ -297,6 +309,98 @@ def _blocked_spatial_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch
         args = (q[..., start:stop, :], k, v, spatial.bandwidth, start, stop)
         outputs.append(checkpoint(block, *args, use_reentrant=False) if recompute else block(*args))
     return torch.cat(outputs, dim=-2)
+
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _fixed_bias_flash_applies(t: dict, v: torch.Tensor, dropout_p: float) -> bool:
+    """Whether the spatial term needs no gradient and SDPA's CPU flash kernel, forward and backward, can take the
+    blocks directly (no dropout: its mask would have to be replayed in backward)."""
+    q, spatial = t["q"], t["spatial"]
+    return (q.device.type == "cpu" and dropout_p == 0 and _CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None
+            and q.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and spatial.bandwidth.requires_grad))
+
+
+@dataclass(frozen=True)
+class _FixedBias:
+    """The additive bias S_ij + m_ij of C.9 that carries no gradient, built a block of heads and query rows at a
+    time: ``spatial`` (its bandwidths fixed) and ``mask`` (4-D additive [B|1, H|1, Nq, Nk] or None)."""
+
+    spatial: SpatialKernel
+    mask: torch.Tensor | None
+
+    def distance(self, rows: slice) -> torch.Tensor:
+        """The spatial term of query rows ``rows`` before the bandwidth, shared by every head: [r, Nk]."""
+        return spatial_distance(self.spatial.positions_q[rows], self.spatial.positions_k, self.spatial.kind)
+
+    def block(self, distance: torch.Tensor, heads: slice, rows: slice, dtype) -> torch.Tensor:
+        """[B|1, g, r, Nk] bias of heads ``heads`` and query rows ``rows`` from their ``distance``."""
+        h = self.spatial.bandwidth[heads].to(dtype)[:, None, None]
+        bias = (distance.to(dtype) * -(h.square() if self.spatial.kind == "gaussian" else h).reciprocal())[None]
+        if self.mask is not None:
+            bias = bias + self.mask[:, heads if self.mask.shape[1] > 1 else slice(None), rows]
+        return bias
+
+
+class _FixedBiasFlash(torch.autograd.Function):
+    """softmax(scale * q.k + bias) v through SDPA's CPU flash kernel, a block of heads and query rows at a time, for
+    a bias with no gradient (C.9): forward keeps each block's output and log-sum-exp, backward rebuilds the block's
+    bias and runs the flash backward on it. The forward runs once (activation checkpointing would run it twice) and
+    no bias outlives its block. Blocks: ``head_groups`` x ``row_blocks`` (lists of slices)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias: _FixedBias, head_groups: list, row_blocks: list, scale: float):
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        lse = q.new_empty(q.shape[:-1])
+        for rows in row_blocks:
+            distance = bias.distance(rows)
+            for heads in head_groups:
+                out[:, heads, rows], lse[:, heads, rows] = _CPU_FLASH(
+                    q[:, heads, rows], k[:, heads], v[:, heads], 0.0, False,
+                    attn_mask=bias.block(distance, heads, rows, q.dtype), scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.blocks = (bias, head_groups, row_blocks, scale)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        bias, head_groups, row_blocks, scale = ctx.blocks
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for rows in row_blocks:
+            distance = bias.distance(rows)
+            for heads in head_groups:
+                dq, dk, dv = _CPU_FLASH_BACKWARD(
+                    grad_out[:, heads, rows], q[:, heads, rows], k[:, heads], v[:, heads], out[:, heads, rows],
+                    lse[:, heads, rows], 0.0, False, attn_mask=bias.block(distance, heads, rows, q.dtype), scale=scale)
+                grad_q[:, heads, rows] = dq
+                grad_k[:, heads] += dk
+                grad_v[:, heads] += dv
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def _fixed_spatial_kernel(t: dict, v: torch.Tensor) -> torch.Tensor:
+    """The blocked spatial path for a spatial term without a gradient (:class:`_FixedBiasFlash`); the key-norm term,
+    which carries the keys' gradient, folded into the queries and keys (:func:`_augmented_qkv`). Heads per call: at
+    least one per thread over the batch (the flash backward splits its work over batch x heads); query rows per call:
+    as many as keep one bias block and its distances within SCORE_BLOCK_BYTES."""
+    q, k, v_aug = _augmented_qkv(t, v, fold_spatial=False)
+    batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    mask = _dense_mask(t)
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+        mask = mask.expand(mask.shape[:2] + (n_q, n_k))
+    per_call = min(heads, -(-torch.get_num_threads() // batch))
+    mask_batch = 1 if mask is None else mask.shape[0]
+    rows = max(1, SCORE_BLOCK_BYTES // max(1, (mask_batch * per_call + 1) * n_k * q.element_size()))  # bias + distance
+    head_groups = [slice(h, min(heads, h + per_call)) for h in range(0, heads, per_call)]
+    row_blocks = [slice(r, min(n_q, r + rows)) for r in range(0, n_q, rows)]
+    out = _FixedBiasFlash.apply(q, k, v_aug, _FixedBias(t["spatial"], mask), head_groups, row_blocks, 1.0)
+    return out[..., :v.shape[-1]]
 
 
 _COMPILED_FLEX = None
@@ -377,19 +481,25 @@ def _folded_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     spatial term (:func:`_spatial_coordinates`). An additive bias with a gradient (the bandwidths') would send SDPA
     to its math path and an N x N score map; this keeps the fused kernel, whose CPU path wants one head size for q,
     k and v: v gets zero columns, dropped afterwards."""
+    return _sdpa(*_augmented_qkv(t, v), t, dropout_p, 1.0)[..., :v.shape[-1]]
+
+
+def _augmented_qkv(t: dict, v: torch.Tensor, fold_spatial: bool = True):
+    """q (times the terms' scale), k and v with the key-norm term and, with ``fold_spatial``, the separable spatial
+    term as extra coordinates (:func:`_folded_kernel`): scale 1 from here on."""
     q, k, key_bias, spatial = t["q"] * t["scale"], t["k"], t["key_bias"], t["spatial"]
     q_cols, k_cols = [q], [k]
     if key_bias is not None:
         q_cols.append(q.new_ones(q.shape[:-1] + (1,)))
         k_cols.append(key_bias.transpose(-2, -1).expand(k.shape[:-1] + (1,)))
-    if spatial is not None:
+    if spatial is not None and fold_spatial:
         query, key = _spatial_coordinates(spatial, q.dtype)
         q_cols.append(query.expand(q.shape[:1] + query.shape))
         k_cols.append(key.expand(k.shape[:2] + key.shape))
-    q_aug, k_aug = torch.cat(q_cols, -1), torch.cat(k_cols, -1)
+    q_aug, k_aug = (torch.cat(q_cols, -1), torch.cat(k_cols, -1)) if len(q_cols) > 1 else (q, k)
     extra = q_aug.shape[-1] - v.shape[-1]
     v_aug = torch.cat([v, v.new_zeros(v.shape[:-1] + (extra,))], -1) if extra > 0 else v
-    return _sdpa(q_aug, k_aug, v_aug, t, dropout_p, 1.0)[..., :v.shape[-1]]
+    return q_aug, k_aug, v_aug
 
 
 def kernel_weights(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", **options) -> dict[str, torch.Tensor]:
