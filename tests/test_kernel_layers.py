@@ -47,6 +47,44 @@ def test_alibi_is_softmax_minus_alibis_linear_distance_bias():
     torch.testing.assert_close(layer(x, is_causal=True), layer.proj(merge_heads(logits.softmax(-1) @ v)))
 
 
+def test_alibi_on_a_patch_grid_matches_the_explicit_distance_bias_in_values_and_gradients(monkeypatch):
+    """2-D ALiBi (Euclidean grid distance, a class token with no spatial term), built a few heads and query rows at
+    a time through the CPU flash kernel: output and the gradients of the input and the projections equal
+    softmax(q.k/sqrt(d) - m_h ||p_i - p_j||) v written out."""
+    import math
+
+    import unrollattn.core.kernel as core_kernel
+    from unrollattn.core.subspace import merge_heads
+    from unrollattn.layers.kernel_attention import alibi_slopes
+
+    monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", 3 * 21 * 8)  # a few rows per block
+    torch.manual_seed(0)
+    layer = build_attention("alibi", 48, 3).double()
+    layer.set_geometry((4, 5), num_prefix_tokens=1)
+    x = torch.randn(2, 21, 48, dtype=torch.float64, requires_grad=True)
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(5.0), indexing="ij")
+    grid = torch.stack([rows.flatten(), cols.flatten()], -1).double()
+    distance = torch.zeros(21, 21, dtype=torch.float64)
+    distance[1:, 1:] = torch.cdist(grid, grid)
+    slopes = torch.tensor(alibi_slopes(3), dtype=torch.float64)[:, None, None]
+
+    def explicit(tokens):
+        q, k, v = layer.project_qkv(tokens)
+        return layer.proj(merge_heads((q @ k.transpose(-1, -2) / math.sqrt(16) - slopes * distance).softmax(-1) @ v))
+
+    outputs, grads = [], []
+    for forward in (layer, explicit):
+        x.grad = None
+        layer.zero_grad()
+        out = forward(x)
+        out.square().sum().backward()
+        outputs.append(out)
+        grads.append((x.grad.clone(), layer.qkv.weight.grad.clone(), layer.proj.weight.grad.clone()))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_tied_bilateral_bandwidths_are_one_parameter(tmp_path):
     tied = build_attention("bilateral", 32, 4, tie_bandwidths=True)
     assert not hasattr(tied, "log_spatial_bandwidth")
