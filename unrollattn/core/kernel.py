@@ -74,15 +74,17 @@ def spatial_log_kernel(positions_q: torch.Tensor, positions_k: torch.Tensor, ban
 
 def spatial_distance(positions_q: torch.Tensor, positions_k: torch.Tensor, kind: str) -> torch.Tensor:
     """[Nq, Nk] the spatial log-kernel before its bandwidth (C.5): ||p_i - p_j||^2 (gaussian) or ||p_i - p_j||
-    (laplacian); 0 for pairs involving a NaN (prefix) position."""
+    (laplacian); 0 for pairs involving a NaN (prefix) position. Positions are constants (no gradient), so the
+    result is built in place: at most two [Nq, Nk] buffers, no [Nq, Nk, P] offsets."""
+    positions_q, positions_k = positions_q.detach(), positions_k.detach()
     if kind == "laplacian" and positions_q.shape[1] == 1:  # 1-D token indices: ||p_i - p_j|| = |i - j| (ALiBi)
-        return torch.nan_to_num((positions_q - positions_k[:, 0]).abs(), nan=0.0)
-    sq_dist = None
-    for axis in range(positions_q.shape[1]):  # one [Nq, Nk] pass per coordinate, no [Nq, Nk, P] offsets
+        return (positions_q - positions_k[:, 0]).abs_().nan_to_num_(0.0)
+    distance = (positions_q[:, :1] - positions_k[:, 0]).square_()
+    for axis in range(1, positions_q.shape[1]):
         offset = positions_q[:, axis, None] - positions_k[:, axis]
-        sq_dist = offset * offset if sq_dist is None else sq_dist.addcmul_(offset, offset)
-    sq_dist = torch.nan_to_num(sq_dist, nan=0.0)
-    return sq_dist if kind == "gaussian" else sq_dist.sqrt()
+        distance.addcmul_(offset, offset)
+    distance.nan_to_num_(0.0)
+    return distance if kind == "gaussian" else distance.sqrt_()
 
 
 @dataclass(frozen=True)
@@ -387,7 +389,7 @@ def _fixed_spatial_kernel(t: dict, v: torch.Tensor) -> torch.Tensor:
     """The blocked spatial path for a spatial term without a gradient (:class:`_FixedBiasFlash`); the key-norm term,
     which carries the keys' gradient, folded into the queries and keys (:func:`_augmented_qkv`). Heads per call: at
     least one per thread over the batch (the flash backward splits its work over batch x heads); query rows per call:
-    as many as keep one bias block and its distances within SCORE_BLOCK_BYTES."""
+    as many as keep one bias block within SCORE_BLOCK_BYTES (its distances take at most as much again)."""
     q, k, v_aug = _augmented_qkv(t, v, fold_spatial=False)
     batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     mask = _dense_mask(t)
@@ -396,7 +398,7 @@ def _fixed_spatial_kernel(t: dict, v: torch.Tensor) -> torch.Tensor:
         mask = mask.expand(mask.shape[:2] + (n_q, n_k))
     per_call = min(heads, -(-torch.get_num_threads() // batch))
     mask_batch = 1 if mask is None else mask.shape[0]
-    rows = max(1, SCORE_BLOCK_BYTES // max(1, (mask_batch * per_call + 1) * n_k * q.element_size()))  # bias + distance
+    rows = max(1, SCORE_BLOCK_BYTES // max(1, mask_batch * per_call * n_k * q.element_size()))
     head_groups = [slice(h, min(heads, h + per_call)) for h in range(0, heads, per_call)]
     row_blocks = [slice(r, min(n_q, r + rows)) for r in range(0, n_q, rows)]
     out = _FixedBiasFlash.apply(q, k, v_aug, _FixedBias(t["spatial"], mask), head_groups, row_blocks, 1.0)
