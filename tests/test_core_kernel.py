@@ -486,3 +486,10 @@ def test_non_positive_bandwidths_are_refused_by_name_unless_value_checks_are_off
         assert kernel_attention(q, k, v, kernel, is_causal=True, **options).shape == q.shape
     finally:
         unrollattn.set_finite_checks(True)
+
+
+def test_positions_that_carry_a_gradient_are_rejected_with_a_clear_error():
+    """The spatial kernel's gradient reaches its bandwidths; positions are constant coordinates."""
+    pos = token_positions(4, (2, 2)).requires_grad_()
+    with pytest.raises(ValueError, match="positions: expected constant coordinates"):
+        spatial_log_kernel(pos, pos.detach(), torch.tensor([1.0]))

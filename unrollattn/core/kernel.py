@@ -76,7 +76,9 @@ def spatial_distance(positions_q: torch.Tensor, positions_k: torch.Tensor, kind:
     """[Nq, Nk] the spatial log-kernel before its bandwidth (C.5): ||p_i - p_j||^2 (gaussian) or ||p_i - p_j||
     (laplacian); 0 for pairs involving a NaN (prefix) position. Positions are constants (no gradient), so the
     result is built in place: at most two [Nq, Nk] buffers, no [Nq, Nk, P] offsets."""
-    positions_q, positions_k = positions_q.detach(), positions_k.detach()
+    if positions_q.requires_grad or positions_k.requires_grad:
+        raise ValueError("positions: expected constant coordinates (requires_grad=False); the spatial kernel's "
+                         "gradient reaches its bandwidths, not the positions")
     if kind == "laplacian" and positions_q.shape[1] == 1:  # 1-D token indices: ||p_i - p_j|| = |i - j| (ALiBi)
         return (positions_q - positions_k[:, 0]).abs_().nan_to_num_(0.0)
     distance = (positions_q[:, :1] - positions_k[:, 0]).square_()
@@ -191,8 +193,12 @@ def _sum_biases(*biases: torch.Tensor | None) -> torch.Tensor | None:
     present = [b for b in biases if b is not None]
     if not present:
         return None
-    total = sum(present[1:], present[0])
-    return total.reshape((1,) * (4 - total.ndim) + tuple(total.shape))
+    return _as_4d(sum(present[1:], present[0]))
+
+
+def _as_4d(bias: torch.Tensor) -> torch.Tensor:
+    """An additive bias [Nq, Nk], [H|1, Nq, Nk] or 4-D as [B|1, H|1, Nq, Nk] (leading broadcast dimensions)."""
+    return bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
 
 
 SPATIAL_BACKENDS = ("auto", "folded", "blocked", "flex")
@@ -394,7 +400,7 @@ def _fixed_spatial_kernel(t: dict, v: torch.Tensor) -> torch.Tensor:
     batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     mask = _dense_mask(t)
     if mask is not None:
-        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+        mask = _as_4d(mask)
         mask = mask.expand(mask.shape[:2] + (n_q, n_k))
     per_call = min(heads, -(-torch.get_num_threads() // batch))
     mask_batch = 1 if mask is None else mask.shape[0]
@@ -439,7 +445,7 @@ def _flex_spatial_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Te
     bandwidth, gaussian, dims = spatial.bandwidth.to(q.dtype), spatial.kind == "gaussian", pos_q.shape[1]
     keys = None if key_bias is None else key_bias[:, :, 0, :]  # [B|1, H, Nk]
     if mask is not None:
-        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+        mask = _as_4d(mask)
     pick = lambda size, index: index if size > 1 else 0  # noqa: E731  (broadcast dimensions of the captured tensors)
 
     def score_mod(score, b, h, i, j):
