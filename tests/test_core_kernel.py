@@ -262,7 +262,8 @@ def test_fixed_spatial_bias_runs_the_forward_once_and_matches_the_full_bias(monk
     full_grads = torch.autograd.grad(full.square().sum(), inputs)
     monkeypatch.setattr(core_kernel.torch, "get_num_threads", lambda: 1)  # one head per call at batch 2
     bias_batch = 2 if masking == "padding" else 1  # a padding mask gives every batch row its own bias
-    for block_bytes, calls in ((2**20, heads), (2 * bias_batch * n * 8, heads * math.ceil(n / 2))):
+    two_rows = 2 * (bias_batch + 1) * n * 8  # a block of two rows: its bias and the distances it is built from
+    for block_bytes, calls in ((2**20, heads), (two_rows, heads * math.ceil(n / 2))):
         monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", block_bytes)
         forwards.clear()
         blocked = kernel_attention(q, k, v, kernel, spatial_bias=SpatialKernel(pos, pos, h_p, kind),
@@ -296,6 +297,27 @@ def test_fixed_spatial_bias_holds_no_full_score_map(monkeypatch):
     scores_mb = heads * n * n * 4 / 2**20
     alibi_mb, softmax_mb = (peak_memory_mb(f, torch.device("cpu")) for f in (alibi, softmax))
     assert alibi_mb < softmax_mb + scores_mb / 2, (alibi_mb, softmax_mb, scores_mb)
+
+
+def test_fixed_spatial_bias_memory_beyond_sdpa_is_one_block_and_the_gradient_accumulators(monkeypatch):
+    """2-D ALiBi forward+backward holds, beyond softmax SDPA, one block's bias with the distances it is built from
+    (together within SCORE_BLOCK_BYTES), the query/key/value gradient accumulators and one block's key/value
+    gradients (each at most the size of q): no copy of q for the scale, no distances beside a full-size block, no
+    two blocks' key gradients at once."""
+    import unrollattn.core.kernel as core_kernel
+    from unrollattn.utils.memory import peak_memory_mb
+
+    monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", 2**18)
+    n, heads, d = 1024, 2, 32
+    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
+    grid = token_positions(n, (32, 32))
+    spatial = SpatialKernel(grid, grid, torch.tensor([2.0, 8.0]), "laplacian")
+    alibi_mb, softmax_mb = (peak_memory_mb(f, torch.device("cpu")) for f in (
+        lambda: kernel_attention(q, k, v, "dot", spatial_bias=spatial).sum().backward(),
+        lambda: kernel_attention(q, k, v, "dot").sum().backward()))
+    q_mb = q.numel() * q.element_size() / 2**20
+    budget = core_kernel.SCORE_BLOCK_BYTES / 2**20 + 5 * q_mb
+    assert alibi_mb - softmax_mb <= budget + 0.05, (alibi_mb, softmax_mb, budget)
 
 
 @pytest.mark.parametrize("backend", ["folded", "blocked"])

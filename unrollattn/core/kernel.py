@@ -388,6 +388,7 @@ class _FixedBiasFlash(torch.autograd.Function):
                 grad_q[:, heads, rows] = dq
                 grad_k[:, heads] += dk
                 grad_v[:, heads] += dv
+                del dq, dk, dv  # before the next block's are made: one block's key gradients alive at a time
         return grad_q, grad_k, grad_v, None, None, None, None
 
 
@@ -395,8 +396,9 @@ def _fixed_spatial_kernel(t: dict, v: torch.Tensor) -> torch.Tensor:
     """The blocked spatial path for a spatial term without a gradient (:class:`_FixedBiasFlash`); the key-norm term,
     which carries the keys' gradient, folded into the queries and keys (:func:`_augmented_qkv`). Heads per call: at
     least one per thread over the batch (the flash backward splits its work over batch x heads); query rows per call:
-    as many as keep one bias block within SCORE_BLOCK_BYTES (its distances take at most as much again)."""
-    q, k, v_aug = _augmented_qkv(t, v, fold_spatial=False)
+    as many as keep one bias block and the distances it is built from within SCORE_BLOCK_BYTES, a multiple of 32 (the
+    CPU flash kernel's smallest split of the queries) where more than 32 fit."""
+    q, k, v_aug, scale = _augmented_qkv(t, v, fold_spatial=False)
     batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     mask = _dense_mask(t)
     if mask is not None:
@@ -404,10 +406,11 @@ def _fixed_spatial_kernel(t: dict, v: torch.Tensor) -> torch.Tensor:
         mask = mask.expand(mask.shape[:2] + (n_q, n_k))
     per_call = min(heads, -(-torch.get_num_threads() // batch))
     mask_batch = 1 if mask is None else mask.shape[0]
-    rows = max(1, SCORE_BLOCK_BYTES // max(1, mask_batch * per_call * n_k * q.element_size()))
+    rows = max(1, SCORE_BLOCK_BYTES // ((mask_batch * per_call + 1) * n_k * q.element_size()))
+    rows -= rows % 32 if rows > 32 else 0
     head_groups = [slice(h, min(heads, h + per_call)) for h in range(0, heads, per_call)]
     row_blocks = [slice(r, min(n_q, r + rows)) for r in range(0, n_q, rows)]
-    out = _FixedBiasFlash.apply(q, k, v_aug, _FixedBias(t["spatial"], mask), head_groups, row_blocks, 1.0)
+    out = _FixedBiasFlash.apply(q, k, v_aug, _FixedBias(t["spatial"], mask), head_groups, row_blocks, scale)
     return out[..., :v.shape[-1]]
 
 
@@ -489,13 +492,18 @@ def _folded_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     spatial term (:func:`_spatial_coordinates`). An additive bias with a gradient (the bandwidths') would send SDPA
     to its math path and an N x N score map; this keeps the fused kernel, whose CPU path wants one head size for q,
     k and v: v gets zero columns, dropped afterwards."""
-    return _sdpa(*_augmented_qkv(t, v), t, dropout_p, 1.0)[..., :v.shape[-1]]
+    q, k, v_aug, scale = _augmented_qkv(t, v)
+    return _sdpa(q, k, v_aug, t, dropout_p, scale)[..., :v.shape[-1]]
 
 
 def _augmented_qkv(t: dict, v: torch.Tensor, fold_spatial: bool = True):
-    """q (times the terms' scale), k and v with the key-norm term and, with ``fold_spatial``, the separable spatial
-    term as extra coordinates (:func:`_folded_kernel`): scale 1 from here on."""
-    q, k, key_bias, spatial = t["q"] * t["scale"], t["k"], t["key_bias"], t["spatial"]
+    """(q, k, v, scale) with the key-norm term and, with ``fold_spatial``, the separable spatial term as extra
+    coordinates (:func:`_folded_kernel`); q is multiplied by the terms' scale (and the scale returned is 1) only when
+    a coordinate is added, so with none the inputs come back as they are, without a copy of q."""
+    key_bias, spatial = t["key_bias"], t["spatial"]
+    if key_bias is None and (spatial is None or not fold_spatial):
+        return t["q"], t["k"], v, t["scale"]
+    q, k = t["q"] * t["scale"], t["k"]
     q_cols, k_cols = [q], [k]
     if key_bias is not None:
         q_cols.append(q.new_ones(q.shape[:-1] + (1,)))
@@ -507,7 +515,7 @@ def _augmented_qkv(t: dict, v: torch.Tensor, fold_spatial: bool = True):
     q_aug, k_aug = (torch.cat(q_cols, -1), torch.cat(k_cols, -1)) if len(q_cols) > 1 else (q, k)
     extra = q_aug.shape[-1] - v.shape[-1]
     v_aug = torch.cat([v, v.new_zeros(v.shape[:-1] + (extra,))], -1) if extra > 0 else v
-    return q_aug, k_aug, v_aug
+    return q_aug, k_aug, v_aug, 1.0
 
 
 def kernel_weights(q: torch.Tensor, k: torch.Tensor, kernel: str = "dot", **options) -> dict[str, torch.Tensor]:
