@@ -15,6 +15,7 @@ rows at a time, or inside FlexAttention's score function on CUDA. Tensors are [B
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,18 +73,20 @@ def spatial_log_kernel(positions_q: torch.Tensor, positions_k: torch.Tensor, ban
     return -distance[None] / (h.square() if kind == "gaussian" else h)
 
 
-def spatial_distance(positions_q: torch.Tensor, positions_k: torch.Tensor, kind: str) -> torch.Tensor:
+def spatial_distance(positions_q: torch.Tensor, positions_k: torch.Tensor, kind: str, out: torch.Tensor | None = None,
+                     scratch: torch.Tensor | None = None) -> torch.Tensor:
     """[Nq, Nk] the spatial log-kernel before its bandwidth (C.5): ||p_i - p_j||^2 (gaussian) or ||p_i - p_j||
     (laplacian); 0 for pairs involving a NaN (prefix) position. Positions are constants (no gradient), so the
-    result is built in place: at most two [Nq, Nk] buffers, no [Nq, Nk, P] offsets."""
+    result is built in place: at most two [Nq, Nk] buffers, no [Nq, Nk, P] offsets; ``out`` and ``scratch``
+    ([Nq, Nk] each, optional) are those two, for a caller that builds many blocks without allocating each anew."""
     if positions_q.requires_grad or positions_k.requires_grad:
         raise ValueError("positions: expected constant coordinates (requires_grad=False); the spatial kernel's "
                          "gradient reaches its bandwidths, not the positions")
     if kind == "laplacian" and positions_q.shape[1] == 1:  # 1-D token indices: ||p_i - p_j|| = |i - j| (ALiBi)
-        return (positions_q - positions_k[:, 0]).abs_().nan_to_num_(0.0)
-    distance = (positions_q[:, :1] - positions_k[:, 0]).square_()
+        return torch.sub(positions_q, positions_k[:, 0], out=out).abs_().nan_to_num_(0.0)
+    distance = torch.sub(positions_q[:, :1], positions_k[:, 0], out=out).square_()
     for axis in range(1, positions_q.shape[1]):
-        offset = positions_q[:, axis, None] - positions_k[:, axis]
+        offset = torch.sub(positions_q[:, axis, None], positions_k[:, axis], out=scratch)
         distance.addcmul_(offset, offset)
     distance.nan_to_num_(0.0)
     return distance if kind == "gaussian" else distance.sqrt_()
@@ -335,21 +338,40 @@ def _fixed_bias_flash_applies(t: dict, v: torch.Tensor, dropout_p: float) -> boo
 @dataclass(frozen=True)
 class _FixedBias:
     """The additive bias S_ij + m_ij of C.9 that carries no gradient, built a block of heads and query rows at a
-    time: ``spatial`` (its bandwidths fixed) and ``mask`` (4-D additive [B|1, H|1, Nq, Nk] or None)."""
+    time: ``spatial`` (its bandwidths fixed) and ``mask`` (4-D additive [B|1, H|1, Nq, Nk] or None). Every block is
+    written into one :meth:`workspace` (fresh multi-megabyte blocks cost a page fault per 4 KB on every call)."""
 
     spatial: SpatialKernel
     mask: torch.Tensor | None
 
-    def distance(self, rows: slice) -> torch.Tensor:
-        """The spatial term of query rows ``rows`` before the bandwidth, shared by every head: [r, Nk]."""
-        return spatial_distance(self.spatial.positions_q[rows], self.spatial.positions_k, self.spatial.kind)
+    def workspace(self, rows: int, heads: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """([rows, Nk] distances, a flat buffer for the [B|1, heads, rows, Nk] bias; its front is the distances'
+        scratch while they are built)."""
+        positions, batch = self.spatial.positions_k, 1 if self.mask is None else self.mask.shape[0]
+        return positions.new_empty(rows, positions.shape[0]), positions.new_empty(batch * heads * rows *
+                                                                                   positions.shape[0], dtype=dtype)
 
-    def block(self, distance: torch.Tensor, heads: slice, rows: slice, dtype) -> torch.Tensor:
-        """[B|1, g, r, Nk] bias of heads ``heads`` and query rows ``rows`` from their ``distance``."""
-        h = self.spatial.bandwidth[heads].to(dtype)[:, None, None]
-        bias = (distance.to(dtype) * -(h.square() if self.spatial.kind == "gaussian" else h).reciprocal())[None]
+    def distance(self, rows: slice, workspace) -> torch.Tensor:
+        """The spatial term of query rows ``rows`` before the bandwidth, shared by every head: [r, Nk]."""
+        buffer, flat = workspace
+        positions_q = self.spatial.positions_q[rows]
+        size = positions_q.shape[0] * buffer.shape[1]
+        scratch = flat[:size].view(-1, buffer.shape[1]) if flat.dtype == buffer.dtype else None
+        return spatial_distance(positions_q, self.spatial.positions_k, self.spatial.kind,
+                                out=buffer[:positions_q.shape[0]], scratch=scratch)
+
+    def block(self, distance: torch.Tensor, heads: slice, rows: slice, workspace) -> torch.Tensor:
+        """[B|1, g, r, Nk] bias of heads ``heads`` and query rows ``rows`` from their ``distance``, in
+        ``workspace``."""
+        flat = workspace[1]
+        h = self.spatial.bandwidth[heads].to(flat.dtype)
+        coefficient = -(h.square() if self.spatial.kind == "gaussian" else h).reciprocal()
+        batch = 1 if self.mask is None else self.mask.shape[0]
+        shape = (batch, h.shape[0]) + tuple(distance.shape)
+        bias = flat[:math.prod(shape)].view(shape)
+        torch.mul(distance.to(flat.dtype), coefficient.view(1, -1, 1, 1).expand(batch, -1, 1, 1), out=bias)
         if self.mask is not None:
-            bias = bias + self.mask[:, heads if self.mask.shape[1] > 1 else slice(None), rows]
+            bias.add_(self.mask[:, heads if self.mask.shape[1] > 1 else slice(None), rows])
         return bias
 
 
@@ -363,12 +385,13 @@ class _FixedBiasFlash(torch.autograd.Function):
     def forward(ctx, q, k, v, bias: _FixedBias, head_groups: list, row_blocks: list, scale: float):
         out = q.new_empty(q.shape[:-1] + v.shape[-1:])
         lse = q.new_empty(q.shape[:-1])
+        workspace = _workspace(bias, head_groups, row_blocks, q.dtype)
         for rows in row_blocks:
-            distance = bias.distance(rows)
+            distance = bias.distance(rows, workspace)
             for heads in head_groups:
                 out[:, heads, rows], lse[:, heads, rows] = _CPU_FLASH(
                     q[:, heads, rows], k[:, heads], v[:, heads], 0.0, False,
-                    attn_mask=bias.block(distance, heads, rows, q.dtype), scale=scale)
+                    attn_mask=bias.block(distance, heads, rows, workspace), scale=scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.blocks = (bias, head_groups, row_blocks, scale)
         return out
@@ -379,17 +402,24 @@ class _FixedBiasFlash(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         bias, head_groups, row_blocks, scale = ctx.blocks
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        workspace = _workspace(bias, head_groups, row_blocks, q.dtype)
         for rows in row_blocks:
-            distance = bias.distance(rows)
+            distance = bias.distance(rows, workspace)
             for heads in head_groups:
                 dq, dk, dv = _CPU_FLASH_BACKWARD(
                     grad_out[:, heads, rows], q[:, heads, rows], k[:, heads], v[:, heads], out[:, heads, rows],
-                    lse[:, heads, rows], 0.0, False, attn_mask=bias.block(distance, heads, rows, q.dtype), scale=scale)
+                    lse[:, heads, rows], 0.0, False, attn_mask=bias.block(distance, heads, rows, workspace),
+                    scale=scale)
                 grad_q[:, heads, rows] = dq
                 grad_k[:, heads] += dk
                 grad_v[:, heads] += dv
                 del dq, dk, dv  # before the next block's are made: one block's key gradients alive at a time
         return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def _workspace(bias: _FixedBias, head_groups: list, row_blocks: list, dtype):
+    """The buffers of :meth:`_FixedBias.workspace` for the largest block (slices with explicit start and stop)."""
+    return bias.workspace(max(r.stop - r.start for r in row_blocks), max(g.stop - g.start for g in head_groups), dtype)
 
 
 def _fixed_spatial_kernel(t: dict, v: torch.Tensor) -> torch.Tensor:
