@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from unrollattn.core.kernel import (
-    SpatialKernel, boosting, default_range_bandwidth, kernel_attention, kernel_weights, spatial_log_kernel, token_positions,
-    twicing,
+    SpatialKernel, boosting, default_range_bandwidth, kernel_attention, kernel_weights, last_query_spatial_log_kernel,
+    spatial_coefficient, spatial_log_kernel, token_positions, twicing,
 )
 from unrollattn.core.reference import kernel_attention_reference
 from unrollattn.layers import build_attention
@@ -44,6 +44,19 @@ def test_alibi_is_a_laplacian_bilateral_filter():
     bias = spatial_log_kernel(token_positions(N, dtype=torch.float64), token_positions(N, dtype=torch.float64),
                               1 / slopes, "laplacian")
     torch.testing.assert_close(kernel_attention(q, k, v, "dot", spatial_bias=bias), expected)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "laplacian"])
+@pytest.mark.parametrize("n_key", [1, 2, 9])
+def test_the_decoding_row_of_the_spatial_kernel_is_the_last_row_of_the_full_one(kind, n_key):
+    """The decoding step's spatial row (C.5 for one query at the last token position) equals the last row of the
+    kernel built from the positions."""
+    h_p = torch.tensor([0.7, 3.0, 16.0], dtype=torch.float64)
+    pos = token_positions(n_key, dtype=torch.float64)
+    expected = spatial_log_kernel(pos[-1:], pos, h_p, kind)
+    row = last_query_spatial_log_kernel(n_key, spatial_coefficient(h_p, kind), kind)
+    assert row.shape == (3, 1, n_key)
+    torch.testing.assert_close(row, expected, rtol=1e-15, atol=0)
 
 
 def test_one_dimensional_laplacian_kernel_is_minus_the_index_distance_over_the_bandwidth():

@@ -125,6 +125,29 @@ def test_decode_work_per_token_matches_what_the_layer_declares(attention, monkey
     assert max(tokens_seen) == (9 if declared else 1)
 
 
+@pytest.mark.parametrize("attention, options", [("alibi", {}), ("bilateral", {}), ("gaussian", {}),
+                                                ("bilateral", {"tie_bandwidths": True, "spatial_kernel": "laplacian"})])
+@torch.no_grad()
+def test_decoding_follows_bandwidths_changed_between_calls(attention, options):
+    """A decoding step keeps the bandwidths it derived while the parameters stay as they are; an in-place update (an
+    optimizer step) or a loaded state dict between two generate calls reaches the next one."""
+    model = build("unrollattn", attention, **options)
+    ids = torch.randint(1, V, (1, 6))
+
+    def last_step_logits():
+        past = getattr(model(ids[:, :-1], use_cache=True), CACHE_FIELD)
+        return model(ids[:, -1:], use_cache=True, **{CACHE_FIELD: past}).logits[:, -1]
+
+    model.generate(ids, use_cache=True, **GREEDY)
+    for name, param in model.named_parameters():
+        if "bandwidth" in name:
+            param.mul_(torch.linspace(0.3, 1.7, param.numel()).view_as(param))
+    torch.testing.assert_close(last_step_logits(), model(ids).logits[:, -1], rtol=1e-4, atol=1e-5)
+    other = build("unrollattn", attention, seed=1, **options)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(last_step_logits(), other(ids).logits[:, -1], rtol=1e-4, atol=1e-5)
+
+
 def test_attention_without_its_own_cached_step_recomputes():
     """A subclass that changes the token mixing but not the cached step cannot decode with the parent's step."""
     mhsa = get_attention("mhsa")

@@ -73,6 +73,21 @@ def spatial_log_kernel(positions_q: torch.Tensor, positions_k: torch.Tensor, ban
     return -distance[None] / (h.square() if kind == "gaussian" else h)
 
 
+def spatial_coefficient(bandwidth: torch.Tensor, kind: str) -> torch.Tensor:
+    """The per-head factor of the spatial log-kernel's distance term (C.5): -1/h_p^2 (gaussian) or -1/h_p
+    (laplacian)."""
+    return -(bandwidth.square() if kind == "gaussian" else bandwidth).reciprocal()
+
+
+def last_query_spatial_log_kernel(n_key: int, coefficient: torch.Tensor, kind: str) -> torch.Tensor:
+    """[H, 1, n_key] spatial log-kernel of one query at the last of ``n_key`` 1-D token positions (a decoding step)
+    from :func:`spatial_coefficient` [H]: coefficient * |i - j| (or its square), with j - i = 1 - n_key .. 0; equal to
+    ``spatial_log_kernel(token_positions(n_key)[-1:], token_positions(n_key), h_p, kind)`` in three operations."""
+    offsets = torch.arange(1 - n_key, 1, device=coefficient.device, dtype=coefficient.dtype)
+    offsets = offsets.square_() if kind == "gaussian" else offsets.abs_()
+    return coefficient[:, None, None] * offsets
+
+
 def spatial_distance(positions_q: torch.Tensor, positions_k: torch.Tensor, kind: str, out: torch.Tensor | None = None,
                      scratch: torch.Tensor | None = None) -> torch.Tensor:
     """[Nq, Nk] the spatial log-kernel before its bandwidth (C.5): ||p_i - p_j||^2 (gaussian) or ||p_i - p_j||
@@ -364,10 +379,9 @@ class _FixedBias:
         """[B|1, g, r, Nk] bias of heads ``heads`` and query rows ``rows`` from their ``distance``, in
         ``workspace``."""
         flat = workspace[1]
-        h = self.spatial.bandwidth[heads].to(flat.dtype)
-        coefficient = -(h.square() if self.spatial.kind == "gaussian" else h).reciprocal()
+        coefficient = spatial_coefficient(self.spatial.bandwidth[heads].to(flat.dtype), self.spatial.kind)
         batch = 1 if self.mask is None else self.mask.shape[0]
-        shape = (batch, h.shape[0]) + tuple(distance.shape)
+        shape = (batch, coefficient.shape[0]) + tuple(distance.shape)
         bias = flat[:math.prod(shape)].view(shape)
         torch.mul(distance.to(flat.dtype), coefficient.view(1, -1, 1, 1).expand(batch, -1, 1, 1), out=bias)
         if self.mask is not None:
@@ -596,6 +610,7 @@ def _per_head(values: torch.Tensor, heads: int) -> torch.Tensor:
 
 __all__ = [
     "KERNELS", "SCORE_BLOCK_BYTES", "SPATIAL_BACKENDS", "SPATIAL_KERNELS", "SpatialKernel", "boosting",
-    "default_range_bandwidth", "kernel_attention", "kernel_terms", "kernel_weights", "spatial_log_kernel",
+    "check_bandwidth", "default_range_bandwidth", "kernel_attention", "kernel_terms", "kernel_weights",
+    "last_query_spatial_log_kernel", "spatial_coefficient", "spatial_log_kernel",
     "token_positions", "twicing",
 ]

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from ..core.kernel import (
-    KERNELS, SPATIAL_KERNELS, SpatialKernel, boosting, default_range_bandwidth, kernel_attention, kernel_weights,
-    token_positions,
+    KERNELS, SPATIAL_KERNELS, SpatialKernel, boosting, check_bandwidth, default_range_bandwidth, kernel_attention,
+    kernel_weights, last_query_spatial_log_kernel, spatial_coefficient, token_positions,
 )
 from ..core.subspace import merge_heads
 from ..registry import register_attention
@@ -103,11 +103,37 @@ class KernelAttention(AttentionLayer):
                              ordered=grid is None)
 
     def kernel_options(self, q, keys, attn_mask, is_causal: bool, grid) -> dict:
-        """The keywords of ``core.kernel.kernel_attention`` / ``kernel_weights`` for these queries and keys."""
-        return {"range_bandwidth": self.log_range_bandwidth.exp(),
-                "spatial_bias": self.spatial_bias(q.shape[-2], keys.shape[-2], grid, q.device, q.dtype),
+        """The keywords of ``core.kernel.kernel_attention`` / ``kernel_weights`` for these queries and keys. One
+        new token on a 1-D sequence without gradients (a decoding step) takes its bandwidths from
+        :meth:`decoding_bandwidths` and its spatial row from ``last_query_spatial_log_kernel``."""
+        if q.shape[-2] == 1 and grid is None and not torch.is_grad_enabled():
+            range_bandwidth, coefficient = self.decoding_bandwidths(q.dtype)
+            spatial = None if coefficient is None else last_query_spatial_log_kernel(keys.shape[-2], coefficient,
+                                                                                     self.spatial_kernel)
+        else:
+            range_bandwidth = self.log_range_bandwidth.exp()
+            spatial = self.spatial_bias(q.shape[-2], keys.shape[-2], grid, q.device, q.dtype)
+        return {"range_bandwidth": range_bandwidth, "spatial_bias": spatial,
                 "metric": self.log_metric.exp() if self.kernel == "mahalanobis" else None, "attn_mask": attn_mask,
                 "is_causal": is_causal}
+
+    def decoding_bandwidths(self, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(h_y [H], the spatial term's ``spatial_coefficient`` [H] or None) in ``dtype``, for steps without
+        gradients: computed (and checked) again only when a bandwidth parameter changes (its version counter or
+        storage), not at every generated token and layer."""
+        params = (self.log_range_bandwidth,) + ((self.log_spatial_bandwidth,) if hasattr(self, "log_spatial_bandwidth")
+                                                else ())
+        key = (dtype,) + tuple((p._version, p.data_ptr(), p.device) for p in params)
+        memo = self.__dict__.get("_decoding_bandwidths")
+        if memo is None or memo[0] != key:
+            coefficient = None
+            if self.spatial:
+                h_p = (self.log_range_bandwidth if self.tie_bandwidths else self.log_spatial_bandwidth).exp().to(dtype)
+                check_bandwidth(h_p, "spatial_bandwidth")
+                coefficient = spatial_coefficient(h_p, self.spatial_kernel)
+            memo = (key, self.log_range_bandwidth.exp(), coefficient)
+            self.__dict__["_decoding_bandwidths"] = memo
+        return memo[1], memo[2]
 
     def smooth(self, q, keys, values, attn_mask, is_causal: bool, grid) -> torch.Tensor:
         """Nadaraya-Watson average of ``values`` [B, H, Tk, p] for the queries [B, H, Tq, p] (C.9)."""
