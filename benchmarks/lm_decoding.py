@@ -11,7 +11,10 @@ median over ``--repeats`` after one warm-up, the variants of one batch size time
 of machine load reaches them alike. ``mflop_per_token`` is torch's FlopCounterMode over one whole
 ``generate`` divided by the tokens it produced (prompt prefill included, a small share at 128 new tokens), so
 ``gflop_per_s`` compares how well each variant turns its arithmetic into decoding speed; ``decode`` says whether its
-attention extends the output from stored state (``cached``) or recomputes the prefix (``recomputes``).
+attention extends the output from stored state (``cached``) or recomputes the prefix (``recomputes``). ``--caches``
+picks HF's cache implementations: ``dynamic`` (the default of ``generate``) grows every layer's keys and values by
+concatenation, a copy of the whole prefix per layer and token, which a deep stack pays per layer; ``static``
+preallocates them and writes each new token in place (GPT-2's attention then reads every slot, masked).
 """
 from __future__ import annotations
 
@@ -28,8 +31,11 @@ from benchmarks.common import (
 from unrollattn.registry import import_modules
 from unrollattn.utils.params import count_parameters
 
-COLUMNS = ["variant", "layers", "width", "params", "decode", "batch", "new_tokens", "seconds", "tokens_per_s",
+COLUMNS = ["variant", "layers", "width", "params", "decode", "cache", "batch", "new_tokens", "seconds", "tokens_per_s",
            "tokens_per_s_vs_gpt2", "mflop_per_token", "gflop_per_s", "flop_per_s_vs_gpt2"]
+
+
+CACHES = ("dynamic", "static")
 
 
 def decodes_from_cache(model) -> bool:
@@ -39,15 +45,16 @@ def decodes_from_cache(model) -> bool:
     return not any(getattr(block, "decode_recomputes_prefix", False) for block in blocks)
 
 
-def prepare(label: str, batch: int, args, device: torch.device):
-    """The model ``label`` and a call that runs one timed ``generate`` of it on a fixed random prompt."""
+def prepare(label: str, batch: int, cache: str, args, device: torch.device):
+    """The model ``label`` and a call that runs one timed ``generate`` of it on a fixed random prompt with HF's
+    ``cache`` implementation."""
     torch.manual_seed(0)
     vocab, eos = VOCABS[args.vocab]
     model = build_matched_lm(label, width=args.width, heads=args.heads, depth=args.depth, vocab=args.vocab,
                              n_positions=args.prompt + args.new_tokens).to(device).eval()
     prompt = torch.randint(0, vocab - 1, (batch, args.prompt), device=device)
     generate = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, use_cache=True,
-                    pad_token_id=eos)
+                    pad_token_id=eos, cache_implementation=cache)
 
     def run():
         with torch.inference_mode():
@@ -59,7 +66,7 @@ def prepare(label: str, batch: int, args, device: torch.device):
     return model, run
 
 
-def describe(label: str, model, run, seconds: float, batch: int, args) -> dict:
+def describe(label: str, model, run, seconds: float, batch: int, cache: str, args) -> dict:
     """The table row of one variant: its timing and the FLOPs of one more ``generate`` (FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -70,7 +77,7 @@ def describe(label: str, model, run, seconds: float, batch: int, args) -> dict:
     tokens_per_s = produced / seconds
     flop_per_token = counter.get_total_flops() / produced
     return {"variant": label, "layers": model.config.n_layer, "width": args.width, "params": count_parameters(model),
-            "decode": "cached" if decodes_from_cache(model) else "recomputes", "batch": batch,
+            "decode": "cached" if decodes_from_cache(model) else "recomputes", "cache": cache, "batch": batch,
             "new_tokens": args.new_tokens, "seconds": seconds, "tokens_per_s": tokens_per_s,
             "mflop_per_token": flop_per_token / 1e6, "gflop_per_s": tokens_per_s * flop_per_token / 1e9}
 
@@ -83,6 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--caches", default="dynamic,static", help="HF cache implementations, comma-separated: "
+                        f"{', '.join(CACHES)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -93,18 +102,21 @@ def main(argv=None) -> int:
         import_modules(args.imports)
         labels = ["gpt2"] + [v for v in selected_lm_variants(args.variants) if v != "gpt2"]
         batches = [int(b) for b in args.batches.split(",")]
+        caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+        if not caches or any(c not in CACHES for c in caches):
+            raise ValueError(f"--caches: expected a comma-separated subset of {', '.join(CACHES)}, got {args.caches!r}")
     except ValueError as err:
         parser.error(str(err))
     rows = []
-    for batch in batches:
-        prepared = {label: prepare(label, batch, args, device) for label in labels}
+    for cache, batch in ((c, b) for c in caches for b in batches):
+        prepared = {label: prepare(label, batch, cache, args, device) for label in labels}
         seconds = time_interleaved({label: run for label, (_, run) in prepared.items()}, device, warmup=1,
                                    repeats=args.repeats)
         group = []
         for label, (model, run) in prepared.items():
-            row = describe(label, model, run, seconds[label], batch, args)
+            row = describe(label, model, run, seconds[label], batch, cache, args)
             group.append(row)
-            print(f"{label:>16s} batch {batch}: {row['tokens_per_s']:9,.0f} tok/s  {row['gflop_per_s']:8.2f} GFLOP/s  "
+            print(f"{label:>16s} {cache} cache, batch {batch}: {row['tokens_per_s']:9,.0f} tok/s  {row['gflop_per_s']:8.2f} GFLOP/s  "
                   f"({row['decode']})", flush=True)
         del prepared
         for row in group:
