@@ -163,6 +163,28 @@ def test_padded_vocab_rows_are_hidden():
     assert out.logits.shape[-1] == V and torch.isfinite(out.loss)
 
 
+def test_non_finite_inputs_embeds_are_named_and_the_layers_do_not_check_again(monkeypatch):
+    """The model checks its input once; its layers run with the value checks off, which come back on after the call
+    (also when a layer raises)."""
+    from unrollattn.core import validation
+
+    model = tiny("mhsa", "transformer").eval()
+    embeds = torch.randn(1, 5, model.config.n_embd)
+    embeds[0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="inputs_embeds: expected finite values"):
+        model(inputs_embeds=embeds)
+    calls = []
+    monkeypatch.setattr(torch, "isfinite", lambda x: calls.append(x.shape) or torch.ones((), dtype=torch.bool))
+    model(inputs_embeds=embeds.nan_to_num())
+    assert calls == [embeds.shape]  # the input only, not once per layer
+    monkeypatch.undo()
+    broken = model.transformer.h[0]
+    monkeypatch.setattr(broken, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("layer failed")))
+    with pytest.raises(RuntimeError, match="layer failed"):
+        model(inputs_embeds=embeds.nan_to_num())
+    assert validation.finite_checks_enabled()
+
+
 def test_gradient_checkpointing_same_gradients():
     model = tiny("mssa", "crate").train()
     ids = torch.randint(0, V, (2, 8))

@@ -2,6 +2,7 @@
 non-finite values raise ValueError naming what was expected."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -15,6 +16,19 @@ def set_finite_checks(enabled: bool) -> None:
     bandwidths (each a host sync per call on GPU, and a few small operations per layer and token in decoding)."""
     global _CHECK_FINITE
     _CHECK_FINITE = bool(enabled)
+
+
+@contextlib.contextmanager
+def finite_checks(enabled: bool):
+    """The value checks of :func:`set_finite_checks` on or off inside the ``with`` block, the previous setting
+    restored after it. A model that has checked its own input runs its layers under ``finite_checks(False)``: each
+    layer checking again would cost a host read per layer (a few tensor operations per layer and generated token)."""
+    global _CHECK_FINITE
+    previous, _CHECK_FINITE = _CHECK_FINITE, _CHECK_FINITE and bool(enabled)
+    try:
+        yield
+    finally:
+        _CHECK_FINITE = previous
 
 
 def finite_checks_enabled() -> bool:
@@ -60,7 +74,8 @@ def check_images(x: torch.Tensor, channels: int | None = None, name: str = "imag
 
 
 def check_finite(x: torch.Tensor, name: str = "x") -> None:
-    if finite_checks_enabled() and x.is_floating_point() and not torch.isfinite(x).all():
+    # detached: isfinite's abs would save x for backward, which activation checkpointing's recompute would not expect
+    if finite_checks_enabled() and x.is_floating_point() and not torch.isfinite(x.detach()).all():
         raise ValueError(f"{name}: expected finite values, got NaN or inf")
 
 

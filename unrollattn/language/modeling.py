@@ -31,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import slice_logits_to_keep
 
 from ..core.masks import as_bool_mask, nonempty_rows
+from ..core.validation import check_finite, finite_checks
 from ..layers.blocks import ISTA, attach_layer_zero_input
 from ..layers.decoding import decode_by_recompute
 from ..registry import MODELS, build_model, get_block, list_models, register_model
@@ -134,6 +135,7 @@ class UnrollAttnModel(UnrollAttnPreTrainedModel):
             return input_ids.shape
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.n_embd:
             raise ValueError(f"inputs_embeds: expected shape [B, T, {self.config.n_embd}], got {list(inputs_embeds.shape)}")
+        check_finite(inputs_embeds, "inputs_embeds")
         return inputs_embeds.shape[:2]
 
     def _attention_mask(self, attention_mask, batch: int, past: int, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -206,10 +208,11 @@ class UnrollAttnModel(UnrollAttnPreTrainedModel):
         if self.layer_zero is not None:  # uncached: the whole sequence; cached: layer 0 replaces it by its prefix
             self.layer_zero.set(hidden)
         try:
-            for layer in self.h:
-                hidden = layer(hidden, attention_mask=mask, cache=cache)
-                if output_hidden_states:
-                    all_hidden += (hidden,)
+            with finite_checks(False):  # the input is checked above; the layers' own value checks would repeat it
+                for layer in self.h:
+                    hidden = layer(hidden, attention_mask=mask, cache=cache)
+                    if output_hidden_states:
+                        all_hidden += (hidden,)
         finally:
             if self.layer_zero is not None:
                 self.layer_zero.set(None)  # don't keep activations alive
