@@ -104,9 +104,9 @@ class KernelAttention(AttentionLayer):
 
     def kernel_options(self, q, keys, attn_mask, is_causal: bool, grid) -> dict:
         """The keywords of ``core.kernel.kernel_attention`` / ``kernel_weights`` for these queries and keys. One
-        new token on a 1-D sequence without gradients (a decoding step) takes its bandwidths from
+        new token on a 1-D sequence without gradients (a decoding step, eager) takes its bandwidths from
         :meth:`decoding_bandwidths` and its spatial row from ``last_query_spatial_log_kernel``."""
-        if q.shape[-2] == 1 and grid is None and not torch.is_grad_enabled():
+        if q.shape[-2] == 1 and grid is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             range_bandwidth, coefficient = self.decoding_bandwidths(q.dtype)
             spatial = None if coefficient is None else last_query_spatial_log_kernel(keys.shape[-2], coefficient,
                                                                                      self.spatial_kernel)
