@@ -28,7 +28,7 @@ if [ "$mode" = gpu ]; then
            --modes eager,compiled --repeats 5 --matmul-size 8192)
     attention=(--widths 768:12 --seq-lens 1024,4096,16384 --tokens-per-batch 65536 --dtype bfloat16 --flex --repeats 5)
     graph=(--sizes 512,1024,2048,4096 --repeats 3)
-    decode=(--width 768 --heads 12 --depth 12 --vocab gpt2 --batches 1,8 --new-tokens 128 --repeats 3)
+    decode=(--width 768 --heads 12 --depth 12 --vocab gpt2 --batches 1,8 --new-tokens 128 --repeats 2)  # x2: both caches
     limits=(240 150 90 120)
 else
     device=cpu
