@@ -10,7 +10,9 @@ stop) after a random prompt of ``--prompt`` tokens, with the layer-owned cache (
 median over ``--repeats`` after one warm-up, the variants of one batch size timed in turn (interleaved), so a change
 of machine load reaches them alike. ``mflop_per_token`` is torch's FlopCounterMode over one whole
 ``generate`` divided by the tokens it produced (prompt prefill included, a small share at 128 new tokens), so
-``gflop_per_s`` compares how well each variant turns its arithmetic into decoding speed; ``decode`` says whether its
+``gflop_per_s`` compares how well each variant turns its arithmetic into decoding speed; ``ops_per_token`` counts
+the tensor operations the dispatcher runs over the same ``generate`` per new token position (one step decodes the
+whole batch; prefill included; at small widths their fixed cost, not the FLOPs, sets the speed); ``decode`` says whether its
 attention extends the output from stored state (``cached``) or recomputes the prefix (``recomputes``). ``--caches``
 picks HF's cache implementations: ``dynamic`` (the default of ``generate``) grows every layer's keys and values by
 concatenation, a copy of the whole prefix per layer and token, which a deep stack pays per layer; ``static``
@@ -22,6 +24,7 @@ import argparse
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import unrollattn  # noqa: F401 (registers the models)
 from benchmarks.common import (
@@ -32,7 +35,7 @@ from unrollattn.registry import import_modules
 from unrollattn.utils.params import count_parameters
 
 COLUMNS = ["variant", "layers", "width", "params", "decode", "cache", "batch", "new_tokens", "seconds", "tokens_per_s",
-           "tokens_per_s_vs_gpt2", "mflop_per_token", "gflop_per_s", "flop_per_s_vs_gpt2"]
+           "tokens_per_s_vs_gpt2", "ops_per_token", "mflop_per_token", "gflop_per_s", "flop_per_s_vs_gpt2"]
 
 
 CACHES = ("dynamic", "static")
@@ -66,12 +69,27 @@ def prepare(label: str, batch: int, cache: str, args, device: torch.device):
     return model, run
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the tensor operations dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def describe(label: str, model, run, seconds: float, batch: int, cache: str, args) -> dict:
-    """The table row of one variant: its timing and the FLOPs of one more ``generate`` (FlopCounterMode)."""
+    """The table row of one variant: its timing, and the FLOPs (FlopCounterMode) and dispatched operations of two
+    more ``generate`` calls."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter, ops = FlopCounterMode(display=False), _OpCounter()
     with counter:
+        run()
+    with ops:
         run()
     produced = batch * args.new_tokens
     tokens_per_s = produced / seconds
@@ -79,7 +97,8 @@ def describe(label: str, model, run, seconds: float, batch: int, cache: str, arg
     return {"variant": label, "layers": model.config.n_layer, "width": args.width, "params": count_parameters(model),
             "decode": "cached" if decodes_from_cache(model) else "recomputes", "cache": cache, "batch": batch,
             "new_tokens": args.new_tokens, "seconds": seconds, "tokens_per_s": tokens_per_s,
-            "mflop_per_token": flop_per_token / 1e6, "gflop_per_s": tokens_per_s * flop_per_token / 1e9}
+            "ops_per_token": ops.count / args.new_tokens, "mflop_per_token": flop_per_token / 1e6,
+            "gflop_per_s": tokens_per_s * flop_per_token / 1e9}
 
 
 @benchmark_settings
@@ -116,8 +135,9 @@ def main(argv=None) -> int:
         for label, (model, run) in prepared.items():
             row = describe(label, model, run, seconds[label], batch, cache, args)
             group.append(row)
-            print(f"{label:>16s} {cache} cache, batch {batch}: {row['tokens_per_s']:9,.0f} tok/s  {row['gflop_per_s']:8.2f} GFLOP/s  "
-                  f"({row['decode']})", flush=True)
+            print(f"{label:>16s} {cache} cache, batch {batch}: {row['tokens_per_s']:9,.0f} tok/s  "
+                  f"{row['gflop_per_s']:8.2f} GFLOP/s  {row['ops_per_token']:6.1f} ops/token  ({row['decode']})",
+                  flush=True)
         del prepared
         for row in group:
             row["tokens_per_s_vs_gpt2"] = row["tokens_per_s"] / group[0]["tokens_per_s"]

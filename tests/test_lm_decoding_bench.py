@@ -13,7 +13,8 @@ def test_a_row_per_variant_cache_and_batch_with_flops_and_the_decode_kind(tmp_pa
             (line.split("|") for line in text.splitlines()) if len(cells) > 7 and cells[7].strip() in ("1", "2")}
     variants = set(model_variants("causal-lm"))
     assert set(rows) == {(v, c, b) for v in variants for c in ("dynamic", "static") for b in ("1", "2")}
-    assert all(float(cells[12].replace(",", "")) > 0 for cells in rows.values())  # mflop_per_token
+    assert all(float(cells[12].replace(",", "")) > 0 for cells in rows.values())  # ops_per_token
+    assert all(float(cells[13].replace(",", "")) > 0 for cells in rows.values())  # mflop_per_token
     decode = {name: cells[5].strip() for (name, _, _), cells in rows.items()}
     assert decode["gpt2"] == decode["aot_mssa"] == decode["bilateral"] == "cached"
     assert decode["twicing"] == "recomputes"
