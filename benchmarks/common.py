@@ -1,9 +1,10 @@
 """Measurement helpers shared by the benchmarks: wall-clock timing and peak tensor memory."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import platform
 import statistics
-import functools
 import time
 from pathlib import Path
 
@@ -95,6 +96,18 @@ def publish_table(rows: list[dict], columns: list[str], *, name: str, title: str
                            heading=f"# {title}\n\nCommand: `{command.strip()}`", note=note)
     print("\n" + document)
     return document
+
+
+@contextlib.contextmanager
+def counting_flops():
+    """A ``FlopCounterMode`` whose ``get_total_flops()`` includes attention: SDPA runs on its math backend inside,
+    as plain matmuls the counter sees (it has no formula for the CPU flash kernel, which it would count as 0)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel([SDPBackend.MATH]):
+        yield counter
 
 
 def measure_layer(layer: torch.nn.Module, variant: str, dim: int, heads: int, seq_len: int, batch: int, device, dtype,

@@ -8,7 +8,7 @@ Each variant has GPT-2's width and heads and the layer count whose stack matches
 ``--depth`` layers (``model.match_params=gpt2``). A run is greedy ``generate`` of ``--new-tokens`` tokens (no early
 stop) after a random prompt of ``--prompt`` tokens, with the layer-owned cache (``use_cache=True``); the time is the
 median over ``--repeats`` after one warm-up, the variants of one batch size timed in turn (interleaved), so a change
-of machine load reaches them alike. ``mflop_per_token`` is torch's FlopCounterMode over one whole
+of machine load reaches them alike. ``mflop_per_token`` is torch's FlopCounterMode (SDPA on its math backend, so attention counts) over one whole
 ``generate`` divided by the tokens it produced (prompt prefill included, a small share at 128 new tokens), so
 ``gflop_per_s`` compares how well each variant turns its arithmetic into decoding speed; ``ops_per_token`` counts
 the tensor operations the dispatcher runs over the same ``generate`` per new token position (one step decodes the
@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import unrollattn  # noqa: F401 (registers the models)
 from benchmarks.common import (
-    VOCABS, add_lm_arguments, benchmark_settings, build_matched_lm, device_name, publish_table, selected_lm_variants,
-    time_interleaved,
+    VOCABS, add_lm_arguments, benchmark_settings, build_matched_lm, counting_flops, device_name, publish_table,
+    selected_lm_variants, time_interleaved,
 )
 from unrollattn.registry import import_modules
 from unrollattn.utils.params import count_parameters
@@ -84,10 +84,8 @@ class _OpCounter(TorchDispatchMode):
 def describe(label: str, model, run, seconds: float, batch: int, cache: str, args) -> dict:
     """The table row of one variant: its timing, and the FLOPs (FlopCounterMode) and dispatched operations of two
     more ``generate`` calls."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter, ops = FlopCounterMode(display=False), _OpCounter()
-    with counter:
+    ops = _OpCounter()
+    with counting_flops() as counter:
         run()
     with ops:
         run()

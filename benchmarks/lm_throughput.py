@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 import unrollattn  # noqa: F401 (registers the models)
 from benchmarks.common import (
-    VOCABS, add_lm_arguments, benchmark_settings, build_matched_lm, device_name, peak_memory_mb, publish_table,
-    selected_lm_variants, time_call,
+    VOCABS, add_lm_arguments, benchmark_settings, build_matched_lm, counting_flops, device_name, peak_memory_mb,
+    publish_table, selected_lm_variants, time_call,
 )
 from unrollattn.registry import import_modules
 from unrollattn.utils.params import count_parameters
@@ -103,11 +103,7 @@ def flops_per_token_6n(model, seq_len: int) -> tuple[float, int]:
 
 
 def counted_flops_per_token(model, x: torch.Tensor) -> float:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel([SDPBackend.MATH]):  # the math path runs plain matmuls, which the counter sees
+    with counting_flops() as counter:
         logits = model(input_ids=x).logits
         F.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
     model.zero_grad(set_to_none=True)

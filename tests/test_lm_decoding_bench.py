@@ -26,3 +26,14 @@ def test_unknown_variants_and_caches_are_named(capsys):
     with pytest.raises(SystemExit):
         lm_decoding.main(["--caches", "dynamic,sliding", "--out", "/nonexistent"])
     assert "--caches: expected a comma-separated subset of dynamic, static" in capsys.readouterr().err
+
+
+def test_counted_flops_include_attention_on_cpu():
+    import torch
+    import torch.nn.functional as F
+    from benchmarks.common import counting_flops
+
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    with counting_flops() as counter:
+        F.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 8 * 8 * 4)  # scores and weighted sum, 2 FLOPs per multiply-add
