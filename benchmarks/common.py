@@ -1,4 +1,4 @@
-"""Measurement helpers shared by the benchmarks: wall-clock timing and peak tensor memory."""
+"""Measurement helpers shared by the benchmarks: wall-clock timing, peak tensor memory and FLOP counts."""
 from __future__ import annotations
 
 import contextlib

@@ -8,12 +8,13 @@ Each variant has GPT-2's width and heads and the layer count whose stack matches
 ``--depth`` layers (``model.match_params=gpt2``). A run is greedy ``generate`` of ``--new-tokens`` tokens (no early
 stop) after a random prompt of ``--prompt`` tokens, with the layer-owned cache (``use_cache=True``); the time is the
 median over ``--repeats`` after one warm-up, the variants of one batch size timed in turn (interleaved), so a change
-of machine load reaches them alike. ``mflop_per_token`` is torch's FlopCounterMode (SDPA on its math backend, so attention counts) over one whole
-``generate`` divided by the tokens it produced (prompt prefill included, a small share at 128 new tokens), so
-``gflop_per_s`` compares how well each variant turns its arithmetic into decoding speed; ``ops_per_token`` counts
-the tensor operations the dispatcher runs over the same ``generate`` per new token position (one step decodes the
-whole batch; prefill included; at small widths their fixed cost, not the FLOPs, sets the speed); ``decode`` says whether its
-attention extends the output from stored state (``cached``) or recomputes the prefix (``recomputes``). ``--caches``
+of machine load reaches them alike. ``mflop_per_token`` is torch's FlopCounterMode (SDPA on its math backend, so
+attention counts: ``benchmarks.common.counting_flops``) over one whole ``generate`` divided by the tokens it
+produced (prompt prefill included, a small share at 128 new tokens), so ``gflop_per_s`` compares how well each
+variant turns its arithmetic into decoding speed; ``ops_per_token`` counts the tensor operations the dispatcher runs
+over the same ``generate`` per new token position (one step decodes the whole batch; prefill included; at small
+widths their fixed cost, not the FLOPs, sets the speed); ``decode`` says whether its attention extends the output
+from stored state (``cached``) or recomputes the prefix (``recomputes``). ``--caches``
 picks HF's cache implementations: ``dynamic`` (the default of ``generate``) grows every layer's keys and values by
 concatenation, a copy of the whole prefix per layer and token, which a deep stack pays per layer; ``static``
 preallocates them and writes each new token in place (GPT-2's attention then reads every slot, masked).

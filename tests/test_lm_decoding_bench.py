@@ -1,7 +1,10 @@
 """benchmarks/lm_decoding.py runs end to end on a tiny shape for every registered LM variant (no timing asserted)."""
 import pytest
+import torch
+import torch.nn.functional as F
 
 from benchmarks import lm_decoding
+from benchmarks.common import counting_flops
 from unrollattn.registry import model_variants
 
 
@@ -29,10 +32,6 @@ def test_unknown_variants_and_caches_are_named(capsys):
 
 
 def test_counted_flops_include_attention_on_cpu():
-    import torch
-    import torch.nn.functional as F
-    from benchmarks.common import counting_flops
-
     q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
     with counting_flops() as counter:
         F.scaled_dot_product_attention(q, k, v)
