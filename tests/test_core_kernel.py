@@ -288,6 +288,50 @@ def test_fixed_spatial_bias_runs_the_forward_once_and_matches_the_full_bias(monk
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kind", ["laplacian", "gaussian"])
+@pytest.mark.parametrize("prefix, n_query", [(0, 15), (1, 16), (2, 9)])
+@pytest.mark.parametrize("masking", ["none", "padding"])
+def test_grid_table_bias_equals_the_pairwise_bias(monkeypatch, kind, prefix, n_query, masking):
+    """On a patch grid the fixed spatial bias is read from the offset table (one strided multiply per grid row)
+    instead of pairwise distances: values and query/key/value gradients equal one dense [H, Nq, Nk] bias, with
+    blocks of eight query rows that start and end inside grid rows, prefix tokens among the keys and queries, and
+    fewer queries than keys."""
+    import unrollattn.core.kernel as core_kernel
+
+    grid_blocks = []
+    grid_block = core_kernel._FixedBias._grid_block
+    monkeypatch.setattr(core_kernel._FixedBias, "_grid_block",
+                        lambda self, *a: grid_blocks.append(1) or grid_block(self, *a))
+    monkeypatch.setattr(core_kernel.torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", 2048)  # table 5 x 5 x 5 x 8 B, then blocks of 8 rows
+    heads, grid = 2, (3, 5)
+    n = prefix + 15
+    torch.manual_seed(1)
+    q = torch.randn(2, heads, n_query, D, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, heads, n, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    pos = token_positions(n, grid, prefix, dtype=torch.float64)
+    h_p = torch.tensor([1.5, 4.0], dtype=torch.float64)
+    keep = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    keep[1, ..., -3:] = False
+    mask = keep if masking == "padding" else None
+    dense = kernel_attention(q, k, v, "dot", spatial_bias=spatial_log_kernel(pos[n - n_query:], pos, h_p, kind),
+                             attn_mask=mask)
+    table = kernel_attention(q, k, v, "dot", attn_mask=mask, spatial_backend="blocked",
+                             spatial_bias=SpatialKernel(pos[n - n_query:], pos, h_p, kind, grid=grid))
+    assert grid_blocks  # the table path ran
+    torch.testing.assert_close(table, dense)
+    for a, b in zip(torch.autograd.grad(table.square().sum(), (q, k, v)),
+                    torch.autograd.grad(dense.square().sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
+def test_spatial_kernel_grid_must_match_the_positions():
+    pos = token_positions(10, (3, 3), 1)
+    SpatialKernel(pos, pos, torch.ones(2), "laplacian", grid=(3, 3))
+    with pytest.raises(ValueError, match="grid 4x3"):
+        SpatialKernel(pos, pos, torch.ones(2), "laplacian", grid=(4, 3))
+
+
 def test_fixed_spatial_bias_holds_no_full_score_map(monkeypatch):
     """2-D ALiBi (fixed slopes, Laplacian on a 32 x 32 grid) forward+backward stays within half a score map of
     softmax SDPA with blocks of a thirty-second of one: no [B, H, N, N] bias is kept for backward."""
@@ -312,19 +356,21 @@ def test_fixed_spatial_bias_holds_no_full_score_map(monkeypatch):
     assert alibi_mb < softmax_mb + scores_mb / 2, (alibi_mb, softmax_mb, scores_mb)
 
 
-def test_fixed_spatial_bias_memory_beyond_sdpa_is_one_block_and_the_gradient_accumulators(monkeypatch):
-    """2-D ALiBi forward+backward holds, beyond softmax SDPA, one block's bias with the distances it is built from
-    (together within SCORE_BLOCK_BYTES), the query/key/value gradient accumulators and one block's key/value
-    gradients (each at most the size of q): no copy of q for the scale, no distances beside a full-size block, no
-    two blocks' key gradients at once."""
+@pytest.mark.parametrize("table", [False, True])
+def test_fixed_spatial_bias_memory_beyond_sdpa_is_one_block_and_the_gradient_accumulators(monkeypatch, table):
+    """2-D ALiBi forward+backward holds, beyond softmax SDPA, one block's bias with the distances or the grid table
+    it is built from (together within SCORE_BLOCK_BYTES), the query/key/value gradient accumulators and one block's
+    key/value gradients (each at most the size of q): no copy of q for the scale, no distances beside a full-size
+    block, no two blocks' key gradients at once."""
     import unrollattn.core.kernel as core_kernel
     from unrollattn.utils.memory import peak_memory_mb
 
-    monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", 2**18)
+    monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", 2**19)  # the 32 x 63 x 32 table takes half of it
     n, heads, d = 1024, 2, 32
     q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
     grid = token_positions(n, (32, 32))
-    spatial = SpatialKernel(grid, grid, torch.tensor([2.0, 8.0]), "laplacian")
+    spatial = SpatialKernel(grid, grid, torch.tensor([2.0, 8.0]), "laplacian", grid=(32, 32) if table else None)
+    assert (core_kernel.grid_distance_table(spatial, q.dtype) is not None) == table
     alibi_mb, softmax_mb = (peak_memory_mb(f, torch.device("cpu")) for f in (
         lambda: kernel_attention(q, k, v, "dot", spatial_bias=spatial).sum().backward(),
         lambda: kernel_attention(q, k, v, "dot").sum().backward()))

@@ -47,9 +47,12 @@ def test_alibi_is_softmax_minus_alibis_linear_distance_bias():
     torch.testing.assert_close(layer(x, is_causal=True), layer.proj(merge_heads(logits.softmax(-1) @ v)))
 
 
-def test_alibi_on_a_patch_grid_matches_the_explicit_distance_bias_in_values_and_gradients(monkeypatch):
+@pytest.mark.parametrize("block_bytes, table", [(3 * 21 * 8, False), (4096, True)])
+def test_alibi_on_a_patch_grid_matches_the_explicit_distance_bias_in_values_and_gradients(monkeypatch, block_bytes,
+                                                                                           table):
     """2-D ALiBi (Euclidean grid distance, a class token with no spatial term), built a few heads and query rows at
-    a time through the CPU flash kernel: output and the gradients of the input and the projections equal
+    a time through the CPU flash kernel from pairwise distances (a few rows per block) or from the grid's offset
+    table (16 rows per block): output and the gradients of the input and the projections equal
     softmax(q.k/sqrt(d) - m_h ||p_i - p_j||) v written out."""
     import math
 
@@ -57,7 +60,11 @@ def test_alibi_on_a_patch_grid_matches_the_explicit_distance_bias_in_values_and_
     from unrollattn.core.subspace import merge_heads
     from unrollattn.layers.kernel_attention import alibi_slopes
 
-    monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", 3 * 21 * 8)  # a few rows per block
+    monkeypatch.setattr(core_kernel, "SCORE_BLOCK_BYTES", block_bytes)
+    grid_blocks = []
+    grid_block = core_kernel._FixedBias._grid_block
+    monkeypatch.setattr(core_kernel._FixedBias, "_grid_block",
+                        lambda self, *a: grid_blocks.append(1) or grid_block(self, *a))
     torch.manual_seed(0)
     layer = build_attention("alibi", 48, 3).double()
     layer.set_geometry((4, 5), num_prefix_tokens=1)
@@ -80,6 +87,7 @@ def test_alibi_on_a_patch_grid_matches_the_explicit_distance_bias_in_values_and_
         out.square().sum().backward()
         outputs.append(out)
         grads.append((x.grad.clone(), layer.qkv.weight.grad.clone(), layer.proj.weight.grad.clone()))
+    assert bool(grid_blocks) == table
     torch.testing.assert_close(outputs[0], outputs[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)

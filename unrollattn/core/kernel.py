@@ -16,7 +16,7 @@ rows at a time, or inside FlexAttention's score function on CUDA. Tensors are [B
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -120,6 +120,17 @@ class SpatialKernel:
     bandwidth: torch.Tensor
     kind: str = "gaussian"
     ordered: bool = False
+    grid: tuple[int, int] | None = None  # the keys are token_positions(Nk, grid, Nk - h * w): prefix tokens, then the
+    # patch grid row by row; the queries are the last Nq keys. Lets a fixed bias be read from offset tables (_FixedBias)
+
+    def __post_init__(self):
+        if self.grid is not None:
+            h, w = self.grid
+            n_q, n_k = self.positions_q.shape[0], self.positions_k.shape[0]
+            if self.positions_k.ndim != 2 or self.positions_k.shape[1] != 2 or n_k < h * w or n_q > n_k:
+                raise ValueError(f"SpatialKernel: grid {h}x{w} expects 2-D key positions [prefix + {h * w}, 2] and at "
+                                 f"most as many queries, got keys {list(self.positions_k.shape)}, queries "
+                                 f"{list(self.positions_q.shape)}")
 
     def separable(self, is_causal: bool) -> bool:
         """Whether S_ij = a_i . b_j + const_i for every visible pair, so it folds into extra q/k coordinates: always
@@ -323,7 +334,7 @@ def _blocked_spatial_kernel(t: dict, v: torch.Tensor, dropout_p: float) -> torch
         mask = mask.expand(mask.shape[:-2] + (n_q, n_k))
 
     def block(q_rows, keys, values, bandwidth, start: int, stop: int):
-        part = SpatialKernel(spatial.positions_q, spatial.positions_k, bandwidth, spatial.kind).rows(start, stop)
+        part = replace(spatial, bandwidth=bandwidth).rows(start, stop)
         bias = _sum_biases(key_bias, None if mask is None else mask[..., start:stop, :], part.to(q_rows.dtype))
         return F.scaled_dot_product_attention(q_rows, keys, values, attn_mask=bias, dropout_p=dropout_p,
                                               scale=t["scale"])
@@ -354,20 +365,26 @@ def _fixed_bias_flash_applies(t: dict, v: torch.Tensor, dropout_p: float) -> boo
 class _FixedBias:
     """The additive bias S_ij + m_ij of C.9 that carries no gradient, built a block of heads and query rows at a
     time: ``spatial`` (its bandwidths fixed) and ``mask`` (4-D additive [B|1, H|1, Nq, Nk] or None). Every block is
-    written into one :meth:`workspace` (fresh multi-megabyte blocks cost a page fault per 4 KB on every call)."""
+    written into one :meth:`workspace` (fresh multi-megabyte blocks cost a page fault per 4 KB on every call). On a
+    patch grid (``spatial.grid``) the distances are read from ``table`` (:func:`grid_distance_table`) instead of
+    computed pair by pair."""
 
     spatial: SpatialKernel
     mask: torch.Tensor | None
+    table: torch.Tensor | None = None  # grid_distance_table(spatial, dtype), where there is one
 
-    def workspace(self, rows: int, heads: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """([rows, Nk] distances, a flat buffer for the [B|1, heads, rows, Nk] bias; its front is the distances'
-        scratch while they are built)."""
+    def workspace(self, rows: int, heads: int, dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """([rows, Nk] distances, or None with a grid table; a flat buffer for the [B|1, heads, rows, Nk] bias,
+        whose front is the distances' scratch while they are built)."""
         positions, batch = self.spatial.positions_k, 1 if self.mask is None else self.mask.shape[0]
-        return positions.new_empty(rows, positions.shape[0]), positions.new_empty(batch * heads * rows *
-                                                                                   positions.shape[0], dtype=dtype)
+        distances = positions.new_empty(rows, positions.shape[0]) if self.table is None else None
+        return distances, positions.new_empty(batch * heads * rows * positions.shape[0], dtype=dtype)
 
-    def distance(self, rows: slice, workspace) -> torch.Tensor:
-        """The spatial term of query rows ``rows`` before the bandwidth, shared by every head: [r, Nk]."""
+    def distance(self, rows: slice, workspace) -> torch.Tensor | None:
+        """The spatial term of query rows ``rows`` before the bandwidth, shared by every head: [r, Nk] (None on a
+        grid: :meth:`block` reads the table)."""
+        if self.table is not None:
+            return None
         buffer, flat = workspace
         positions_q = self.spatial.positions_q[rows]
         size = positions_q.shape[0] * buffer.shape[1]
@@ -375,30 +392,74 @@ class _FixedBias:
         return spatial_distance(positions_q, self.spatial.positions_k, self.spatial.kind,
                                 out=buffer[:positions_q.shape[0]], scratch=scratch)
 
-    def block(self, distance: torch.Tensor, heads: slice, rows: slice, workspace) -> torch.Tensor:
-        """[B|1, g, r, Nk] bias of heads ``heads`` and query rows ``rows`` from their ``distance``, in
-        ``workspace``."""
+    def block(self, distance: torch.Tensor | None, heads: slice, rows: slice, workspace) -> torch.Tensor:
+        """[B|1, g, r, Nk] bias of heads ``heads`` and query rows ``rows`` from their ``distance`` (or the grid
+        table), in ``workspace``."""
         flat = workspace[1]
         coefficient = spatial_coefficient(self.spatial.bandwidth[heads].to(flat.dtype), self.spatial.kind)
         batch = 1 if self.mask is None else self.mask.shape[0]
-        shape = (batch, coefficient.shape[0]) + tuple(distance.shape)
+        n_rows, n_k = rows.stop - rows.start, self.spatial.positions_k.shape[0]
+        shape = (batch, coefficient.shape[0], n_rows, n_k)
         bias = flat[:math.prod(shape)].view(shape)
-        torch.mul(distance.to(flat.dtype), coefficient.view(1, -1, 1, 1).expand(batch, -1, 1, 1), out=bias)
+        coefficient = coefficient.view(1, -1, 1, 1).expand(batch, -1, 1, 1)
+        if distance is None:
+            self._grid_block(bias, coefficient, rows)
+        else:
+            torch.mul(distance.to(flat.dtype), coefficient, out=bias)
         if self.mask is not None:
             bias.add_(self.mask[:, heads if self.mask.shape[1] > 1 else slice(None), rows])
         return bias
+
+    def _grid_block(self, bias: torch.Tensor, coefficient: torch.Tensor, rows: slice) -> None:
+        """Fill ``bias`` [B|1, g, r, Nk] from the grid table: one strided multiply per grid row the block touches;
+        0 where a prefix token takes part."""
+        h, w = self.spatial.grid
+        n_k = bias.shape[-1]
+        prefix = n_k - h * w
+        first = n_k - self.spatial.positions_q.shape[0] + rows.start - prefix  # grid index of the block's first row
+        if prefix:
+            bias[..., :prefix].zero_()
+        if first < 0:
+            bias[:, :, :-first].zero_()
+        scale = coefficient[..., None]  # [B|1, g, 1, 1, 1]
+        index, end = max(first, 0), first + bias.shape[2]
+        while index < end:
+            y, x = divmod(index, w)
+            stop = min(end, (y + 1) * w)
+            out = bias[:, :, index - first:stop - first, prefix:].unflatten(-1, (h, w))
+            torch.mul(self.table[x:x + stop - index, h - 1 - y:2 * h - 1 - y], scale, out=out)
+            index = stop
+
+
+def grid_distance_table(spatial: SpatialKernel, dtype) -> torch.Tensor | None:
+    """On an h x w patch grid, the spatial term before its bandwidth by offset (C.5): T[x_q, h - 1 + y_k - y_q, x_k]
+    = ||(y_k - y_q, x_k - x_q)|| (squared for the Gaussian kernel), [w, 2h - 1, w], so the keys of one query are
+    the strided slice T[x_q, h - 1 - y_q : 2h - 1 - y_q] ([h, w]) and a block of the bias is a few multiplies
+    instead of pairwise distances. None off a grid or when the table would take more than half of
+    SCORE_BLOCK_BYTES."""
+    if spatial.grid is None:
+        return None
+    h, w = spatial.grid
+    if w * (2 * h - 1) * w * torch.finfo(dtype).bits // 8 > SCORE_BLOCK_BYTES // 2:
+        return None
+    positions = spatial.positions_k  # the distances in the positions' dtype, as spatial_distance computes them
+    dy = torch.arange(1 - h, h, device=positions.device, dtype=positions.dtype)
+    x = torch.arange(w, device=positions.device, dtype=positions.dtype)
+    table = dy[None, :, None].square() + (x[None, None, :] - x[:, None, None]).square()
+    return (table if spatial.kind == "gaussian" else table.sqrt_()).to(dtype)
 
 
 class _FixedBiasFlash(torch.autograd.Function):
     """softmax(scale * q.k + bias) v through SDPA's CPU flash kernel, a block of heads and query rows at a time, for
     a bias with no gradient (C.9): forward keeps each block's output and log-sum-exp, backward rebuilds the block's
     bias and runs the flash backward on it. The forward runs once (activation checkpointing would run it twice) and
-    no bias outlives its block. Blocks: ``head_groups`` x ``row_blocks`` (lists of slices)."""
+    no bias outlives its block. Blocks of each pass: (``head_groups``, ``row_blocks``), lists of slices."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias: _FixedBias, head_groups: list, row_blocks: list, scale: float):
+    def forward(ctx, q, k, v, bias: _FixedBias, forward_blocks: tuple, backward_blocks: tuple, scale: float):
         out = q.new_empty(q.shape[:-1] + v.shape[-1:])
         lse = q.new_empty(q.shape[:-1])
+        head_groups, row_blocks = forward_blocks
         workspace = _workspace(bias, head_groups, row_blocks, q.dtype)
         for rows in row_blocks:
             distance = bias.distance(rows, workspace)
@@ -407,7 +468,7 @@ class _FixedBiasFlash(torch.autograd.Function):
                     q[:, heads, rows], k[:, heads], v[:, heads], 0.0, False,
                     attn_mask=bias.block(distance, heads, rows, workspace), scale=scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.blocks = (bias, head_groups, row_blocks, scale)
+        ctx.blocks = (bias, *backward_blocks, scale)
         return out
 
     @staticmethod
@@ -438,23 +499,33 @@ def _workspace(bias: _FixedBias, head_groups: list, row_blocks: list, dtype):
 
 def _fixed_spatial_kernel(t: dict, v: torch.Tensor) -> torch.Tensor:
     """The blocked spatial path for a spatial term without a gradient (:class:`_FixedBiasFlash`); the key-norm term,
-    which carries the keys' gradient, folded into the queries and keys (:func:`_augmented_qkv`). Heads per call: at
-    least one per thread over the batch (the flash backward splits its work over batch x heads); query rows per call:
-    as many as keep one bias block and the distances it is built from within SCORE_BLOCK_BYTES, a multiple of 32 (the
-    CPU flash kernel's smallest split of the queries) where more than 32 fit."""
+    which carries the keys' gradient, folded into the queries and keys (:func:`_augmented_qkv`). Heads per call: one
+    in forward (the CPU flash forward splits its work over query blocks too, and the fewer heads, the more rows a
+    block holds); in backward at least one per thread over the batch (the flash backward splits its work over batch
+    x heads only). Query rows per call: as many as keep one bias block, with the distances or the grid table it is
+    built from, within SCORE_BLOCK_BYTES, a multiple of 32 (the CPU flash kernel's smallest split of the queries)
+    where more than 32 fit."""
     q, k, v_aug, scale = _augmented_qkv(t, v, fold_spatial=False)
     batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     mask = _dense_mask(t)
     if mask is not None:
         mask = _as_4d(mask)
         mask = mask.expand(mask.shape[:2] + (n_q, n_k))
-    per_call = min(heads, -(-torch.get_num_threads() // batch))
+    table = grid_distance_table(t["spatial"], q.dtype)
     mask_batch = 1 if mask is None else mask.shape[0]
-    rows = max(1, SCORE_BLOCK_BYTES // ((mask_batch * per_call + 1) * n_k * q.element_size()))
-    rows -= rows % 32 if rows > 32 else 0
-    head_groups = [slice(h, min(heads, h + per_call)) for h in range(0, heads, per_call)]
-    row_blocks = [slice(r, min(n_q, r + rows)) for r in range(0, n_q, rows)]
-    out = _FixedBiasFlash.apply(q, k, v_aug, _FixedBias(t["spatial"], mask), head_groups, row_blocks, scale)
+
+    def blocks(per_call: int) -> tuple[list, list]:
+        row_bytes = n_k * q.element_size()
+        if table is None:
+            rows = max(1, SCORE_BLOCK_BYTES // ((mask_batch * per_call + 1) * row_bytes))
+        else:
+            rows = max(1, (SCORE_BLOCK_BYTES - table.numel() * table.element_size()) // (mask_batch * per_call * row_bytes))
+        rows -= rows % 32 if rows > 32 else 0
+        return ([slice(h, min(heads, h + per_call)) for h in range(0, heads, per_call)],
+                [slice(r, min(n_q, r + rows)) for r in range(0, n_q, rows)])
+
+    backward_blocks = blocks(min(heads, -(-torch.get_num_threads() // batch)))
+    out = _FixedBiasFlash.apply(q, k, v_aug, _FixedBias(t["spatial"], mask, table), blocks(1), backward_blocks, scale)
     return out[..., :v.shape[-1]]
 
 
