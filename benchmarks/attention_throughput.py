@@ -12,7 +12,8 @@ image (64 = 8x8, 256 = 16x16, 1024 = 32x32; no class token), which the layers th
 kernel, the glr/gtv graphs) read; other lengths are 1-D sequences. ``--causal`` lays every length out as a 1-D causal
 sequence, as a language model calls its attention (timm's ``Attention`` has no causal flag and is left out).
 ``time_vs_baseline`` / ``mem_vs_baseline`` are
-ratios to the baseline at the same shape. CPU memory counts the tensors the dispatcher sees (the attention matrix
+ratios to the baseline at the same shape; the layers of one shape are timed in turn, a step each per round, so a
+change of machine load during the run reaches the baseline and every attention alike. CPU memory counts the tensors the dispatcher sees (the attention matrix
 inside a fused SDPA kernel is not one of them); CUDA memory is the allocator's peak.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from timm.layers import Attention as TimmAttention
 
 import unrollattn
-from benchmarks.common import benchmark_settings, device_name, measure_layer, print_row, publish_table
+from benchmarks.common import benchmark_settings, device_name, measure_layers, print_row, publish_table
 from unrollattn.registry import import_modules, list_attentions
 
 TIMM_REFERENCE = "timm_attention"  # timm.layers.Attention, the field's reference implementation (not registered)
@@ -130,18 +131,18 @@ def main(argv=None) -> int:
     # the first layer measured in a process pays one-off costs (thread pool, allocator, first dispatch): a discarded
     # run of the baseline at the first shape keeps them out of every ratio
     layout = dict(qkv_bias=args.qkv_bias, causal=args.causal)
-    measure_layer(build_layer(attentions[0], *widths[0], seq_lens[0], **layout), attentions[0],
-                  *widths[0], seq_lens[0], max(1, args.tokens_per_batch // seq_lens[0]), device, dtype, 1, args.causal)
+    measure_layers({attentions[0]: build_layer(attentions[0], *widths[0], seq_lens[0], **layout)}, *widths[0],
+                   seq_lens[0], max(1, args.tokens_per_batch // seq_lens[0]), device, dtype, 1, args.causal)
     for dim, heads in widths:
         for seq_len in seq_lens:
             batch = max(1, args.tokens_per_batch // seq_len)
-            group = []
+            layers = {}
             for name in attentions:
                 torch.manual_seed(0)
-                layer = build_layer(name, dim, heads, seq_len, **layout)
-                row = measure_layer(layer, name, dim, heads, seq_len, batch, device, dtype, args.repeats, args.causal)
+                layers[name] = build_layer(name, dim, heads, seq_len, **layout)
+            group = measure_layers(layers, dim, heads, seq_len, batch, device, dtype, args.repeats, args.causal)
+            for row in group:
                 row["attention"] = row.pop("variant")
-                group.append(row)
             base = group[0]
             for r in group:
                 r["time_vs_baseline"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]

@@ -110,25 +110,28 @@ def counting_flops():
         yield counter
 
 
-def measure_layer(layer: torch.nn.Module, variant: str, dim: int, heads: int, seq_len: int, batch: int, device, dtype,
-                  repeats: int, is_causal: bool = False) -> dict:
-    """Forward + backward time and peak memory of one token-mixing ``layer`` on a [batch, seq_len, dim] input
-    (``is_causal``: the layer contract's causal flag, as a language model calls it)."""
-    layer = layer.to(device=device, dtype=dtype)
-    x = torch.randn(batch, seq_len, dim, device=device, dtype=dtype, requires_grad=True)
-    causal = {"is_causal": True} if is_causal else {}
+def measure_layers(layers: dict, dim: int, heads: int, seq_len: int, batch: int, device, dtype, repeats: int,
+                   is_causal: bool = False) -> list[dict]:
+    """Forward + backward time and peak memory of each token-mixing layer of ``layers`` ({name: module}) on a
+    [batch, seq_len, dim] input (``is_causal``: the layer contract's causal flag, as a language model calls it), the
+    layers timed in turn round by round (:func:`time_interleaved`), so that a change of machine load reaches every
+    layer and every ratio between them alike."""
+    steps = {}
+    for name, layer in layers.items():
+        layer = layer.to(device=device, dtype=dtype)
+        x = torch.randn(batch, seq_len, dim, device=device, dtype=dtype, requires_grad=True)
 
-    def step():
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        layer(x, **causal).float().square().mean().backward()
+        def step(layer=layer, x=x):
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            layer(x, **({"is_causal": True} if is_causal else {})).float().square().mean().backward()
 
-    seconds = time_call(step, device, warmup=2, repeats=repeats)
-    return {
-        "width": dim, "heads": heads, "seq_len": seq_len, "batch": batch, "variant": variant,
-        "params": count_parameters(layer), "fwd_bwd_ms": seconds * 1e3,
-        "tokens_per_s": batch * seq_len / seconds, "peak_mem_mb": peak_memory_mb(step, device),
-    }
+        steps[name] = step
+    seconds = time_interleaved(steps, device, warmup=2, repeats=repeats)
+    return [{"width": dim, "heads": heads, "seq_len": seq_len, "batch": batch, "variant": name,
+             "params": count_parameters(layers[name]), "fwd_bwd_ms": seconds[name] * 1e3,
+             "tokens_per_s": batch * seq_len / seconds[name], "peak_mem_mb": peak_memory_mb(steps[name], device)}
+            for name in layers]
 
 
 VOCABS = {"byte": (257, 256), "gpt2": (50257, 50256)}  # (vocab size, end-of-text id)

@@ -81,3 +81,29 @@ def test_a_preloaded_allocator_is_named(library):
                           "print(memory_allocator())"], capture_output=True, text=True, check=True,
                          env={**os.environ, "LD_PRELOAD": path})
     assert out.stdout.strip() == library.split(".")[0].removeprefix("lib").split("_")[0]
+
+
+def test_layers_of_one_shape_are_timed_in_turn():
+    """Every round times each layer once (a then b), so machine drift reaches the baseline and the attention alike;
+    each row keeps its own layer's parameter count and timing."""
+    import torch
+
+    from benchmarks.common import measure_layers
+
+    calls = []
+
+    class Recorder(torch.nn.Linear):
+        def __init__(self, name, width):
+            super().__init__(width, width)
+            self.name = name
+
+        def forward(self, x, **kw):
+            if torch.is_grad_enabled():
+                calls.append(self.name)
+            return super().forward(x)
+
+    rows = measure_layers({"a": Recorder("a", 4), "b": Recorder("b", 4)}, 4, 1, 3, 2, torch.device("cpu"),
+                          torch.float32, repeats=3)
+    timed = calls[4:4 + 6]  # after two warm-up steps each
+    assert timed == ["a", "b"] * 3
+    assert [r["variant"] for r in rows] == ["a", "b"] and rows[0]["params"] == 20
