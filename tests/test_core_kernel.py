@@ -325,6 +325,28 @@ def test_grid_table_bias_equals_the_pairwise_bias(monkeypatch, kind, prefix, n_q
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kind", ["laplacian", "gaussian"])
+def test_grid_table_blocks_are_bitwise_the_pairwise_blocks_in_float32(kind):
+    """In the benchmarks' float32 the table's distances are computed by the same operations as the pairwise ones:
+    every bias block (two heads, blocks of 24 rows across the class token and grid rows) is bitwise equal."""
+    import unrollattn.core.kernel as core_kernel
+
+    grid = (6, 7)
+    n = 1 + 42
+    pos = token_positions(n, grid, 1)
+    spatial = SpatialKernel(pos, pos, torch.tensor([0.7, 3.0]), kind, grid=grid)
+    table = core_kernel.grid_distance_table(spatial, torch.float32)
+    pairwise = core_kernel._FixedBias(spatial, None)
+    tabled = core_kernel._FixedBias(spatial, None, table)
+    for start in range(0, n, 24):
+        rows, heads = slice(start, min(n, start + 24)), slice(0, 2)
+        blocks = []
+        for bias in (pairwise, tabled):
+            workspace = bias.workspace(24, 2, torch.float32)
+            blocks.append(bias.block(bias.distance(rows, workspace), heads, rows, workspace))
+        assert torch.equal(blocks[0], blocks[1])
+
+
 def test_spatial_kernel_grid_must_match_the_positions():
     pos = token_positions(10, (3, 3), 1)
     SpatialKernel(pos, pos, torch.ones(2), "laplacian", grid=(3, 3))
