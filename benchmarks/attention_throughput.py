@@ -11,10 +11,10 @@ differences come from the attention itself. A length that is a square is laid ou
 image (64 = 8x8, 256 = 16x16, 1024 = 32x32; no class token), which the layers that use geometry (bilateral's spatial
 kernel, the glr/gtv graphs) read; other lengths are 1-D sequences. ``--causal`` lays every length out as a 1-D causal
 sequence, as a language model calls its attention (timm's ``Attention`` has no causal flag and is left out).
-``time_vs_baseline`` / ``mem_vs_baseline`` are
-ratios to the baseline at the same shape; the layers of one shape are timed in turn, a step each per round, so a
-change of machine load during the run reaches the baseline and every attention alike. CPU memory counts the tensors the dispatcher sees (the attention matrix
-inside a fused SDPA kernel is not one of them); CUDA memory is the allocator's peak.
+``time_vs_baseline`` / ``mem_vs_baseline`` are ratios to the baseline at the same shape; the layers of one shape are
+timed in turn, a step each per round, so a change of machine load during the run reaches the baseline and every
+attention alike. CPU memory counts the tensors the dispatcher sees (the attention matrix inside a fused SDPA kernel
+is not one of them); CUDA memory is the allocator's peak.
 """
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ def measure_layers(layers: dict, dim: int, heads: int, seq_len: int, batch: int,
     [batch, seq_len, dim] input (``is_causal``: the layer contract's causal flag, as a language model calls it), the
     layers timed in turn round by round (:func:`time_interleaved`), so that a change of machine load reaches every
     layer and every ratio between them alike."""
-    steps = {}
+    steps, causal = {}, {"is_causal": True} if is_causal else {}
     for name, layer in layers.items():
         layer = layer.to(device=device, dtype=dtype)
         x = torch.randn(batch, seq_len, dim, device=device, dtype=dtype, requires_grad=True)
@@ -124,7 +124,7 @@ def measure_layers(layers: dict, dim: int, heads: int, seq_len: int, batch: int,
         def step(layer=layer, x=x):
             layer.zero_grad(set_to_none=True)
             x.grad = None
-            layer(x, **({"is_causal": True} if is_causal else {})).float().square().mean().backward()
+            layer(x, **causal).float().square().mean().backward()
 
         steps[name] = step
     seconds = time_interleaved(steps, device, warmup=2, repeats=repeats)

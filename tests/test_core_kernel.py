@@ -352,6 +352,11 @@ def test_spatial_kernel_grid_must_match_the_positions():
     SpatialKernel(pos, pos, torch.ones(2), "laplacian", grid=(3, 3))
     with pytest.raises(ValueError, match="grid 4x3"):
         SpatialKernel(pos, pos, torch.ones(2), "laplacian", grid=(4, 3))
+    with pytest.raises(ValueError, match="grid 3x3"):
+        SpatialKernel(pos[:, 0], pos[:, 0], torch.ones(2), "laplacian", grid=(3, 3))
+    for bad in ((3,), (3, 3, 1), (3.0, 3), (0, 3), 9):
+        with pytest.raises(ValueError, match="two positive ints"):
+            SpatialKernel(pos, pos, torch.ones(2), "laplacian", grid=bad)
 
 
 def test_fixed_spatial_bias_holds_no_full_score_map(monkeypatch):

@@ -125,9 +125,13 @@ class SpatialKernel:
 
     def __post_init__(self):
         if self.grid is not None:
+            if not (isinstance(self.grid, tuple) and len(self.grid) == 2
+                    and all(isinstance(n, int) and n > 0 for n in self.grid)):
+                raise ValueError(f"SpatialKernel: grid expects (rows, cols), two positive ints, got {self.grid!r}")
             h, w = self.grid
-            n_q, n_k = self.positions_q.shape[0], self.positions_k.shape[0]
-            if self.positions_k.ndim != 2 or self.positions_k.shape[1] != 2 or n_k < h * w or n_q > n_k:
+            keys, queries = self.positions_k, self.positions_q
+            if (keys.ndim != 2 or queries.ndim != 2 or keys.shape[1] != 2 or keys.shape[0] < h * w
+                    or queries.shape[0] > keys.shape[0]):
                 raise ValueError(f"SpatialKernel: grid {h}x{w} expects 2-D key positions [prefix + {h * w}, 2] and at "
                                  f"most as many queries, got keys {list(self.positions_k.shape)}, queries "
                                  f"{list(self.positions_q.shape)}")
@@ -516,10 +520,11 @@ def _fixed_spatial_kernel(t: dict, v: torch.Tensor) -> torch.Tensor:
 
     def blocks(per_call: int) -> tuple[list, list]:
         row_bytes = n_k * q.element_size()
-        if table is None:
+        if table is None:  # the block's bias and the distances it is built from
             rows = max(1, SCORE_BLOCK_BYTES // ((mask_batch * per_call + 1) * row_bytes))
-        else:
-            rows = max(1, (SCORE_BLOCK_BYTES - table.numel() * table.element_size()) // (mask_batch * per_call * row_bytes))
+        else:  # the block's bias beside the table
+            free = SCORE_BLOCK_BYTES - table.numel() * table.element_size()
+            rows = max(1, free // (mask_batch * per_call * row_bytes))
         rows -= rows % 32 if rows > 32 else 0
         return ([slice(h, min(heads, h + per_call)) for h in range(0, heads, per_call)],
                 [slice(r, min(n_q, r + rows)) for r in range(0, n_q, rows)])

@@ -100,7 +100,7 @@ class KernelAttention(AttentionLayer):
         pos = token_positions(n_key, grid, self.num_prefix_tokens if grid is not None else 0, device=device, dtype=dtype)
         log_h_p = self.log_range_bandwidth if self.tie_bandwidths else self.log_spatial_bandwidth
         return SpatialKernel(pos[n_key - n_query:], pos, log_h_p.exp().to(dtype), self.spatial_kernel,
-                             ordered=grid is None, grid=None if grid is None else tuple(grid))
+                             ordered=grid is None, grid=None if grid is None else tuple(map(int, grid)))
 
     def kernel_options(self, q, keys, attn_mask, is_causal: bool, grid) -> dict:
         """The keywords of ``core.kernel.kernel_attention`` / ``kernel_weights`` for these queries and keys. One
